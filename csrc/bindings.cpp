@@ -1,0 +1,203 @@
+// Python bindings. Every heavy call releases the GIL.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+#include <memory>
+
+#include "dispatch.h"
+#include "model.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace ternlm {
+
+template <typename T, typename... Shape>
+using Array = nb::ndarray<T, nb::c_contig, nb::device::cpu, Shape...>;
+
+// A model plus the Python objects that own the memory it borrows (memory-mapped embeddings).
+struct PyModel {
+    std::unique_ptr<Model> model;
+    nb::object embedding_owner, head_owner;
+};
+
+static DType parse_dtype(const std::string& name) {
+    if (name == "float32") return DType::F32;
+    if (name == "float16") return DType::F16;
+    if (name == "bfloat16") return DType::BF16;
+    throw std::invalid_argument("unsupported dense dtype " + name);
+}
+
+static DenseMatrix dense_view(nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>> a,
+                              const std::string& dtype) {
+    const DType d = parse_dtype(dtype);
+    const size_t item = d == DType::F32 ? 4 : 2;
+    if (a.itemsize() != item) throw std::invalid_argument("array item size does not match " + dtype);
+    return {a.data(), d, static_cast<int64_t>(a.shape(0)), static_cast<int64_t>(a.shape(1))};
+}
+
+template <typename T>
+static nb::ndarray<nb::numpy, T> owned_array(std::vector<size_t> shape) {
+    size_t n = 1;
+    for (size_t s : shape) n *= s;
+    T* data = new T[n]();
+    nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+    return nb::ndarray<nb::numpy, T>(data, shape.size(), shape.data(), owner);
+}
+
+}  // namespace ternlm
+
+NB_MODULE(_core, m) {
+    using namespace ternlm;
+    m.doc() = "ternlm's C++ core: ternary kernels and the BitNet forward pass";
+
+    m.def("cpu_features", &cpu_features, "SIMD features this CPU reports");
+    m.def("kernel_name", [] { return active_kernels().name; }, "the kernel variant in use");
+    m.def("available_kernels", &available_kernel_names, "kernel variants this build and CPU can run");
+    m.def("default_threads", &default_thread_count);
+
+    m.def(
+        "quantize_activations",
+        [](Array<const float, nb::ndim<2>> x) {
+            const int64_t T = x.shape(0), K = x.shape(1), padded = padded_cols(K);
+            auto xq = owned_array<int8_t>({size_t(T), size_t(K)});
+            auto scales = owned_array<float>({size_t(T)});
+            std::vector<int8_t> row(static_cast<size_t>(padded));
+            {
+                nb::gil_scoped_release release;
+                for (int64_t t = 0; t < T; ++t) {
+                    int32_t sum;
+                    scales.data()[t] = quantize_row_int8(x.data() + t * K, K, row.data(), &sum);
+                    std::memcpy(xq.data() + t * K, row.data(), static_cast<size_t>(K));
+                }
+            }
+            return nb::make_tuple(xq, scales);
+        },
+        "x"_a, "Per-token absmax int8 quantization: returns (xq int8 [T, K], a float32 [T]).");
+
+    nb::class_<TernaryMatrix>(m, "TernaryMatrix")
+        .def(
+            "__init__",
+            [](TernaryMatrix* self, Array<const int8_t, nb::ndim<2>> ternary, float scale) {
+                new (self) TernaryMatrix(TernaryMatrix::from_ternary(
+                    ternary.data(), static_cast<int64_t>(ternary.shape(0)),
+                    static_cast<int64_t>(ternary.shape(1)), scale));
+            },
+            "ternary"_a, "scale"_a = 1.0f)
+        .def_ro("rows", &TernaryMatrix::rows)
+        .def_ro("cols", &TernaryMatrix::cols)
+        .def_ro("scale", &TernaryMatrix::scale)
+        .def_prop_ro("nbytes", [](const TernaryMatrix& w) { return w.bytes.size(); })
+        .def(
+            "matmul_int",
+            [](const TernaryMatrix& w, Array<const int8_t, nb::ndim<2>> xq, const std::string& kernel) {
+                if (static_cast<int64_t>(xq.shape(1)) != w.cols)
+                    throw std::invalid_argument("activation width does not match the matrix");
+                TernaryGemmFn gemm = nullptr;
+                if (kernel.empty()) gemm = active_kernels().ternary_gemm;
+                else if (kernel == "scalar") gemm = ternary_gemm_ref;
+                else throw std::invalid_argument("unknown kernel " + kernel);
+                const int64_t T = xq.shape(0), K = w.cols, padded = padded_cols(K);
+                auto out = owned_array<int32_t>({size_t(T), size_t(w.rows)});
+                {
+                    nb::gil_scoped_release release;
+                    std::vector<int8_t> padded_x(static_cast<size_t>(T * padded), 0);
+                    std::vector<int32_t> sums(static_cast<size_t>(T), 0);
+                    for (int64_t t = 0; t < T; ++t)
+                        for (int64_t k = 0; k < K; ++k) {
+                            padded_x[t * padded + k] = xq.data()[t * K + k];
+                            sums[t] += xq.data()[t * K + k];
+                        }
+                    gemm(w.view(), 0, w.rows, padded_x.data(), sums.data(), T, out.data(), w.rows);
+                }
+                return out;
+            },
+            "xq"_a, "kernel"_a = "",
+            "Exact integer product xq [T, cols] . W^T -> int32 [T, rows] with the chosen kernel.");
+
+    nb::class_<KVCache>(m, "KVCache")
+        .def(nb::init<const ModelShape&, int64_t>(), "shape"_a, "n_ctx"_a)
+        .def_prop_ro("n_ctx", &KVCache::n_ctx);
+
+    nb::class_<ModelShape>(m, "ModelShape")
+        .def(nb::init<>())
+        .def_rw("vocab", &ModelShape::vocab)
+        .def_rw("hidden", &ModelShape::hidden)
+        .def_rw("intermediate", &ModelShape::intermediate)
+        .def_rw("layers", &ModelShape::layers)
+        .def_rw("heads", &ModelShape::heads)
+        .def_rw("kv_heads", &ModelShape::kv_heads)
+        .def_rw("head_dim", &ModelShape::head_dim)
+        .def_rw("rms_norm_eps", &ModelShape::rms_norm_eps)
+        .def_rw("relu2", &ModelShape::relu2)
+        .def_rw("sub_norms", &ModelShape::sub_norms)
+        .def_rw("rope_inv_freq", &ModelShape::rope_inv_freq);
+
+    nb::class_<PyModel>(m, "Model")
+        .def(
+            "__init__",
+            [](PyModel* self, const ModelShape& shape, int threads) {
+                new (self) PyModel{std::make_unique<Model>(shape, threads), nb::none(), nb::none()};
+            },
+            "shape"_a, "threads"_a)
+        .def_prop_ro("threads", [](const PyModel& p) { return p.model->threads(); })
+        .def_prop_ro("shape", [](const PyModel& p) { return p.model->shape(); })
+        .def_prop_ro("weight_bytes", [](const PyModel& p) { return p.model->weight_bytes(); })
+        .def(
+            "set_norm",
+            [](PyModel& p, int64_t layer, const std::string& name, Array<const float, nb::ndim<1>> w) {
+                p.model->set_norm(layer, name, w.data(), static_cast<int64_t>(w.shape(0)));
+            },
+            "layer"_a, "name"_a, "weight"_a)
+        .def(
+            "set_linear",
+            [](PyModel& p, int64_t layer, const std::string& name, Array<const int8_t, nb::ndim<2>> t,
+               float scale) {
+                nb::gil_scoped_release release;
+                p.model->set_linear(layer, name, t.data(), static_cast<int64_t>(t.shape(0)),
+                                    static_cast<int64_t>(t.shape(1)), scale);
+            },
+            "layer"_a, "name"_a, "ternary"_a, "scale"_a)
+        .def(
+            "set_final_norm",
+            [](PyModel& p, Array<const float, nb::ndim<1>> w) {
+                p.model->set_final_norm(w.data(), static_cast<int64_t>(w.shape(0)));
+            },
+            "weight"_a)
+        .def(
+            "set_embedding",
+            [](PyModel& p, nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>> a, const std::string& dtype,
+               nb::object owner) {
+                p.model->set_embedding(dense_view(a, dtype));
+                p.embedding_owner = owner;
+            },
+            "array"_a, "dtype"_a, "owner"_a,
+            "Borrow a [vocab, hidden] matrix; `owner` is kept alive as long as the model.")
+        .def(
+            "set_head",
+            [](PyModel& p, nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>> a, const std::string& dtype,
+               nb::object owner) {
+                p.model->set_head(dense_view(a, dtype));
+                p.head_owner = owner;
+            },
+            "array"_a, "dtype"_a, "owner"_a)
+        .def("check_complete", [](const PyModel& p) { p.model->check_complete(); })
+        .def(
+            "forward",
+            [](PyModel& p, KVCache& cache, Array<const int32_t, nb::ndim<1>> tokens, int64_t start_pos,
+               bool all_logits) {
+                const int64_t T = static_cast<int64_t>(tokens.shape(0));
+                const int64_t rows = all_logits ? T : 1;
+                auto logits = owned_array<float>({size_t(rows), size_t(p.model->shape().vocab)});
+                {
+                    nb::gil_scoped_release release;
+                    p.model->forward(cache, tokens.data(), T, start_pos, logits.data(), all_logits);
+                }
+                return logits;
+            },
+            "cache"_a, "tokens"_a, "start_pos"_a, "all_logits"_a = false,
+            "Run tokens at positions start_pos.. and return float32 logits [T or 1, vocab].");
+}

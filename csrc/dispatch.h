@@ -1,0 +1,19 @@
+// Which kernel variant runs, chosen once from the CPU's features (TERNLM_KERNELS overrides).
+#pragma once
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace ternlm {
+
+struct KernelSet {
+    std::string name;
+    TernaryGemmFn ternary_gemm;
+};
+
+const KernelSet& active_kernels();
+std::vector<std::string> available_kernel_names();
+std::vector<std::string> cpu_features();  // the SIMD features this CPU reports
+
+}  // namespace ternlm

@@ -1,0 +1,34 @@
+// Kernel interface. Each kernel has a scalar reference in kernels_ref.cpp; fast variants must give
+// bit-identical integer results.
+#pragma once
+#include <cstdint>
+
+#include "formats.h"
+
+namespace ternlm {
+
+struct TernaryView {
+    const uint8_t* data;  // rows * padded_cols / 4 bytes in the runtime layout (formats.h)
+    int64_t rows;
+    int64_t cols;         // logical columns; rows are stored padded to padded_cols(cols)
+};
+
+// Per-token absmax int8 quantization of x [cols] into xq [padded_cols(cols)] (zero padded).
+// Returns the activation scale a = 127 / max|x| (max clamped >= 1e-5); *sum receives sum(xq).
+float quantize_row_int8(const float* x, int64_t cols, int8_t* xq, int32_t* sum);
+
+// acc[t * out_stride + r] = sum_k w[r, k] * xq[t, k] for rows [row_begin, row_end) and t < tokens.
+// xq rows are padded_cols(w.cols) long and xq_sums[t] = sum_k xq[t, k].
+using TernaryGemmFn = void (*)(const TernaryView& w, int64_t row_begin, int64_t row_end,
+                               const int8_t* xq, const int32_t* xq_sums, int64_t tokens,
+                               int32_t* acc, int64_t out_stride);
+
+void ternary_gemm_ref(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                      const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
+
+// Dense rows of a float matrix in F32/F16/BF16 storage.
+float load_scalar(const void* data, DType dtype, int64_t index);
+void load_row(const void* data, DType dtype, int64_t row, int64_t cols, float* out);
+float dot_row(const void* data, DType dtype, int64_t row, const float* x, int64_t cols);
+
+}  // namespace ternlm

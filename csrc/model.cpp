@@ -1,0 +1,321 @@
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "dispatch.h"
+
+namespace ternlm {
+
+namespace {
+
+void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* out) {
+    double sum_sq = 0.0;
+    for (int64_t i = 0; i < n; ++i) sum_sq += static_cast<double>(x[i]) * x[i];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(sum_sq / n) + eps);
+    for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * inv);
+}
+
+// rotate_half RoPE: pairs (j, j + head_dim/2) rotate by pos * inv_freq[j].
+void apply_rope(float* head, int64_t head_dim, const float* cos_, const float* sin_) {
+    const int64_t half = head_dim / 2;
+    for (int64_t j = 0; j < half; ++j) {
+        const float a = head[j], b = head[j + half];
+        head[j] = a * cos_[j] - b * sin_[j];
+        head[j + half] = b * cos_[j] + a * sin_[j];
+    }
+}
+
+std::invalid_argument shape_error(const std::string& what) { return std::invalid_argument(what); }
+
+}  // namespace
+
+TernaryMatrix TernaryMatrix::from_ternary(const int8_t* ternary, int64_t rows, int64_t cols,
+                                          float scale) {
+    TernaryMatrix m;
+    m.rows = rows;
+    m.cols = cols;
+    m.scale = scale;
+    const int64_t padded = padded_cols(cols);
+    // Code 1 (weight 0) everywhere, so padding columns contribute nothing: 0b01010101.
+    m.bytes.assign(static_cast<size_t>(rows * padded / 4), 0x55);
+    for (int64_t r = 0; r < rows; ++r) {
+        uint8_t* row = m.bytes.data() + r * padded / 4;
+        for (int64_t k = 0; k < cols; ++k) {
+            const int8_t w = ternary[r * cols + k];
+            if (w < -1 || w > 1) throw shape_error("ternary weights must be -1, 0 or 1");
+            const int64_t i = k % kTernaryBlock;
+            uint8_t& byte = row[(k / kTernaryBlock) * kTernaryBlockBytes + i % kCodesPerLane];
+            const int shift = code_shift(static_cast<int>(i));
+            byte = static_cast<uint8_t>((byte & ~(3 << shift)) | ((w + 1) << shift));
+        }
+    }
+    return m;
+}
+
+KVCache::KVCache(const ModelShape& shape, int64_t n_ctx)
+    : n_ctx_(n_ctx), width_(shape.kv_heads * shape.head_dim) {
+    if (n_ctx <= 0) throw shape_error("context length must be positive");
+    const size_t n = static_cast<size_t>(shape.layers * n_ctx * width_);
+    k_.assign(n, 0.0f);
+    v_.assign(n, 0.0f);
+}
+
+Model::Model(ModelShape shape, int threads)
+    : shape_(std::move(shape)), layers_(static_cast<size_t>(shape_.layers)), pool_(threads) {
+    if (shape_.heads % shape_.kv_heads != 0) throw shape_error("heads must be a multiple of kv_heads");
+    if (static_cast<int64_t>(shape_.rope_inv_freq.size()) != shape_.head_dim / 2)
+        throw shape_error("rope_inv_freq must have head_dim / 2 entries");
+    active_kernels();  // an impossible TERNLM_KERNELS fails here, at load, not inside a worker
+}
+
+Layer& Model::layer_at(int64_t layer) {
+    if (layer < 0 || layer >= shape_.layers) throw shape_error("layer index out of range");
+    return layers_[static_cast<size_t>(layer)];
+}
+
+std::vector<float>* Model::norm_slot(Layer& l, const std::string& name, int64_t* expected) {
+    *expected = shape_.hidden;
+    if (name == "input_layernorm") return &l.input_layernorm;
+    if (name == "post_attention_layernorm") return &l.post_attention_layernorm;
+    if (name == "attn_sub_norm") {
+        *expected = shape_.heads * shape_.head_dim;
+        return &l.attn_sub_norm;
+    }
+    if (name == "ffn_sub_norm") {
+        *expected = shape_.intermediate;
+        return &l.ffn_sub_norm;
+    }
+    throw shape_error("unknown norm " + name);
+}
+
+TernaryMatrix* Model::linear_slot(Layer& l, const std::string& name, int64_t* rows, int64_t* cols) {
+    const int64_t q_width = shape_.heads * shape_.head_dim, kv_width = shape_.kv_heads * shape_.head_dim;
+    struct Slot { const char* name; TernaryMatrix Layer::*member; int64_t rows, cols; };
+    const Slot slots[] = {
+        {"q_proj", &Layer::q_proj, q_width, shape_.hidden},
+        {"k_proj", &Layer::k_proj, kv_width, shape_.hidden},
+        {"v_proj", &Layer::v_proj, kv_width, shape_.hidden},
+        {"o_proj", &Layer::o_proj, shape_.hidden, q_width},
+        {"gate_proj", &Layer::gate_proj, shape_.intermediate, shape_.hidden},
+        {"up_proj", &Layer::up_proj, shape_.intermediate, shape_.hidden},
+        {"down_proj", &Layer::down_proj, shape_.hidden, shape_.intermediate},
+    };
+    for (const Slot& s : slots) {
+        if (name == s.name) {
+            *rows = s.rows;
+            *cols = s.cols;
+            return &(l.*(s.member));
+        }
+    }
+    throw shape_error("unknown linear " + name);
+}
+
+void Model::set_norm(int64_t layer, const std::string& name, const float* values, int64_t n) {
+    int64_t expected = 0;
+    std::vector<float>* slot = norm_slot(layer_at(layer), name, &expected);
+    if (n != expected)
+        throw shape_error(name + " has " + std::to_string(n) + " values, expected " + std::to_string(expected));
+    slot->assign(values, values + n);
+}
+
+void Model::set_linear(int64_t layer, const std::string& name, const int8_t* ternary, int64_t rows,
+                       int64_t cols, float scale) {
+    int64_t want_rows = 0, want_cols = 0;
+    TernaryMatrix* slot = linear_slot(layer_at(layer), name, &want_rows, &want_cols);
+    if (rows != want_rows || cols != want_cols)
+        throw shape_error(name + " has shape [" + std::to_string(rows) + ", " + std::to_string(cols) +
+                          "], expected [" + std::to_string(want_rows) + ", " + std::to_string(want_cols) + "]");
+    if (!std::isfinite(scale)) throw shape_error(name + " has a non-finite weight scale");
+    *slot = TernaryMatrix::from_ternary(ternary, rows, cols, scale);
+}
+
+void Model::set_final_norm(const float* values, int64_t n) {
+    if (n != shape_.hidden) throw shape_error("final norm has the wrong length");
+    final_norm_.assign(values, values + n);
+}
+
+void Model::set_embedding(DenseMatrix embedding) {
+    if (embedding.rows != shape_.vocab || embedding.cols != shape_.hidden)
+        throw shape_error("embedding must be [vocab_size, hidden_size]");
+    embedding_ = embedding;
+}
+
+void Model::set_head(DenseMatrix head) {
+    if (head.rows != shape_.vocab || head.cols != shape_.hidden)
+        throw shape_error("lm_head must be [vocab_size, hidden_size]");
+    head_ = head;
+}
+
+void Model::check_complete() const {
+    if (!embedding_.data) throw shape_error("missing embed_tokens");
+    if (final_norm_.empty()) throw shape_error("missing final norm");
+    for (int64_t i = 0; i < shape_.layers; ++i) {
+        const Layer& l = layers_[static_cast<size_t>(i)];
+        const std::string at = " in layer " + std::to_string(i);
+        if (l.input_layernorm.empty() || l.post_attention_layernorm.empty())
+            throw shape_error("missing layer norm" + at);
+        if (shape_.sub_norms && (l.attn_sub_norm.empty() || l.ffn_sub_norm.empty()))
+            throw shape_error("missing sub-norm" + at);
+        for (const TernaryMatrix* m : {&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj,
+                                       &l.up_proj, &l.down_proj})
+            if (m->empty()) throw shape_error("missing projection weight" + at);
+    }
+}
+
+int64_t Model::weight_bytes() const {
+    int64_t total = 0;
+    for (const Layer& l : layers_)
+        for (const TernaryMatrix* m : {&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj,
+                                       &l.up_proj, &l.down_proj})
+            total += static_cast<int64_t>(m->bytes.size());
+    return total;
+}
+
+// Per-call activation buffers, sized for T tokens.
+struct Model::Scratch {
+    Scratch(const ModelShape& s, int64_t T)
+        : x(T * s.hidden), normed(T * std::max(s.hidden, s.heads * s.head_dim)),
+          q(T * s.heads * s.head_dim), k(T * s.kv_heads * s.head_dim), v(T * s.kv_heads * s.head_dim),
+          attn(T * s.heads * s.head_dim), gate(T * s.intermediate), up(T * s.intermediate),
+          xq(T * padded_cols(std::max({s.hidden, s.intermediate, s.heads * s.head_dim}))),
+          act_scale(T), xq_sums(T) {}
+    std::vector<float> x, normed, q, k, v, attn, gate, up;
+    std::vector<int8_t> xq;
+    std::vector<float> act_scale;
+    std::vector<int32_t> xq_sums;
+
+    // Quantizes T rows of width cols (optionally RMS-normalised first) into xq / act_scale / xq_sums.
+    void quantize(const float* rows, int64_t T, int64_t cols, const float* norm_weight, float eps) {
+        const int64_t padded = padded_cols(cols);
+        std::vector<float> tmp(static_cast<size_t>(cols));
+        for (int64_t t = 0; t < T; ++t) {
+            const float* src = rows + t * cols;
+            if (norm_weight) {
+                rms_norm(src, norm_weight, cols, eps, tmp.data());
+                src = tmp.data();
+            }
+            act_scale[t] = quantize_row_int8(src, cols, xq.data() + t * padded, &xq_sums[t]);
+        }
+    }
+};
+
+void Model::linear(const TernaryMatrix& w, const int8_t* xq, const int32_t* sums,
+                   const float* act_scale, int64_t T, float* out, bool accumulate) {
+    std::vector<int32_t> acc(static_cast<size_t>(T * w.rows));
+    const TernaryView view = w.view();
+    pool_.parallel_for(w.rows, 8, [&](int64_t begin, int64_t end) {
+        active_kernels().ternary_gemm(view, begin, end, xq, sums, T, acc.data(), w.rows);
+        for (int64_t t = 0; t < T; ++t) {
+            const float scale = w.scale / act_scale[t];
+            for (int64_t r = begin; r < end; ++r) {
+                const float y = static_cast<float>(acc[t * w.rows + r]) * scale;
+                float& dst = out[t * w.rows + r];
+                dst = accumulate ? dst + y : y;
+            }
+        }
+    });
+}
+
+void Model::attention(KVCache& cache, int64_t layer, const float* q, int64_t T, int64_t start_pos,
+                      float* out) {
+    const int64_t hd = shape_.head_dim, group = shape_.heads / shape_.kv_heads;
+    const int64_t q_width = shape_.heads * hd;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    pool_.parallel_for(T * shape_.heads, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(static_cast<size_t>(start_pos + T));
+        for (int64_t job = begin; job < end; ++job) {
+            const int64_t t = job / shape_.heads, h = job % shape_.heads;
+            const int64_t kv_offset = (h / group) * hd, last = start_pos + t;
+            const float* qh = q + t * q_width + h * hd;
+            float max_score = -INFINITY;
+            for (int64_t j = 0; j <= last; ++j) {
+                const float* kj = cache.keys(layer, j) + kv_offset;
+                float s = 0.0f;
+                for (int64_t d = 0; d < hd; ++d) s += qh[d] * kj[d];
+                scores[j] = s * scale;
+                max_score = std::max(max_score, scores[j]);
+            }
+            float total = 0.0f;
+            for (int64_t j = 0; j <= last; ++j) total += (scores[j] = std::exp(scores[j] - max_score));
+            float* oh = out + t * q_width + h * hd;
+            std::fill(oh, oh + hd, 0.0f);
+            for (int64_t j = 0; j <= last; ++j) {
+                const float p = scores[j] / total;
+                const float* vj = cache.values(layer, j) + kv_offset;
+                for (int64_t d = 0; d < hd; ++d) oh[d] += p * vj[d];
+            }
+        }
+    });
+}
+
+void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t start_pos,
+                    float* logits, bool all_logits) {
+    const ModelShape& s = shape_;
+    if (T <= 0) throw shape_error("forward needs at least one token");
+    if (start_pos < 0 || start_pos + T > cache.n_ctx())
+        throw shape_error("sequence of " + std::to_string(start_pos + T) + " tokens exceeds the context of " +
+                          std::to_string(cache.n_ctx()));
+    for (int64_t t = 0; t < T; ++t)
+        if (tokens[t] < 0 || tokens[t] >= s.vocab)
+            throw shape_error("token id " + std::to_string(tokens[t]) + " is outside the vocabulary");
+
+    const int64_t H = s.hidden, I = s.intermediate, hd = s.head_dim;
+    const int64_t q_width = s.heads * hd, kv_width = s.kv_heads * hd;
+    Scratch b(s, T);
+    for (int64_t t = 0; t < T; ++t) load_row(embedding_.data, embedding_.dtype, tokens[t], H, &b.x[t * H]);
+
+    std::vector<float> cos_(static_cast<size_t>(T * hd / 2)), sin_(static_cast<size_t>(T * hd / 2));
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < hd / 2; ++j) {
+            const float angle = static_cast<float>(start_pos + t) * s.rope_inv_freq[j];
+            cos_[t * hd / 2 + j] = std::cos(angle);
+            sin_[t * hd / 2 + j] = std::sin(angle);
+        }
+
+    for (int64_t li = 0; li < s.layers; ++li) {
+        Layer& l = layers_[static_cast<size_t>(li)];
+        // Attention block: one quantized input shared by q, k and v.
+        b.quantize(b.x.data(), T, H, l.input_layernorm.data(), s.rms_norm_eps);
+        linear(l.q_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.q.data(), false);
+        linear(l.k_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.k.data(), false);
+        linear(l.v_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.v.data(), false);
+        for (int64_t t = 0; t < T; ++t) {
+            for (int64_t h = 0; h < s.heads; ++h)
+                apply_rope(&b.q[t * q_width + h * hd], hd, &cos_[t * hd / 2], &sin_[t * hd / 2]);
+            for (int64_t h = 0; h < s.kv_heads; ++h)
+                apply_rope(&b.k[t * kv_width + h * hd], hd, &cos_[t * hd / 2], &sin_[t * hd / 2]);
+            std::copy_n(&b.k[t * kv_width], kv_width, cache.keys(li, start_pos + t));
+            std::copy_n(&b.v[t * kv_width], kv_width, cache.values(li, start_pos + t));
+        }
+        attention(cache, li, b.q.data(), T, start_pos, b.attn.data());
+        b.quantize(b.attn.data(), T, q_width, s.sub_norms ? l.attn_sub_norm.data() : nullptr, s.rms_norm_eps);
+        linear(l.o_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.x.data(), true);
+
+        // Feed-forward block: one quantized input shared by gate and up.
+        b.quantize(b.x.data(), T, H, l.post_attention_layernorm.data(), s.rms_norm_eps);
+        linear(l.gate_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.gate.data(), false);
+        linear(l.up_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.up.data(), false);
+        for (int64_t i = 0; i < T * I; ++i) {
+            const float g = b.gate[i];
+            const float act = s.relu2 ? (g > 0.0f ? g * g : 0.0f) : g / (1.0f + std::exp(-g));
+            b.gate[i] = act * b.up[i];
+        }
+        b.quantize(b.gate.data(), T, I, s.sub_norms ? l.ffn_sub_norm.data() : nullptr, s.rms_norm_eps);
+        linear(l.down_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.x.data(), true);
+    }
+
+    // Final norm and head, for every token or only the last.
+    const int64_t first = all_logits ? 0 : T - 1, rows = T - first;
+    for (int64_t t = 0; t < rows; ++t)
+        rms_norm(&b.x[(first + t) * H], final_norm_.data(), H, s.rms_norm_eps, &b.normed[t * H]);
+    const DenseMatrix& head = head_.data ? head_ : embedding_;
+    pool_.parallel_for(s.vocab, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t t = 0; t < rows; ++t)
+            for (int64_t r = begin; r < end; ++r)
+                logits[t * s.vocab + r] = dot_row(head.data, head.dtype, r, &b.normed[t * H], H);
+    });
+}
+
+}  // namespace ternlm

@@ -1,0 +1,99 @@
+// The BitNet b1.58 forward pass (DESIGN.md §1) over the runtime layouts, with a KV cache.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "formats.h"
+#include "kernels.h"
+#include "threads.h"
+
+namespace ternlm {
+
+struct ModelShape {
+    int64_t vocab = 0, hidden = 0, intermediate = 0, layers = 0;
+    int64_t heads = 0, kv_heads = 0, head_dim = 0;
+    float rms_norm_eps = 1e-5f;
+    bool relu2 = true;       // relu(x)^2; otherwise SiLU
+    bool sub_norms = true;   // attn_sub_norm before o_proj, ffn_sub_norm before down_proj
+    std::vector<float> rope_inv_freq;  // [head_dim / 2]
+};
+
+// A ternary matrix in the runtime layout with its per-tensor scale (mean|W|, multiplies).
+struct TernaryMatrix {
+    std::vector<uint8_t> bytes;
+    int64_t rows = 0, cols = 0;
+    float scale = 0.0f;
+
+    // ternary: int8 values in {-1, 0, 1}, row-major [rows, cols].
+    static TernaryMatrix from_ternary(const int8_t* ternary, int64_t rows, int64_t cols, float scale);
+    TernaryView view() const { return {bytes.data(), rows, cols}; }
+    bool empty() const { return bytes.empty(); }
+};
+
+// A float matrix [rows, cols] whose memory belongs to someone else (usually a memory-mapped file).
+struct DenseMatrix {
+    const void* data = nullptr;
+    DType dtype = DType::F32;
+    int64_t rows = 0, cols = 0;
+};
+
+struct Layer {
+    std::vector<float> input_layernorm, post_attention_layernorm, attn_sub_norm, ffn_sub_norm;
+    TernaryMatrix q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
+};
+
+// Keys and values of one sequence: [layer][position][kv_heads * head_dim], float32.
+class KVCache {
+public:
+    KVCache(const ModelShape& shape, int64_t n_ctx);
+    int64_t n_ctx() const { return n_ctx_; }
+    float* keys(int64_t layer, int64_t pos) { return k_.data() + (layer * n_ctx_ + pos) * width_; }
+    float* values(int64_t layer, int64_t pos) { return v_.data() + (layer * n_ctx_ + pos) * width_; }
+
+private:
+    int64_t n_ctx_, width_;
+    std::vector<float> k_, v_;
+};
+
+class Model {
+public:
+    Model(ModelShape shape, int threads);
+
+    const ModelShape& shape() const { return shape_; }
+    int threads() const { return pool_.size(); }
+
+    // Setters validate shapes and throw std::invalid_argument naming the tensor.
+    void set_norm(int64_t layer, const std::string& name, const float* values, int64_t n);
+    void set_linear(int64_t layer, const std::string& name, const int8_t* ternary, int64_t rows,
+                    int64_t cols, float scale);
+    void set_final_norm(const float* values, int64_t n);
+    void set_embedding(DenseMatrix embedding);
+    void set_head(DenseMatrix head);  // untied output matrix; without it the head is the embedding
+    void check_complete() const;      // throws naming the first missing tensor
+
+    int64_t weight_bytes() const;
+
+    // Runs tokens [T] at positions start_pos.. through the model, appending to the cache.
+    // logits: [T, vocab] when all_logits, else [1, vocab] for the last token.
+    void forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t start_pos,
+                 float* logits, bool all_logits);
+
+private:
+    struct Scratch;
+    void linear(const TernaryMatrix& w, const int8_t* xq, const int32_t* sums, const float* act_scale,
+                int64_t T, float* out, bool accumulate);
+    void attention(KVCache& cache, int64_t layer, const float* q, int64_t T, int64_t start_pos,
+                   float* out);
+    Layer& layer_at(int64_t layer);
+    std::vector<float>* norm_slot(Layer& layer, const std::string& name, int64_t* expected);
+    TernaryMatrix* linear_slot(Layer& layer, const std::string& name, int64_t* rows, int64_t* cols);
+
+    ModelShape shape_;
+    std::vector<Layer> layers_;
+    std::vector<float> final_norm_;
+    DenseMatrix embedding_, head_;
+    ThreadPool pool_;
+};
+
+}  // namespace ternlm

@@ -1,0 +1,70 @@
+#include "threads.h"
+
+#include <algorithm>
+
+namespace ternlm {
+
+int default_thread_count() {
+    const unsigned hw = std::thread::hardware_concurrency();
+    return hw == 0 ? 1 : static_cast<int>(hw);
+}
+
+ThreadPool::ThreadPool(int threads) {
+    const int extra = std::max(threads, 1) - 1;
+    for (int i = 0; i < extra; ++i) workers_.emplace_back([this, i] { worker_loop(i + 1); });
+}
+
+ThreadPool::~ThreadPool() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stopping_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::run_share(int index) {
+    const int64_t parts = size();
+    const int64_t grains = (job_n_ + job_grain_ - 1) / job_grain_;
+    const int64_t begin = std::min(job_n_, grains * index / parts * job_grain_);
+    const int64_t end = std::min(job_n_, grains * (index + 1) / parts * job_grain_);
+    if (begin < end) (*job_)(begin, end);
+}
+
+void ThreadPool::worker_loop(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+            if (stopping_) return;
+            seen = generation_;
+        }
+        run_share(index);
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (--pending_ == 0) done_.notify_one();
+    }
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t grain,
+                              const std::function<void(int64_t, int64_t)>& fn) {
+    if (n <= 0) return;
+    if (workers_.empty() || n <= grain) {
+        fn(0, n);
+        return;
+    }
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        job_ = &fn;
+        job_n_ = n;
+        job_grain_ = std::max<int64_t>(grain, 1);
+        pending_ = static_cast<int>(workers_.size());
+        ++generation_;
+    }
+    wake_.notify_all();
+    run_share(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+}
+
+}  // namespace ternlm

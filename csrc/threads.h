@@ -1,0 +1,41 @@
+// One persistent pool of worker threads; the calling thread works too.
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace ternlm {
+
+class ThreadPool {
+public:
+    explicit ThreadPool(int threads);
+    ~ThreadPool();
+    ThreadPool(const ThreadPool&) = delete;
+    ThreadPool& operator=(const ThreadPool&) = delete;
+
+    int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+    // Splits [0, n) into size() contiguous ranges and runs fn(begin, end) on each, in parallel.
+    // Ranges are multiples of `grain` except the last. Returns when all are done.
+    void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+private:
+    void worker_loop(int index);
+    void run_share(int index);
+
+    std::vector<std::thread> workers_;
+    std::mutex mutex_;
+    std::condition_variable wake_, done_;
+    const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+    int64_t job_n_ = 0, job_grain_ = 1;
+    uint64_t generation_ = 0;
+    int pending_ = 0;
+    bool stopping_ = false;
+};
+
+int default_thread_count();
+
+}  // namespace ternlm

@@ -1,0 +1,158 @@
+"""The Python API: `ternlm.load(...)` returns a LanguageModel with logits/generate/stream/chat."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .chat import ChatTemplate
+from .config import BitNetConfig
+from .errors import FormatError
+from .generate import GenerationStats, generate_tokens, stream_text
+from .model import build_engine
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+from .weights.hf import HFCheckpoint
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("ternlm") / "data" / "default"))
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """A local directory, or an HF repo id already in the local HF cache (`ternlm pull` puts it there)."""
+    if model is None:
+        path = default_model_path()
+        if not (path / "config.json").exists():
+            raise FormatError(path, "this build of ternlm ships no default model; pass a model path")
+        return path
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    text = str(model)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+        try:
+            return Path(snapshot_download(text, local_files_only=True))
+        except (LocalEntryNotFoundError, ValueError):
+            raise FormatError(text, "not a local path and not in the HF cache (download it with `ternlm pull`)") from None
+    raise FormatError(path, "no such file or directory")
+
+
+def open_checkpoint(path: Path) -> HFCheckpoint:
+    if path.is_dir():
+        return HFCheckpoint(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        raise FormatError(path, "GGUF files are not supported by this version of ternlm; use an HF directory")
+    raise FormatError(path, "not a model directory (expected config.json and safetensors files)")
+
+
+def _stop_ids(directory: Path, config: BitNetConfig, tokenizer: Tokenizer) -> set[int]:
+    """Every eos id of config.json and generation_config.json, plus <|eot_id|> when the vocab has it."""
+    stop = set(config.eos_token_ids)
+    generation_config = directory / "generation_config.json"
+    if generation_config.exists():
+        try:
+            eos = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise FormatError(generation_config, "not a JSON object") from None
+        for token in eos if isinstance(eos, list) else [eos]:
+            if isinstance(token, int):
+                stop.add(token)
+    for token in (tokenizer.eos_id, tokenizer.token_to_id("<|eot_id|>")):
+        if token is not None:
+            stop.add(token)
+    return stop
+
+
+class LanguageModel:
+    def __init__(self, path: Path, engine, tokenizer: Tokenizer, n_ctx: int, backend: str):
+        self.path = path
+        self.engine = engine
+        self.config: BitNetConfig = engine.config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.n_ctx = n_ctx
+        bos = tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
+        eos = tokenizer.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
+        self.chat_template = ChatTemplate(tokenizer.chat_template, bos or "", eos or "",
+                                          origin=str(path / "tokenizer_config.json"))
+        self.stop_ids = _stop_ids(path, self.config, tokenizer)
+        self.last_stats = GenerationStats()
+
+    def __repr__(self) -> str:
+        return f"LanguageModel({str(self.path)!r}, backend={self.backend!r})"
+
+    @property
+    def threads(self) -> int:
+        return self.engine.threads
+
+    def logits(self, ids) -> np.ndarray:
+        """float32 [len(ids), vocab]: every position of a fresh sequence starting at position 0."""
+        ids = self._check_ids(ids)
+        cache = self.engine.new_cache(len(ids))
+        return self.engine.forward(cache, ids, 0, all_logits=True)
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("no token ids")
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
+        return ids
+
+    def stream_tokens(self, prompt_ids, max_tokens: int = 128, **sampling) -> Iterator[int]:
+        params = SamplingParams(**sampling)
+        self.last_stats = GenerationStats()
+        return generate_tokens(self.engine, self._check_ids(prompt_ids), max_tokens, params,
+                               self.stop_ids, self.n_ctx, self.last_stats)
+
+    def stream(self, prompt: str, max_tokens: int = 128, stop: list[str] | None = None, **sampling) -> Iterator[str]:
+        """Text pieces as they are generated (multi-byte characters never split)."""
+        ids = self.tokenizer.encode(prompt, add_bos=True)
+        tokens = self.stream_tokens(ids, max_tokens, **sampling)
+        return stream_text(tokens, self.tokenizer, [stop] if isinstance(stop, str) else stop, self.last_stats)
+
+    def generate(self, prompt: str, max_tokens: int = 128, **kwargs) -> str:
+        return "".join(self.stream(prompt, max_tokens, **kwargs))
+
+    def stream_chat(self, messages: list[dict], max_tokens: int = 128, stop: list[str] | None = None,
+                    **sampling) -> Iterator[str]:
+        ids = self.tokenizer.encode(self.chat_template.render(messages), add_bos=False)
+        tokens = self.stream_tokens(ids, max_tokens, **sampling)
+        return stream_text(tokens, self.tokenizer, [stop] if isinstance(stop, str) else stop, self.last_stats)
+
+    def chat(self, messages: list[dict], max_tokens: int = 128, **kwargs) -> str:
+        return "".join(self.stream_chat(messages, max_tokens, **kwargs))
+
+
+def load(model: str | Path | None = None, threads: int | None = None, backend: str = "native",
+         n_ctx: int | None = None, progress=None) -> LanguageModel:
+    """Load a model directory (or HF repo id in the local cache; None: the shipped default model).
+
+    threads: worker threads for the native backend (default: all cores).
+    backend: "native" (C++) or "reference" (NumPy, slow, the oracle).
+    n_ctx: the context length to allow (default and maximum: the model's max_position_embeddings).
+    """
+    path = resolve_model_path(model)
+    checkpoint = open_checkpoint(path)
+    config = checkpoint.config
+    tokenizer = Tokenizer.from_directory(path, config.bos_token_id)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise FormatError(path / "tokenizer.json", f"the tokenizer has {tokenizer.vocab_size} tokens but the "
+                                                   f"model's vocab_size is {config.vocab_size}")
+    limit = config.max_position_embeddings
+    if n_ctx is not None and not 0 < n_ctx <= limit:
+        raise ValueError(f"n_ctx must be between 1 and the model's {limit} positions, got {n_ctx}")
+    engine = build_engine(checkpoint, backend, threads, progress)
+    return LanguageModel(path, engine, tokenizer, n_ctx or limit, backend)

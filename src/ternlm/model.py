@@ -1,0 +1,96 @@
+"""Engines: a checkpoint turned into something that maps token ids to logits.
+
+Both engines expose the same two calls, used by generation:
+    cache = engine.new_cache(n_ctx)
+    logits = engine.forward(cache, tokens, start_pos, all_logits)   # float32 [T or 1, vocab]
+`native` runs the C++ core; `reference` runs reference.py (NumPy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from .config import BitNetConfig
+from .errors import FormatError
+from .reference import ReferenceModel
+from .weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Checkpoint, float32_of,
+                                 layer_norms, linear_name, linear_shape, norm_name)
+
+BACKENDS = ("native", "reference")
+
+
+def model_shape(config: BitNetConfig) -> _core.ModelShape:
+    shape = _core.ModelShape()
+    shape.vocab = config.vocab_size
+    shape.hidden = config.hidden_size
+    shape.intermediate = config.intermediate_size
+    shape.layers = config.num_hidden_layers
+    shape.heads = config.num_attention_heads
+    shape.kv_heads = config.num_key_value_heads
+    shape.head_dim = config.head_dim
+    shape.rms_norm_eps = config.rms_norm_eps
+    shape.relu2 = config.hidden_act == "relu2"
+    shape.sub_norms = config.has_sub_norms
+    shape.rope_inv_freq = config.rope_inv_freq().tolist()
+    return shape
+
+
+class NativeEngine:
+    def __init__(self, checkpoint: Checkpoint, threads: int | None = None, progress=None):
+        config = self.config = checkpoint.config
+        self.shape = model_shape(config)
+        self._model = _core.Model(self.shape, threads or _core.default_threads())
+        for i in range(config.num_hidden_layers):
+            for proj in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
+                ternary, scale = checkpoint.ternary(linear_name(i, proj), *linear_shape(config, proj))
+                self._model.set_linear(i, proj, ternary, scale)
+            for norm in layer_norms(config):
+                size = config.intermediate_size if norm == "ffn_sub_norm" else config.hidden_size
+                self._model.set_norm(i, norm, checkpoint.norm(norm_name(i, norm), size))
+            if progress:
+                progress(i + 1, config.num_hidden_layers)
+        self._model.set_final_norm(checkpoint.norm("model.norm.weight", config.hidden_size))
+        self._set_dense(checkpoint, "model.embed_tokens.weight", self._model.set_embedding)
+        if checkpoint.head_name() != "model.embed_tokens.weight":
+            self._set_dense(checkpoint, checkpoint.head_name(), self._model.set_head)
+        self._model.check_complete()
+
+    def _set_dense(self, checkpoint: Checkpoint, name: str, setter) -> None:
+        tensor = checkpoint.dense(name)
+        expected = (self.config.vocab_size, self.config.hidden_size)
+        if tensor.array.shape != expected:
+            raise FormatError(checkpoint.source, f"tensor {name!r} has shape {list(tensor.array.shape)}, "
+                                                 f"expected {list(expected)}")
+        array, dtype = tensor.array, tensor.dtype
+        if dtype == "float64":
+            array, dtype = float32_of(tensor), "float32"
+        # The core reads it in place (a memory-mapped file stays mapped); it needs aligned rows.
+        array = np.require(array, requirements=["C", "A"])
+        setter(array, dtype, array)
+
+    @property
+    def threads(self) -> int:
+        return self._model.threads
+
+    def new_cache(self, n_ctx: int):
+        return _core.KVCache(self.shape, n_ctx)
+
+    def forward(self, cache, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        return self._model.forward(cache, tokens, start_pos, all_logits)
+
+
+class ReferenceEngine(ReferenceModel):
+    threads = 1
+
+    def __init__(self, checkpoint: Checkpoint, threads: int | None = None, progress=None):
+        super().__init__(checkpoint)
+
+
+def build_engine(checkpoint: Checkpoint, backend: str = "native", threads: int | None = None, progress=None):
+    if backend == "native":
+        return NativeEngine(checkpoint, threads, progress)
+    if backend == "reference":
+        return ReferenceEngine(checkpoint, threads, progress)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,139 @@
+"""The NumPy reference forward pass: slow, written straight from the formulas, the oracle for tests.
+
+    h = rmsnorm(x);  q, k, v = BitLinear(h);  rope(q, k);  a = attention(q, k, v)
+    a = rmsnorm(a, attn_sub_norm);  x = x + BitLinear_o(a)           (sub-norm only for BitNet)
+    h = rmsnorm(x);  g = act(BitLinear_gate(h)) * BitLinear_up(h)
+    g = rmsnorm(g, ffn_sub_norm);   x = x + BitLinear_down(g)
+    logits = rmsnorm(x) @ head.T
+
+BitLinear: int8 per-token absmax activations times ternary weights, an exact integer product,
+then one multiply by weight_scale / activation_scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import BitNetConfig
+from .weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Checkpoint, float32_of,
+                                 layer_norms, linear_name, linear_shape, norm_name)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float32)
+    variance = np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True).astype(np.float32)
+    return weight * (x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps))))
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token absmax int8: returns (xq int8 [..., K], a float32 [..., 1]) with x ≈ xq / a."""
+    max_abs = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-5))
+    a = (np.float32(127.0) / max_abs).astype(np.float32)
+    xq = np.clip(np.round(x * a), -128, 127).astype(np.int8)  # np.round: half to even, as torch
+    return xq, a
+
+
+def integer_matmul(xq: np.ndarray, ternary: np.ndarray) -> np.ndarray:
+    """Exact xq [T, K] . ternary [N, K]^T as int32 (float32 products are exact: |sum| < 2^24)."""
+    return (xq.astype(np.float32) @ ternary.T.astype(np.float32)).astype(np.int32)
+
+
+def bit_linear(x: np.ndarray, ternary: np.ndarray, scale: float) -> np.ndarray:
+    xq, a = quantize_activations(x)
+    return integer_matmul(xq, ternary).astype(np.float32) * (np.float32(scale) / a)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """rotate_half RoPE. x: [T, heads, head_dim]; pairs (j, j + head_dim/2)."""
+    angles = positions[:, None].astype(np.float32) * inv_freq[None, :]  # [T, head_dim/2]
+    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def relu2(x: np.ndarray) -> np.ndarray:
+    return np.square(np.maximum(x, 0))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+class ReferenceCache:
+    """Keys and values per layer, each [positions, kv_heads, head_dim]."""
+
+    def __init__(self, config: BitNetConfig, n_ctx: int):
+        self.n_ctx = n_ctx
+        self.keys = [None] * config.num_hidden_layers
+        self.values = [None] * config.num_hidden_layers
+
+
+class ReferenceModel:
+    def __init__(self, checkpoint: Checkpoint):
+        c = self.config = checkpoint.config
+        self.inv_freq = c.rope_inv_freq()
+        self.embed = float32_of(checkpoint.dense("model.embed_tokens.weight"))
+        head_name = checkpoint.head_name()
+        self.head = self.embed if head_name == "model.embed_tokens.weight" else float32_of(checkpoint.dense(head_name))
+        self.final_norm = checkpoint.norm("model.norm.weight", c.hidden_size)
+        self.layers = []
+        for i in range(c.num_hidden_layers):
+            layer = {}
+            for proj in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
+                layer[proj] = checkpoint.ternary(linear_name(i, proj), *linear_shape(c, proj))
+            for norm in layer_norms(c):
+                size = c.intermediate_size if norm == "ffn_sub_norm" else c.hidden_size
+                layer[norm] = checkpoint.norm(norm_name(i, norm), size)
+            self.layers.append(layer)
+
+    def new_cache(self, n_ctx: int) -> ReferenceCache:
+        return ReferenceCache(self.config, n_ctx)
+
+    def forward(self, cache: ReferenceCache, tokens: np.ndarray, start_pos: int,
+                all_logits: bool = False) -> np.ndarray:
+        c = self.config
+        T = len(tokens)
+        if start_pos + T > cache.n_ctx:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the context of {cache.n_ctx}")
+        positions = np.arange(start_pos, start_pos + T)
+        act = relu2 if c.hidden_act == "relu2" else silu
+        eps = c.rms_norm_eps
+        x = self.embed[np.asarray(tokens)]  # [T, hidden]
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer["input_layernorm"], eps)
+            q = bit_linear(h, *layer["q_proj"]).reshape(T, c.num_attention_heads, c.head_dim)
+            k = bit_linear(h, *layer["k_proj"]).reshape(T, c.num_key_value_heads, c.head_dim)
+            v = bit_linear(h, *layer["v_proj"]).reshape(T, c.num_key_value_heads, c.head_dim)
+            q, k = rope(q, positions, self.inv_freq), rope(k, positions, self.inv_freq)
+            if start_pos == 0:
+                cache.keys[i], cache.values[i] = k, v
+            else:
+                cache.keys[i] = np.concatenate([cache.keys[i][:start_pos], k])
+                cache.values[i] = np.concatenate([cache.values[i][:start_pos], v])
+            a = attention(q, cache.keys[i], cache.values[i], start_pos)  # [T, heads * head_dim]
+            if c.has_sub_norms:
+                a = rms_norm(a, layer["attn_sub_norm"], eps)
+            x = x + bit_linear(a, *layer["o_proj"])
+            h = rms_norm(x, layer["post_attention_layernorm"], eps)
+            g = act(bit_linear(h, *layer["gate_proj"])) * bit_linear(h, *layer["up_proj"])
+            if c.has_sub_norms:
+                g = rms_norm(g, layer["ffn_sub_norm"], eps)
+            x = x + bit_linear(g, *layer["down_proj"])
+        x = x if all_logits else x[-1:]
+        return rms_norm(x, self.final_norm, eps) @ self.head.T
+
+
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: int) -> np.ndarray:
+    """Causal GQA. q: [T, heads, hd]; keys/values: [start_pos + T, kv_heads, hd]."""
+    T, heads, hd = q.shape
+    group = heads // keys.shape[1]
+    k = np.repeat(keys, group, axis=1)  # [S, heads, hd]
+    v = np.repeat(values, group, axis=1)
+    scores = np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd))  # [heads, T, S]
+    S = keys.shape[0]
+    visible = np.arange(S)[None, :] <= (start_pos + np.arange(T))[:, None]  # [T, S]
+    scores = np.where(visible[None], scores, -np.inf)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = scores / scores.sum(axis=-1, keepdims=True)
+    return np.einsum("hts,shd->thd", probs, v).reshape(T, heads * hd).astype(np.float32)

@@ -1,0 +1,42 @@
+"""Quantization-aware training of ternary BitNet models (needs the `[train]` extra: torch).
+
+    python -m ternlm.train --data texts/ --preset small --steps 2000 --out-dir runs/mine
+    torchrun --nproc-per-node 2 -m ternlm.train --data texts/ ...
+    python -m ternlm.train --out-dir runs/mine --resume
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `ternlm train` command; returns the exit status."""
+    from rich.console import Console
+
+    from ..errors import FormatError
+    from . import config as C
+    from .data import DataError
+
+    console = Console(stderr=True)
+    try:
+        args = C.build_parser().parse_args(argv)
+        saved = None
+        if args.resume:
+            from .loop import CHECKPOINT, load_checkpoint
+
+            out_dir = args.out_dir or C.TrainConfig.out_dir
+            saved = load_checkpoint(Path(out_dir) / CHECKPOINT)["train_config"]
+        config = C.from_args(argv, saved)
+        config.validate()
+        from .loop import train
+
+        train(config)
+    except (FormatError, DataError, ValueError, OSError) as e:
+        console.print(f"[red]error:[/] {e}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: resume from the last checkpoint with --resume")
+        return 130
+    return 0

@@ -1,0 +1,159 @@
+"""Training configuration: one dataclass, filled from a preset, then a TOML file, then flags.
+
+A TOML file holds the training fields at top level and the model's fields (HF config.json
+names) in a `[model]` table. Flags: `--field-name value` for every training field and
+`--model KEY=VALUE` (repeatable) for model fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import BitNetConfig
+from ..errors import FormatError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=list)  # text files or folders
+    out_dir: str = "runs/train"
+    preset: str = "tiny"               # presets/<name>.toml: the model's shape
+    tokenizer: str | None = None       # a tokenizer.json (or a folder holding one); else BPE on the data
+    vocab_size: int = 4096             # size of the BPE trained on the data
+    heldout_fraction: float = 0.05     # tail of each file, by bytes
+    context: int = 256
+    batch_size: int = 32               # sequences per optimizer step, all processes together
+    micro_batch: int = 8               # sequences per forward pass in one process
+    steps: int = 1000
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "float32"             # float32 | bfloat16 (autocast)
+    quantize: bool = True              # false: the same model with plain linears (fp32 baseline)
+    seed: int = 1337
+    threads: int = 0                   # torch threads per process; 0 = torch's default
+    log_every: int = 10
+    eval_every: int = 250
+    checkpoint_minutes: float = 10.0
+    init_from: str | None = None       # --from: an HF BitNet directory to start from
+    export_dtype: str = "float32"      # embeddings and norms in the exported model
+    resume: bool = False
+    until_step: int = 0                # stop (with a checkpoint) at this step, e.g. before a time limit
+    model: dict = field(default_factory=dict)
+
+    def model_config(self) -> BitNetConfig:
+        raw = dict(self.model)
+        raw.setdefault("max_position_embeddings", self.context)
+        return BitNetConfig.from_dict(raw, source=f"model config of preset {self.preset!r}")
+
+    def validate(self) -> None:
+        def fail(problem):
+            raise ValueError(f"config: {problem}")
+
+        if not self.data and not self.resume:
+            fail("no training data: give --data FILE_OR_FOLDER")
+        if self.dtype not in ("float32", "bfloat16") or self.export_dtype not in ("float32", "bfloat16"):
+            fail("dtype and export_dtype must be float32 or bfloat16")
+        for name in ("context", "batch_size", "micro_batch", "steps", "log_every", "eval_every"):
+            if getattr(self, name) <= 0:
+                fail(f"{name} must be positive")
+        if not 0 <= self.heldout_fraction < 1:
+            fail("heldout_fraction must be in [0, 1)")
+        if self.warmup < 0 or self.lr <= 0 or self.min_lr < 0:
+            fail("warmup, lr, min_lr must not be negative")
+        if self.context > self.model_config().max_position_embeddings:
+            fail(f"context {self.context} exceeds max_position_embeddings")
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError(path, "file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise FormatError(path, f"not valid TOML: {e}") from None
+
+
+def _apply(config: TrainConfig, raw: dict, source: str) -> None:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in raw.items():
+        if key not in known:
+            raise FormatError(source, f"unknown setting {key!r}")
+        if key == "model":
+            config.model.update(value)
+        else:
+            setattr(config, key, value)
+
+
+def preset(name: str) -> dict:
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.toml")))
+        raise FormatError(path, f"no preset {name!r}; presets: {names}")
+    return _read_toml(path)
+
+
+def _parse_value(text: str):
+    """A flag value as TOML would read it (numbers, booleans, quoted or bare strings)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ternlm train", description="Quantization-aware training of a ternary BitNet.")
+    parser.add_argument("config", nargs="?", help="a TOML file (training fields, [model] table)")
+    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model field (HF config.json name)")
+    parser.add_argument("--from", dest="init_from", metavar="MODEL_DIR",
+                        help="start from an HF BitNet checkpoint (fine-tuning)")
+    parser.add_argument("--fp32", action="store_const", const=False, dest="quantize",
+                        help="plain linears instead of BitLinear (the fp32 baseline)")
+    parser.add_argument("--resume", action="store_true", default=None,
+                        help="continue from OUT_DIR/checkpoint.pt")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("model", "init_from", "resume"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "data":
+            parser.add_argument(flag, nargs="+", default=None)
+        elif f.name == "quantize":
+            parser.add_argument(flag, type=_parse_value, default=None, dest="quantize")
+        else:
+            parser.add_argument(flag, type=_parse_value, default=None)
+    return parser
+
+
+def from_args(argv: list[str] | None, saved: dict | None = None) -> TrainConfig:
+    """preset < TOML file < flags; when resuming, the run's saved config < flags."""
+    args = build_parser().parse_args(argv)
+    config = TrainConfig()
+    if saved is not None:
+        _apply(config, saved, "the checkpoint")
+    else:
+        file_raw = _read_toml(Path(args.config)) if args.config else {}
+        name = args.preset or file_raw.get("preset") or config.preset
+        _apply(config, preset(name), f"preset {name}")
+        if args.config:
+            _apply(config, file_raw, args.config)
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if f.name != "model" and value is not None:
+            setattr(config, f.name, value)
+    for item in args.model:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
+        config.model[key] = _parse_value(value)
+    return config

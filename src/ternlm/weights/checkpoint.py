@@ -1,0 +1,92 @@
+"""What every checkpoint reader provides, in HF tensor names.
+
+Readers (HF safetensors now, GGUF later) hand out one tensor at a time, so a loader never holds
+two full copies of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import BitNetConfig
+from ..errors import FormatError
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class DenseTensor:
+    """A float tensor as stored: `array` holds bf16 as uint16 bit patterns."""
+
+    array: np.ndarray
+    dtype: str  # "float32" | "float16" | "bfloat16" | "float64"
+
+
+def float32_of(t: DenseTensor) -> np.ndarray:
+    if t.dtype == "bfloat16":
+        return (t.array.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return t.array.astype(np.float32)
+
+
+def linear_name(layer: int, projection: str) -> str:
+    block = "self_attn" if projection in ATTENTION_PROJECTIONS else "mlp"
+    return f"model.layers.{layer}.{block}.{projection}.weight"
+
+
+def norm_name(layer: int, norm: str) -> str:
+    if norm == "attn_sub_norm":
+        return f"model.layers.{layer}.self_attn.attn_sub_norm.weight"
+    if norm == "ffn_sub_norm":
+        return f"model.layers.{layer}.mlp.ffn_sub_norm.weight"
+    return f"model.layers.{layer}.{norm}.weight"
+
+
+def linear_shape(config: BitNetConfig, projection: str) -> tuple[int, int]:
+    """[out, in] of a projection."""
+    q_width = config.num_attention_heads * config.head_dim
+    kv_width = config.num_key_value_heads * config.head_dim
+    return {
+        "q_proj": (q_width, config.hidden_size),
+        "k_proj": (kv_width, config.hidden_size),
+        "v_proj": (kv_width, config.hidden_size),
+        "o_proj": (config.hidden_size, q_width),
+        "gate_proj": (config.intermediate_size, config.hidden_size),
+        "up_proj": (config.intermediate_size, config.hidden_size),
+        "down_proj": (config.hidden_size, config.intermediate_size),
+    }[projection]
+
+
+def layer_norms(config: BitNetConfig) -> tuple[str, ...]:
+    norms = ("input_layernorm", "post_attention_layernorm")
+    return norms + (("attn_sub_norm", "ffn_sub_norm") if config.has_sub_norms else ())
+
+
+class Checkpoint:
+    """Base class of checkpoint readers. Subclasses set `config` and implement the three readers."""
+
+    config: BitNetConfig
+    source: str  # the file or directory, for error messages
+
+    def has(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def dense(self, name: str) -> DenseTensor:
+        """A float tensor, memory-mapped where the file allows."""
+        raise NotImplementedError
+
+    def ternary(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float]:
+        """A BitLinear weight as (int8 {-1,0,1} [rows, cols], scale that multiplies)."""
+        raise NotImplementedError
+
+    def head_name(self) -> str:
+        """The output matrix: `lm_head.weight` when untied, else the embedding."""
+        return "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+
+    def norm(self, name: str, size: int) -> np.ndarray:
+        values = float32_of(self.dense(name)).reshape(-1)
+        if values.size != size:
+            raise FormatError(self.source, f"tensor {name!r} has {values.size} values, expected {size}")
+        return values

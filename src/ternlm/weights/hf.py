@@ -1,0 +1,187 @@
+"""HF checkpoints: `config.json` + safetensors (single file or sharded), memory-mapped.
+
+The safetensors header is parsed here rather than by the `safetensors` package because we need
+zero-copy views of bf16 tensors, which its NumPy frontend cannot give. Every offset and size in
+the header is checked against the file before any byte is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..config import BitNetConfig
+from ..errors import FormatError
+from .checkpoint import Checkpoint, DenseTensor, float32_of
+from .packing import quantize_ternary, unpack_ternary_hf
+
+# safetensors dtype -> (NumPy storage dtype, our dtype label)
+_DTYPES = {
+    "F32": (np.float32, "float32"),
+    "F16": (np.float16, "float16"),
+    "BF16": (np.uint16, "bfloat16"),
+    "F64": (np.float64, "float64"),
+    "U8": (np.uint8, "uint8"),
+    "I8": (np.int8, "int8"),
+    "I32": (np.int32, "int32"),
+    "I64": (np.int64, "int64"),
+}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file: validated header, zero-copy tensor views."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, 2)
+                if size < 8:
+                    raise FormatError(self.path, "truncated safetensors file (no header length)")
+                f.seek(0)
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                    raise FormatError(self.path, f"safetensors header length {header_len} exceeds the file")
+                header_bytes = f.read(header_len)
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except FileNotFoundError:
+            raise FormatError(self.path, "file not found") from None
+        except IsADirectoryError:
+            raise FormatError(self.path, "is a directory, expected a safetensors file") from None
+        try:
+            header = json.loads(header_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(self.path, f"safetensors header is not valid JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise FormatError(self.path, "safetensors header is not a JSON object")
+        self._data_start = 8 + header_len
+        data_size = size - self._data_start
+        self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            self.tensors[name] = self._check_entry(name, info, data_size)
+
+    def _check_entry(self, name: str, info, data_size: int):
+        def fail(problem: str):
+            raise FormatError(self.path, f"tensor {name!r}: {problem}")
+
+        if not isinstance(info, dict):
+            fail("header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPES:
+            fail(f"unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            fail(f"invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            fail(f"invalid data_offsets {offsets!r}")
+        start, end = offsets
+        if not 0 <= start <= end:
+            fail(f"invalid data_offsets {offsets!r}")
+        if end > data_size:
+            fail(f"data ends at byte {end} but the file holds only {data_size} data bytes (truncated file?)")
+        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype][0]).itemsize
+        if end - start != expected:
+            fail(f"{end - start} bytes for shape {shape} of {dtype}, expected {expected}")
+        return dtype, tuple(shape), start, end
+
+    def dtype(self, name: str) -> str:
+        return _DTYPES[self.tensors[name][0]][1]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name][1]
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only view into the mapped file (bf16 comes back as uint16 bit patterns)."""
+        dtype, shape, start, end = self.tensors[name]
+        storage = _DTYPES[dtype][0]
+        count = (end - start) // np.dtype(storage).itemsize
+        array = np.frombuffer(self._map, dtype=storage, count=count, offset=self._data_start + start)
+        return array.reshape(shape)
+
+
+class HFCheckpoint(Checkpoint):
+    """An HF model directory: config.json plus model.safetensors or a sharded index."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.source = str(self.directory)
+        self.config = BitNetConfig.from_file(self.directory / "config.json")
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, SafetensorsFile] = {}
+        index = self.directory / "model.safetensors.index.json"
+        single = self.directory / "model.safetensors"
+        if index.exists():
+            self._open_shards(index)
+        elif single.exists():
+            shard = SafetensorsFile(single)
+            self._where = {name: shard for name in shard.tensors}
+        else:
+            raise FormatError(self.directory, "no model.safetensors or model.safetensors.index.json")
+
+    def _open_shards(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+            raise FormatError(index, "not a safetensors index (expected a JSON object with weight_map)") from None
+        for name, filename in weight_map.items():
+            if not isinstance(filename, str) or Path(filename).name != filename:
+                raise FormatError(index, f"invalid shard file name {filename!r}")
+            if filename not in self._files:
+                self._files[filename] = SafetensorsFile(self.directory / filename)
+            shard = self._files[filename]
+            if name not in shard.tensors:
+                raise FormatError(shard.path, f"tensor {name!r} listed in the index is missing")
+            self._where[name] = shard
+
+    # -- Checkpoint interface ------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def _file(self, name: str) -> SafetensorsFile:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise FormatError(self.directory, f"missing tensor {name!r}") from None
+
+    def dense(self, name: str) -> DenseTensor:
+        f = self._file(name)
+        dtype = f.dtype(name)
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise FormatError(f.path, f"tensor {name!r} has dtype {dtype}, expected a float type")
+        return DenseTensor(f.get(name), dtype)
+
+    def ternary(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float]:
+        f = self._file(name)
+        shape, dtype = f.shape(name), f.dtype(name)
+        if dtype == "uint8":
+            if shape != (rows // 4, cols) or rows % 4:
+                raise FormatError(f.path, f"packed tensor {name!r} has shape {list(shape)}, "
+                                          f"expected {[rows // 4, cols]} for a [{rows}, {cols}] weight")
+            try:
+                ternary = unpack_ternary_hf(f.get(name))
+            except ValueError as e:
+                raise FormatError(f.path, f"tensor {name!r}: {e}") from None
+            return ternary, self._packed_scale(name)
+        if dtype in ("float32", "float16", "bfloat16", "float64"):
+            if shape != (rows, cols):
+                raise FormatError(f.path, f"tensor {name!r} has shape {list(shape)}, expected {[rows, cols]}")
+            return quantize_ternary(float32_of(DenseTensor(f.get(name), dtype)))
+        raise FormatError(f.path, f"tensor {name!r} has dtype {dtype}, expected uint8 (packed) or a float type")
+
+    def _packed_scale(self, weight_name: str) -> float:
+        scale_name = weight_name[: -len("weight")] + "weight_scale"
+        f = self._file(scale_name)
+        values = float32_of(DenseTensor(f.get(scale_name), f.dtype(scale_name))).reshape(-1)
+        if values.size != 1:
+            raise FormatError(f.path, f"{scale_name!r} must hold one value, has {values.size}")
+        value = float(values[0])
+        if not np.isfinite(value) or value <= 0:
+            raise FormatError(f.path, f"{scale_name!r} = {value} is not a positive number")
+        return 1.0 / value if self.config.weight_scale_divides else value
