@@ -10,7 +10,6 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # transformers' BitNet unpack
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from ternlm.weights.packing import pack_ternary_hf
 
@@ -79,9 +78,15 @@ LINEAR_SUFFIXES = tuple(f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o
 
 
 def write_checkpoint(model, directory: Path, tokenizer_json: Path, *, packed: bool = True,
-                     linear_class: str = "autobitlinear", shards: int = 1, scale_dtype=np.float32,
+                     linear_class: str = "autobitlinear", shards: int = 1, dtype: str = "float32",
                      architecture: str | None = None) -> Path:
-    """Writes an HF directory. packed: uint8 [out/4, in] + weight_scale; else float32 masters."""
+    """Writes an HF directory as the official releases do: packed uint8 [out/4, in] BitLinear
+    weights plus a one-element weight_scale (or float masters when not packed); embeddings, norms
+    and scales in `dtype` ("float32" or "bfloat16", which is what 2B4T uses)."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch_dtype = getattr(torch, dtype)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, p in model.state_dict().items():
@@ -89,11 +94,11 @@ def write_checkpoint(model, directory: Path, tokenizer_json: Path, *, packed: bo
             continue
         if packed and name.endswith(LINEAR_SUFFIXES):
             ternary, scale = ternarize(p)
-            tensors[name] = pack_ternary_hf(ternary)
+            tensors[name] = torch.from_numpy(pack_ternary_hf(ternary))
             stored = scale if linear_class == "autobitlinear" else 1.0 / scale
-            tensors[name[: -len("weight")] + "weight_scale"] = np.array([stored], dtype=scale_dtype)
+            tensors[name[: -len("weight")] + "weight_scale"] = torch.tensor([stored], dtype=torch_dtype)
         else:
-            tensors[name] = p.detach().float().numpy().copy()
+            tensors[name] = p.detach().to(torch_dtype).contiguous().clone()
     names = sorted(tensors)
     if shards == 1:
         save_file(tensors, str(directory / "model.safetensors"))
@@ -111,7 +116,7 @@ def write_checkpoint(model, directory: Path, tokenizer_json: Path, *, packed: bo
         "linear_class": linear_class,
         "quantization_mode": "offline" if packed else "online",
     }
-    config["torch_dtype"] = "float32"
+    config["torch_dtype"] = dtype
     config["rope_theta"] = 10000.0
     config["architectures"] = [architecture or type(model).__name__]
     (directory / "config.json").write_text(json.dumps(config, indent=1))
@@ -121,24 +126,19 @@ def write_checkpoint(model, directory: Path, tokenizer_json: Path, *, packed: bo
     return directory
 
 
-def transformers_logits(directory: Path, ids: list[int]) -> np.ndarray:
-    """Logits from transformers' own BitNet loading of the directory, computed in float32."""
-    import torch
+def load_transformers(directory: Path):
+    """transformers' own loading of the directory (its BitNet unpacking), run in float64 so the
+    oracle's float error stays far below ours."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(directory))
-    for module in model.modules():
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf is not None and buf.dtype != torch.uint8:
-                setattr(module, name, buf.float())
-        module.to(torch.float32) if not any(b.dtype == torch.uint8 for b in module.buffers(recurse=False)) else None
-        if hasattr(module, "dtype") and isinstance(getattr(module, "dtype"), torch.dtype):
-            module.dtype = torch.float32
-    model = model.float().eval()
+    transformers.logging.set_verbosity_error()
+    return AutoModelForCausalLM.from_pretrained(str(directory)).double().eval()
+
+
+def transformers_logits(directory: Path, ids: list[int]) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
+        return load_transformers(directory)(torch.tensor([ids])).logits[0].numpy()
 
-
-@pytest.fixture
-def tokenizer_json(tiny_tokenizer_json):
-    return tiny_tokenizer_json

@@ -12,7 +12,7 @@ import numpy as np
 from .chat import ChatTemplate
 from .config import BitNetConfig
 from .errors import FormatError
-from .generate import GenerationStats, generate_tokens, stream_text
+from .generate import ContextOverflowError, GenerationStats, generate_tokens, stream_text
 from .model import build_engine
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -105,7 +105,7 @@ class LanguageModel:
         if not ids:
             raise ValueError("no token ids")
         if len(ids) > self.n_ctx:
-            raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
+            raise ContextOverflowError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")

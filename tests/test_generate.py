@@ -1,0 +1,153 @@
+"""Generation, chat, sampling and the CLI on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ternlm
+from conftest import random_bitnet, write_checkpoint
+from ternlm.chat import BITNET_2B4T_TEMPLATE, ChatTemplate
+from ternlm.generate import stream_text
+from ternlm.sampling import SamplingParams, sample
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer_json):
+    directory = write_checkpoint(random_bitnet(seed=21), tmp_path_factory.mktemp("gen"), tiny_tokenizer_json)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return ternlm.load(model_dir)
+
+
+def test_2b4t_template_renders_the_official_format():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi! "},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    text = ChatTemplate(None, bos_token="<|begin_of_text|>").render(messages)
+    assert text == ("<|begin_of_text|>System: Be brief.<|eot_id|>User: Hi!<|eot_id|>"
+                    "Assistant: Hello.<|eot_id|>User: Bye<|eot_id|>Assistant: ")
+    assert ChatTemplate(BITNET_2B4T_TEMPLATE).render(messages[:1], add_generation_prompt=False).endswith("<|eot_id|>")
+
+
+def test_templates_run_sandboxed():
+    hostile = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(ValueError, match="chat template failed"):
+        ChatTemplate(hostile).render([{"role": "user", "content": "x"}])
+
+
+def test_stop_ids_cover_config_generation_config_and_eot(model):
+    assert model.stop_ids == {1, 2}  # <|end_of_text|> from config, <|eot_id|> from the vocabulary
+
+
+def test_chat_prompt_tokens(model):
+    ids = model.tokenizer.encode(model.chat_template.render([{"role": "user", "content": "To be"}]), add_bos=False)
+    assert ids[0] == model.tokenizer.bos_id
+    assert model.tokenizer.token_to_id("<|eot_id|>") in ids
+
+
+def test_generate_is_greedy_and_deterministic(model):
+    a = model.generate("To be, or not", max_tokens=12)
+    assert a == model.generate("To be, or not", max_tokens=12)
+    assert model.last_stats.generated_tokens <= 12
+    assert "".join(model.stream("To be, or not", max_tokens=12)) == a
+
+
+def test_seeded_sampling_is_reproducible(model):
+    kwargs = dict(max_tokens=16, temperature=1.5, top_k=50, top_p=0.95, min_p=0.01, repetition_penalty=1.1)
+    first = model.generate("The slings", seed=7, **kwargs)
+    assert first == model.generate("The slings", seed=7, **kwargs)
+    kwargs["temperature"] = 100.0  # a random tiny model is very peaked
+    others = {model.generate("The slings", seed=s, **kwargs) for s in range(8)}
+    assert len(others) > 1
+
+
+def test_chat_returns_text(model):
+    answer = model.chat([{"role": "user", "content": "Whether 'tis nobler"}], max_tokens=8)
+    assert isinstance(answer, str)
+
+
+def test_prompt_longer_than_context_is_a_clear_error(model):
+    long_prompt = " ".join(["question"] * 400)
+    with pytest.raises(ternlm.ContextOverflowError, match="context"):
+        model.generate(long_prompt, max_tokens=4)
+
+
+def test_generation_stops_at_the_context_end(model_dir):
+    small = ternlm.load(model_dir, n_ctx=20)
+    ids = small.tokenizer.encode("To be, or not to be")
+    small.stop_ids = set()
+    generated = list(small.stream_tokens(ids, max_tokens=100))
+    assert len(ids) + len(generated) == 20
+    assert small.last_stats.finish_reason == "length"
+
+
+def test_invalid_sampling_parameters(model):
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate("x", top_p=0.0)
+
+
+def test_stop_strings_cut_text_even_across_tokens(model):
+    class FakeTokenizer:
+        def decode_stream(self):
+            class Stream:
+                def step(self, token):
+                    return ["Hel", "lo wo", "rld", "!"][token]
+            return Stream()
+
+    stats = ternlm.GenerationStats()
+    tokens = iter(range(4))
+    out = list(stream_text((t for t in tokens), FakeTokenizer(), ["o wor"], stats))
+    assert "".join(out) == "Hell"
+    assert stats.finish_reason == "stop"
+    out = list(stream_text((t for t in range(4)), FakeTokenizer(), ["xyz"], stats))
+    assert "".join(out) == "Hello world!"
+
+
+def test_sampling_filters():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    rng = np.random.default_rng(0)
+    draws = lambda **kw: {sample(logits, SamplingParams(temperature=1.0, **kw), rng, []) for _ in range(300)}
+    assert draws(top_k=2) == {0, 1}
+    assert draws(top_p=0.7) == {0, 1}
+    assert draws(min_p=0.5) == {0, 1}
+    assert draws() == {0, 1, 2, 3}
+    penalised = sample(np.array([2.0, 1.9], dtype=np.float32), SamplingParams(repetition_penalty=1.5), rng, [0])
+    assert penalised == 1
+
+
+def run_cli(*args, input_text=None):
+    return subprocess.run([sys.executable, "-m", "ternlm.cli", *args], capture_output=True, text=True,
+                          input=input_text, timeout=120)
+
+
+def test_cli_generate_streams_and_reports(model_dir, model):
+    result = run_cli("generate", "To be, or not", "-m", str(model_dir), "-n", "12", "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == model.generate("To be, or not", max_tokens=12) + "\n"
+    assert "tokens/s" in result.stderr
+
+
+def test_cli_chat_reset_and_exit(model_dir):
+    result = run_cli("chat", "-m", str(model_dir), "-n", "4", input_text="hello\n/reset\nagain\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "new conversation" in result.stderr
+
+
+def test_cli_info_shows_kernels(model_dir):
+    result = run_cli("info", "-m", str(model_dir))
+    assert result.returncode == 0, result.stderr
+    assert "kernels" in result.stdout and "relu2" in result.stdout
+
+
+def test_cli_reports_bad_model_without_traceback(tmp_path):
+    result = run_cli("generate", "x", "-m", str(tmp_path / "missing"))
+    assert result.returncode == 1
+    assert "no such file" in result.stderr and "Traceback" not in result.stderr

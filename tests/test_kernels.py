@@ -1,0 +1,87 @@
+"""Every kernel variant against the NumPy reference: identical integers, odd shapes included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ternlm import _core, reference
+from ternlm.weights.packing import pack_ternary_hf, quantize_ternary, unpack_ternary_hf
+
+SHAPES = [(1, 1, 1), (3, 5, 7), (4, 128, 8), (2, 129, 33), (7, 300, 65), (16, 256, 128), (5, 1000, 17)]
+# (tokens, cols, rows)
+
+
+def random_ternary(rng, rows, cols):
+    return rng.integers(-1, 2, size=(rows, cols), dtype=np.int8)
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("tokens,cols,rows", SHAPES)
+def test_ternary_matmul_is_exact(kernel, tokens, cols, rows):
+    rng = np.random.default_rng(tokens * 1000 + cols)
+    ternary = random_ternary(rng, rows, cols)
+    xq = rng.integers(-128, 128, size=(tokens, cols), dtype=np.int8)
+    got = _core.TernaryMatrix(ternary, 1.0).matmul_int(xq, kernel)
+    expected = xq.astype(np.int64) @ ternary.T.astype(np.int64)
+    assert got.dtype == np.int32
+    assert np.array_equal(got, expected)
+    assert np.array_equal(got, reference.integer_matmul(xq, ternary))
+
+
+def test_extreme_activations_do_not_overflow():
+    """All -128 against all +1 over 6912 columns (the 2B4T FFN width) is exact in int32."""
+    ternary = np.ones((4, 6912), dtype=np.int8)
+    xq = np.full((2, 6912), -128, dtype=np.int8)
+    got = _core.TernaryMatrix(ternary).matmul_int(xq)
+    assert np.all(got == -128 * 6912)
+
+
+@pytest.mark.parametrize("cols", [1, 7, 128, 333])
+def test_activation_quantization_matches_reference(cols):
+    rng = np.random.default_rng(cols)
+    x = (rng.standard_normal((9, cols)) * rng.uniform(0.01, 50, size=(9, 1))).astype(np.float32)
+    x[0] = 0.0                          # all zeros: the 1e-5 clamp
+    x[1, 0] = 1e30 if cols > 1 else 1.0  # one huge value
+    x[2] = (np.arange(cols) % 7 - 3).astype(np.float32) / 2  # many exact .5 ties
+    xq, a = _core.quantize_activations(x)
+    ref_xq, ref_a = reference.quantize_activations(x)
+    assert np.array_equal(xq, ref_xq)
+    assert np.array_equal(a, ref_a[:, 0])
+
+
+def test_quantization_rounds_half_to_even():
+    x = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5]], dtype=np.float32)  # a = 1
+    xq, _ = _core.quantize_activations(x)
+    assert xq.tolist() == [[127, 0, 2, 2, 0, -2]]
+
+
+def test_hf_packing_against_transformers():
+    """Our packer is checked against transformers' own unpacking and packing."""
+    import torch
+    from transformers.integrations.bitnet import pack_weights, unpack_weights
+
+    rng = np.random.default_rng(0)
+    ternary = random_ternary(rng, 64, 24)
+    packed = pack_ternary_hf(ternary)
+    assert packed.shape == (16, 24) and packed.dtype == np.uint8
+    theirs = unpack_weights.__wrapped__ if hasattr(unpack_weights, "__wrapped__") else unpack_weights
+    assert np.array_equal(theirs(torch.from_numpy(packed), torch.float32).numpy(), ternary)
+    assert np.array_equal(pack_weights(torch.from_numpy(ternary.copy())).numpy(), packed)
+    assert np.array_equal(unpack_ternary_hf(packed), ternary)
+
+
+def test_unpack_rejects_code_three():
+    with pytest.raises(ValueError, match="code 3"):
+        unpack_ternary_hf(np.full((1, 4), 0xFF, dtype=np.uint8))
+
+
+def test_absmean_quantization_matches_transformers():
+    import torch
+    from transformers.integrations.bitnet import WeightQuant
+
+    w = np.random.default_rng(1).standard_normal((48, 40)).astype(np.float32) * 0.02
+    ternary, scale = quantize_ternary(w)
+    forward = WeightQuant.forward.__wrapped__ if hasattr(WeightQuant.forward, "__wrapped__") else WeightQuant.forward
+    dequantized = forward(None, torch.from_numpy(w)).numpy()
+    np.testing.assert_allclose(ternary * scale, dequantized, rtol=1e-6, atol=0)
