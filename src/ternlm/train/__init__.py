@@ -13,13 +13,15 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     """The `ternlm train` command; returns the exit status."""
-    from rich.console import Console
-
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("error: training needs PyTorch: pip install 'ternlm[train]'", file=sys.stderr)
+        return 1
     from ..errors import FormatError
     from . import config as C
     from .data import DataError
 
-    console = Console(stderr=True)
     try:
         args = C.build_parser().parse_args(argv)
         saved = None
@@ -34,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
         train(config)
     except (FormatError, DataError, ValueError, OSError) as e:
-        console.print(f"[red]error:[/] {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: resume from the last checkpoint with --resume")
+        print("interrupted: continue from the last checkpoint with --resume", file=sys.stderr)
         return 130
     return 0

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import BitNetConfig
 from ..errors import FormatError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -141,6 +145,7 @@ def from_args(argv: list[str] | None, saved: dict | None = None) -> TrainConfig:
     config = TrainConfig()
     if saved is not None:
         _apply(config, saved, "the checkpoint")
+        config.until_step = 0
     else:
         file_raw = _read_toml(Path(args.config)) if args.config else {}
         name = args.preset or file_raw.get("preset") or config.preset

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tokenizers import Tokenizer
 
+from ..config import BitNetConfig
 from ..errors import FormatError
 from . import data as D
 from .config import TrainConfig
@@ -156,7 +157,7 @@ def prepare_tokenizer(c: TrainConfig, out_dir: Path, train_texts: list[str], ran
 def train(c: TrainConfig, console: Console | None = None) -> dict:
     """Runs (or resumes) training; returns the history with the final held-out result."""
     rank, world = setup_distributed()
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     say = console.print if rank == 0 else (lambda *a, **k: None)
     if c.threads:
         torch.set_num_threads(c.threads)
@@ -173,7 +174,9 @@ def train(c: TrainConfig, console: Console | None = None) -> dict:
     stream = D.train_stream(tokenizer, train_texts)
     heldout = D.heldout_windows(tokenizer, heldout_texts, c.context)
 
-    if c.init_from:
+    if resume_state is not None:
+        model_config, init_state = BitNetConfig.from_dict(resume_state["model_config"], "checkpoint"), None
+    elif c.init_from:
         model_config, init_state = load_hf(c.init_from)
     else:
         model_config, init_state = c.model_config(), None
