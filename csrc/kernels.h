@@ -26,9 +26,7 @@ using TernaryGemmFn = void (*)(const TernaryView& w, int64_t row_begin, int64_t 
 void ternary_gemm_ref(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                       const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
 
-// Dense rows of a float matrix in F32/F16/BF16 storage.
-float load_scalar(const void* data, DType dtype, int64_t index);
+// Converts one row of a float matrix in F32/F16/BF16 storage to float32.
 void load_row(const void* data, DType dtype, int64_t row, int64_t cols, float* out);
-float dot_row(const void* data, DType dtype, int64_t row, const float* x, int64_t cols);
 
 }  // namespace ternlm

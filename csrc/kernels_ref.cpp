@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
@@ -28,19 +29,27 @@ float quantize_row_int8(const float* x, int64_t cols, int8_t* xq, int32_t* sum) 
 void ternary_gemm_ref(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                       const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {
     const int64_t padded = padded_cols(w.cols);
-    const int64_t row_bytes = padded / 4;
+    const int64_t blocks = padded / kTernaryBlock;
+    std::vector<int32_t> sums(static_cast<size_t>(tokens));
     for (int64_t r = row_begin; r < row_end; ++r) {
-        const uint8_t* row = w.data + r * row_bytes;
-        for (int64_t t = 0; t < tokens; ++t) {
-            const int8_t* x = xq + t * padded;
-            int32_t sum = 0;  // sum of code * xq, codes in {0, 1, 2}
-            for (int64_t k = 0; k < padded; ++k) {
-                const int64_t block = k / kTernaryBlock, i = k % kTernaryBlock;
-                const uint8_t byte = row[block * kTernaryBlockBytes + i % kCodesPerLane];
-                sum += ((byte >> code_shift(static_cast<int>(i))) & 3) * x[k];
+        const uint8_t* row = w.data + r * (padded / 4);
+        std::fill(sums.begin(), sums.end(), 0);
+        for (int64_t b = 0; b < blocks; ++b) {
+            // Unpack one block of codes (0, 1, 2) once, then use it for every token.
+            uint8_t codes[kTernaryBlock];
+            const uint8_t* bytes = row + b * kTernaryBlockBytes;
+            for (int lane = 0; lane < 4; ++lane)
+                for (int j = 0; j < kCodesPerLane; ++j)
+                    codes[lane * kCodesPerLane + j] = (bytes[j] >> code_shift(lane * kCodesPerLane)) & 3;
+            for (int64_t t = 0; t < tokens; ++t) {
+                const int8_t* x = xq + t * padded + b * kTernaryBlock;
+                int32_t sum = 0;
+                for (int i = 0; i < kTernaryBlock; ++i) sum += codes[i] * x[i];
+                sums[t] += sum;
             }
-            acc[t * out_stride + r] = sum - xq_sums[t];
         }
+        // sum(code * x) - sum(x) = sum((code - 1) * x) = sum(w * x)
+        for (int64_t t = 0; t < tokens; ++t) acc[t * out_stride + r] = sums[t] - xq_sums[t];
     }
 }
 
@@ -71,23 +80,19 @@ static float bf16_to_f32(uint16_t b) {
     return out;
 }
 
-float load_scalar(const void* data, DType dtype, int64_t index) {
-    switch (dtype) {
-        case DType::F32: return static_cast<const float*>(data)[index];
-        case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(data)[index]);
-        case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(data)[index]);
-    }
-    return 0.0f;
-}
-
 void load_row(const void* data, DType dtype, int64_t row, int64_t cols, float* out) {
-    for (int64_t k = 0; k < cols; ++k) out[k] = load_scalar(data, dtype, row * cols + k);
-}
-
-float dot_row(const void* data, DType dtype, int64_t row, const float* x, int64_t cols) {
-    float sum = 0.0f;
-    for (int64_t k = 0; k < cols; ++k) sum += load_scalar(data, dtype, row * cols + k) * x[k];
-    return sum;
+    const int64_t first = row * cols;
+    switch (dtype) {
+        case DType::F32:
+            std::memcpy(out, static_cast<const float*>(data) + first, static_cast<size_t>(cols) * 4);
+            return;
+        case DType::F16:
+            for (int64_t k = 0; k < cols; ++k) out[k] = f16_to_f32(static_cast<const uint16_t*>(data)[first + k]);
+            return;
+        case DType::BF16:
+            for (int64_t k = 0; k < cols; ++k) out[k] = bf16_to_f32(static_cast<const uint16_t*>(data)[first + k]);
+            return;
+    }
 }
 
 }  // namespace ternlm

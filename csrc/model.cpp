@@ -312,9 +312,16 @@ void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t st
         rms_norm(&b.x[(first + t) * H], final_norm_.data(), H, s.rms_norm_eps, &b.normed[t * H]);
     const DenseMatrix& head = head_.data ? head_ : embedding_;
     pool_.parallel_for(s.vocab, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t t = 0; t < rows; ++t)
-            for (int64_t r = begin; r < end; ++r)
-                logits[t * s.vocab + r] = dot_row(head.data, head.dtype, r, &b.normed[t * H], H);
+        std::vector<float> row(static_cast<size_t>(H));
+        for (int64_t r = begin; r < end; ++r) {
+            load_row(head.data, head.dtype, r, H, row.data());  // converted once, used for every token
+            for (int64_t t = 0; t < rows; ++t) {
+                const float* x = &b.normed[t * H];
+                float sum = 0.0f;
+                for (int64_t k = 0; k < H; ++k) sum += row[k] * x[k];
+                logits[t * s.vocab + r] = sum;
+            }
+        }
     });
 }
 
