@@ -291,3 +291,20 @@ def test_bad_input_gives_clear_errors(tmp_path, corpus, capsys):
     assert "corrupt" in capsys.readouterr().err
     assert main(["--preset", "nonesuch", "--data", str(corpus)]) == 1
     assert "presets:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_export_gives_ternlm_load_the_same_logits(tmp_path, backend):
+    import ternlm
+
+    model = random_model(seed=5)
+    out = export_hf(model, D.train_tokenizer([TEXT * 4], 300), tmp_path / "model")
+    try:
+        engine = ternlm.load(out, threads=1, backend=backend)
+    except ImportError as e:
+        pytest.skip(f"the {backend} backend is not built: {e}")
+    tokens = torch.randint(0, 300, (1, 48))
+    with torch.no_grad():
+        ours = model(tokens)[0][0].numpy()
+    theirs = engine.logits(tokens[0].tolist())
+    assert np.abs(ours - theirs).max() < 1e-3 * (ours.max() - ours.min())

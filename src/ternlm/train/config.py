@@ -23,37 +23,43 @@ except ModuleNotFoundError:  # Python 3.10
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
+def _field(default, help: str = ""):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    data: list[str] = field(default_factory=list)  # text files or folders
-    out_dir: str = "runs/train"
-    preset: str = "tiny"               # presets/<name>.toml: the model's shape
-    tokenizer: str | None = None       # a tokenizer.json (or a folder holding one); else BPE on the data
-    vocab_size: int = 4096             # size of the BPE trained on the data
-    heldout_fraction: float = 0.05     # tail of each file, by bytes
-    context: int = 256
-    batch_size: int = 32               # sequences per optimizer step, all processes together
-    micro_batch: int = 8               # sequences per forward pass in one process
-    steps: int = 1000
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dtype: str = "float32"             # float32 | bfloat16 (autocast)
-    quantize: bool = True              # false: the same model with plain linears (fp32 baseline)
-    seed: int = 1337
-    threads: int = 0                   # torch threads per process; 0 = torch's default
-    log_every: int = 10
-    eval_every: int = 250
-    checkpoint_minutes: float = 10.0
-    init_from: str | None = None       # --from: an HF BitNet directory to start from
-    export_dtype: str = "float32"      # embeddings and norms in the exported model
-    resume: bool = False
-    until_step: int = 0                # stop (with a checkpoint) at this step, e.g. before a time limit
-    model: dict = field(default_factory=dict)
+    data: list[str] = _field([], "text files or folders")
+    out_dir: str = _field("runs/train", "checkpoints, logs, plots and the exported model")
+    preset: str = _field("tiny", "model shape: presets/<name>.toml (tiny, small, base)")
+    tokenizer: str | None = _field(None, "a tokenizer.json (or a folder with one); default: a BPE on the data")
+    vocab_size: int = _field(4096, "size of the BPE trained on the data")
+    heldout_fraction: float = _field(0.05, "held-out tail of each file, by bytes")
+    context: int = _field(256, "tokens per training sequence")
+    batch_size: int = _field(32, "sequences per optimizer step, all processes together")
+    micro_batch: int = _field(8, "sequences per forward pass in one process")
+    steps: int = _field(1000, "optimizer steps")
+    lr: float = _field(2e-3, "peak learning rate")
+    min_lr: float = _field(2e-4, "learning rate at the end of the cosine decay")
+    warmup: int = _field(100, "linear warmup steps")
+    weight_decay: float = _field(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _field(0.9)
+    beta2: float = _field(0.95)
+    grad_clip: float = _field(1.0, "max gradient norm; 0 = off")
+    dtype: str = _field("float32", "float32 | bfloat16 (autocast)")
+    quantize: bool = _field(True, "false: plain linears (the fp32 baseline)")
+    seed: int = _field(1337)
+    threads: int = _field(0, "torch threads per process; 0 = torch's default")
+    log_every: int = _field(10, "steps between log lines")
+    eval_every: int = _field(250, "steps between held-out evaluations")
+    checkpoint_minutes: float = _field(10.0, "minutes between checkpoints")
+    init_from: str | None = _field(None, "an HF BitNet directory to start from")
+    export_dtype: str = _field("float32", "float32 | bfloat16: embeddings and norms of the export")
+    resume: bool = _field(False, "continue from OUT_DIR/checkpoint.pt")
+    until_step: int = _field(0, "stop with a checkpoint at this step (e.g. before a time limit)")
+    model: dict = _field({}, "model fields (HF config.json names)")
 
     def model_config(self) -> BitNetConfig:
         raw = dict(self.model)
@@ -127,15 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", default=None,
                         help="continue from OUT_DIR/checkpoint.pt")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("model", "init_from", "resume"):
+        if f.name in ("model", "init_from", "resume", "quantize"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name == "data":
-            parser.add_argument(flag, nargs="+", default=None)
-        elif f.name == "quantize":
-            parser.add_argument(flag, type=_parse_value, default=None, dest="quantize")
+            parser.add_argument(flag, nargs="+", default=None, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=_parse_value, default=None)
+            kind = str if f.type in ("str", "str | None") else _parse_value
+            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
     return parser
 
 
