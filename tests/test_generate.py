@@ -19,7 +19,7 @@ from ternlm.sampling import SamplingParams, sample
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer_json):
     directory = write_checkpoint(random_bitnet(seed=21), tmp_path_factory.mktemp("gen"), tiny_tokenizer_json)
-    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))
     return directory
 
 
@@ -44,7 +44,8 @@ def test_templates_run_sandboxed():
 
 
 def test_stop_ids_cover_config_generation_config_and_eot(model):
-    assert model.stop_ids == {1, 2}  # <|end_of_text|> from config, <|eot_id|> from the vocabulary
+    # 1 <|end_of_text|> from config.json, 5 from generation_config.json, 2 <|eot_id|> from the vocabulary
+    assert model.stop_ids == {1, 2, 5}
 
 
 def test_chat_prompt_tokens(model):

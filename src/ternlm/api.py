@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -11,6 +10,7 @@ import numpy as np
 
 from .chat import ChatTemplate
 from .config import BitNetConfig
+from .weights.checkpoint import Checkpoint
 from .errors import FormatError
 from .generate import ContextOverflowError, GenerationStats, generate_tokens, stream_text
 from .model import build_engine
@@ -44,7 +44,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
     raise FormatError(path, "no such file or directory")
 
 
-def open_checkpoint(path: Path) -> HFCheckpoint:
+def open_checkpoint(path: Path) -> Checkpoint:
     if path.is_dir():
         return HFCheckpoint(path)
     with open(path, "rb") as f:
@@ -54,26 +54,8 @@ def open_checkpoint(path: Path) -> HFCheckpoint:
     raise FormatError(path, "not a model directory (expected config.json and safetensors files)")
 
 
-def _stop_ids(directory: Path, config: BitNetConfig, tokenizer: Tokenizer) -> set[int]:
-    """Every eos id of config.json and generation_config.json, plus <|eot_id|> when the vocab has it."""
-    stop = set(config.eos_token_ids)
-    generation_config = directory / "generation_config.json"
-    if generation_config.exists():
-        try:
-            eos = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise FormatError(generation_config, "not a JSON object") from None
-        for token in eos if isinstance(eos, list) else [eos]:
-            if isinstance(token, int):
-                stop.add(token)
-    for token in (tokenizer.eos_id, tokenizer.token_to_id("<|eot_id|>")):
-        if token is not None:
-            stop.add(token)
-    return stop
-
-
 class LanguageModel:
-    def __init__(self, path: Path, engine, tokenizer: Tokenizer, n_ctx: int, backend: str):
+    def __init__(self, path: Path, engine, tokenizer: Tokenizer, stop_ids: set[int], n_ctx: int, backend: str):
         self.path = path
         self.engine = engine
         self.config: BitNetConfig = engine.config
@@ -82,9 +64,8 @@ class LanguageModel:
         self.n_ctx = n_ctx
         bos = tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
         eos = tokenizer.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
-        self.chat_template = ChatTemplate(tokenizer.chat_template, bos or "", eos or "",
-                                          origin=str(path / "tokenizer_config.json"))
-        self.stop_ids = _stop_ids(path, self.config, tokenizer)
+        self.chat_template = ChatTemplate(tokenizer.chat_template, bos or "", eos or "", origin=str(path))
+        self.stop_ids = stop_ids
         self.last_stats = GenerationStats()
 
     def __repr__(self) -> str:
@@ -147,12 +128,13 @@ def load(model: str | Path | None = None, threads: int | None = None, backend: s
     path = resolve_model_path(model)
     checkpoint = open_checkpoint(path)
     config = checkpoint.config
-    tokenizer = Tokenizer.from_directory(path, config.bos_token_id)
+    tokenizer = checkpoint.tokenizer()
     if tokenizer.vocab_size > config.vocab_size:
-        raise FormatError(path / "tokenizer.json", f"the tokenizer has {tokenizer.vocab_size} tokens but the "
-                                                   f"model's vocab_size is {config.vocab_size}")
+        raise FormatError(path, f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                                f"vocab_size is {config.vocab_size}")
     limit = config.max_position_embeddings
     if n_ctx is not None and not 0 < n_ctx <= limit:
         raise ValueError(f"n_ctx must be between 1 and the model's {limit} positions, got {n_ctx}")
     engine = build_engine(checkpoint, backend, threads, progress)
-    return LanguageModel(path, engine, tokenizer, n_ctx or limit, backend)
+    stop_ids = checkpoint.stop_ids(tokenizer)
+    return LanguageModel(path, engine, tokenizer, stop_ids, n_ctx or limit, backend)

@@ -81,16 +81,9 @@ class NativeEngine:
         return self._model.forward(cache, tokens, start_pos, all_logits)
 
 
-class ReferenceEngine(ReferenceModel):
-    threads = 1
-
-    def __init__(self, checkpoint: Checkpoint, threads: int | None = None, progress=None):
-        super().__init__(checkpoint)
-
-
 def build_engine(checkpoint: Checkpoint, backend: str = "native", threads: int | None = None, progress=None):
     if backend == "native":
         return NativeEngine(checkpoint, threads, progress)
     if backend == "reference":
-        return ReferenceEngine(checkpoint, threads, progress)
+        return ReferenceModel(checkpoint, progress)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

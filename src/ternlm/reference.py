@@ -60,6 +60,21 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(-x))
 
 
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: int) -> np.ndarray:
+    """Causal GQA. q: [T, heads, hd]; keys/values: [start_pos + T, kv_heads, hd]."""
+    T, heads, hd = q.shape
+    group = heads // keys.shape[1]
+    k = np.repeat(keys, group, axis=1)  # [S, heads, hd]
+    v = np.repeat(values, group, axis=1)
+    scores = np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd))  # [heads, T, S]
+    S = keys.shape[0]
+    visible = np.arange(S)[None, :] <= (start_pos + np.arange(T))[:, None]  # [T, S]
+    scores = np.where(visible[None], scores, -np.inf)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = scores / scores.sum(axis=-1, keepdims=True)
+    return np.einsum("hts,shd->thd", probs, v).reshape(T, heads * hd).astype(np.float32)
+
+
 class ReferenceCache:
     """Keys and values per layer, each [positions, kv_heads, head_dim]."""
 
@@ -70,7 +85,9 @@ class ReferenceCache:
 
 
 class ReferenceModel:
-    def __init__(self, checkpoint: Checkpoint):
+    threads = 1
+
+    def __init__(self, checkpoint: Checkpoint, progress=None):
         c = self.config = checkpoint.config
         self.inv_freq = c.rope_inv_freq()
         self.embed = float32_of(checkpoint.dense("model.embed_tokens.weight"))
@@ -86,6 +103,8 @@ class ReferenceModel:
                 size = c.intermediate_size if norm == "ffn_sub_norm" else c.hidden_size
                 layer[norm] = checkpoint.norm(norm_name(i, norm), size)
             self.layers.append(layer)
+            if progress:
+                progress(i + 1, c.num_hidden_layers)
 
     def new_cache(self, n_ctx: int) -> ReferenceCache:
         return ReferenceCache(self.config, n_ctx)
@@ -122,18 +141,3 @@ class ReferenceModel:
             x = x + bit_linear(g, *layer["down_proj"])
         x = x if all_logits else x[-1:]
         return rms_norm(x, self.final_norm, eps) @ self.head.T
-
-
-def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: int) -> np.ndarray:
-    """Causal GQA. q: [T, heads, hd]; keys/values: [start_pos + T, kv_heads, hd]."""
-    T, heads, hd = q.shape
-    group = heads // keys.shape[1]
-    k = np.repeat(keys, group, axis=1)  # [S, heads, hd]
-    v = np.repeat(values, group, axis=1)
-    scores = np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd))  # [heads, T, S]
-    S = keys.shape[0]
-    visible = np.arange(S)[None, :] <= (start_pos + np.arange(T))[:, None]  # [T, S]
-    scores = np.where(visible[None], scores, -np.inf)
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs = scores / scores.sum(axis=-1, keepdims=True)
-    return np.einsum("hts,shd->thd", probs, v).reshape(T, heads * hd).astype(np.float32)

@@ -81,6 +81,18 @@ class Checkpoint:
         """A BitLinear weight as (int8 {-1,0,1} [rows, cols], scale that multiplies)."""
         raise NotImplementedError
 
+    def tokenizer(self):
+        """The model's ternlm.tokenizer.Tokenizer (with its chat template, if any)."""
+        raise NotImplementedError
+
+    def stop_ids(self, tokenizer) -> set[int]:
+        """Every end-of-sequence id the model declares, plus <|eot_id|> when the vocabulary has it."""
+        stop = set(self.config.eos_token_ids)
+        for token in (tokenizer.eos_id, tokenizer.token_to_id("<|eot_id|>")):
+            if token is not None:
+                stop.add(token)
+        return stop
+
     def head_name(self) -> str:
         """The output matrix: `lm_head.weight` when untied, else the embedding."""
         return "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import BitNetConfig
 from ..errors import FormatError
+from ..tokenizer import Tokenizer
 from .checkpoint import Checkpoint, DenseTensor, float32_of
 from .packing import quantize_ternary, unpack_ternary_hf
 
@@ -141,6 +142,21 @@ class HFCheckpoint(Checkpoint):
             self._where[name] = shard
 
     # -- Checkpoint interface ------------------------------------------------------------------
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_directory(self.directory, self.config.bos_token_id)
+
+    def stop_ids(self, tokenizer: Tokenizer) -> set[int]:
+        """Adds the eos ids of generation_config.json to the config's."""
+        stop = super().stop_ids(tokenizer)
+        path = self.directory / "generation_config.json"
+        if path.exists():
+            try:
+                eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise FormatError(path, "not a JSON object") from None
+            stop.update(t for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int))
+        return stop
+
     def has(self, name: str) -> bool:
         return name in self._where
 
