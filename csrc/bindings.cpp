@@ -96,10 +96,7 @@ NB_MODULE(_core, m) {
             [](const TernaryMatrix& w, Array<const int8_t, nb::ndim<2>> xq, const std::string& kernel) {
                 if (static_cast<int64_t>(xq.shape(1)) != w.cols)
                     throw std::invalid_argument("activation width does not match the matrix");
-                TernaryGemmFn gemm = nullptr;
-                if (kernel.empty()) gemm = active_kernels().ternary_gemm;
-                else if (kernel == "scalar") gemm = ternary_gemm_ref;
-                else throw std::invalid_argument("unknown kernel " + kernel);
+                const TernaryGemmFn gemm = (kernel.empty() ? active_kernels() : find_kernels(kernel)).ternary_gemm;
                 const int64_t T = xq.shape(0), K = w.cols, padded = padded_cols(K);
                 auto out = owned_array<int32_t>({size_t(T), size_t(w.rows)});
                 {
@@ -117,6 +114,25 @@ NB_MODULE(_core, m) {
             },
             "xq"_a, "kernel"_a = "",
             "Exact integer product xq [T, cols] . W^T -> int32 [T, rows] with the chosen kernel.");
+
+    m.def(
+        "dense_gemv",
+        [](nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>> matrix, const std::string& dtype,
+           Array<const float, nb::ndim<2>> x, const std::string& kernel) {
+            const DenseMatrix dense = dense_view(matrix, dtype);
+            if (static_cast<int64_t>(x.shape(1)) != dense.cols)
+                throw std::invalid_argument("activation width does not match the matrix");
+            const DenseGemvFn gemv = (kernel.empty() ? active_kernels() : find_kernels(kernel)).dense_gemv;
+            const int64_t T = x.shape(0);
+            auto out = owned_array<float>({size_t(T), size_t(dense.rows)});
+            {
+                nb::gil_scoped_release release;
+                gemv(dense, 0, dense.rows, x.data(), T, out.data(), dense.rows);
+            }
+            return out;
+        },
+        "matrix"_a, "dtype"_a, "x"_a, "kernel"_a = "",
+        "x [T, cols] . matrix^T -> float32 [T, rows]; matrix in float32/float16/bfloat16 storage.");
 
     nb::class_<KVCache>(m, "KVCache")
         .def(nb::init<const ModelShape&, int64_t>(), "shape"_a, "n_ctx"_a)

@@ -1,5 +1,9 @@
 #include "dispatch.h"
 
+#if defined(__x86_64__)
+#include "kernels_x86.h"
+#endif
+
 #include <cstdlib>
 #include <stdexcept>
 
@@ -10,17 +14,27 @@
 
 namespace ternlm {
 
+namespace {
+
+#if defined(__x86_64__)
+bool has_avx512vnni() {
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw");
+}
+#endif
+
+}  // namespace
+
 std::vector<std::string> cpu_features() {
     std::vector<std::string> found;
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("sse4.2")) found.push_back("sse4.2");
-    if (__builtin_cpu_supports("avx")) found.push_back("avx");
-    if (__builtin_cpu_supports("avx2")) found.push_back("avx2");
-    if (__builtin_cpu_supports("fma")) found.push_back("fma");
-    if (__builtin_cpu_supports("avx512f")) found.push_back("avx512f");
-    if (__builtin_cpu_supports("avx512bw")) found.push_back("avx512bw");
-    if (__builtin_cpu_supports("avx512vnni")) found.push_back("avx512vnni");
+#define TERNLM_FEATURE(name) \
+    if (__builtin_cpu_supports(name)) found.push_back(name);
+    TERNLM_FEATURE("sse4.2") TERNLM_FEATURE("avx") TERNLM_FEATURE("avx2") TERNLM_FEATURE("fma")
+    TERNLM_FEATURE("f16c") TERNLM_FEATURE("avxvnni") TERNLM_FEATURE("avx512f") TERNLM_FEATURE("avx512bw")
+    TERNLM_FEATURE("avx512vl") TERNLM_FEATURE("avx512vnni") TERNLM_FEATURE("avx512bf16")
+#undef TERNLM_FEATURE
 #elif defined(__aarch64__)
     found.push_back("neon");
 #if defined(__linux__)
@@ -30,8 +44,18 @@ std::vector<std::string> cpu_features() {
     return found;
 }
 
+// The variants this CPU can run, from most portable to fastest.
 static const std::vector<KernelSet>& all_kernels() {
-    static const std::vector<KernelSet> kernels = {{"scalar", ternary_gemm_ref}};
+    static const std::vector<KernelSet> kernels = [] {
+        std::vector<KernelSet> k = {{"scalar", ternary_gemm_ref, dense_gemv_ref}};
+#if defined(__x86_64__)
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2")) k.push_back({"avx2", ternary_gemm_avx2, dense_gemv_avx2});
+        if (__builtin_cpu_supports("avxvnni")) k.push_back({"avxvnni", ternary_gemm_avxvnni, dense_gemv_avx2});
+        if (has_avx512vnni()) k.push_back({"avx512", ternary_gemm_avx512vnni, dense_gemv_avx2});
+#endif
+        return k;
+    }();
     return kernels;
 }
 
@@ -41,18 +65,19 @@ std::vector<std::string> available_kernel_names() {
     return names;
 }
 
-static const KernelSet& choose_kernels() {
-    const std::vector<KernelSet>& kernels = all_kernels();
-    const char* forced = std::getenv("TERNLM_KERNELS");
-    if (forced && *forced) {
-        for (const KernelSet& k : kernels)
-            if (k.name == forced) return k;
-        std::string names;
-        for (const KernelSet& k : kernels) names += (names.empty() ? "" : ", ") + k.name;
-        throw std::runtime_error(std::string("TERNLM_KERNELS=") + forced +
-                                 " is not available on this CPU/build; available: " + names);
+const KernelSet& find_kernels(const std::string& name) {
+    std::string names;
+    for (const KernelSet& k : all_kernels()) {
+        if (k.name == name) return k;
+        names += (names.empty() ? "" : ", ") + k.name;
     }
-    return kernels.back();  // the list is ordered from most portable to fastest
+    throw std::invalid_argument("kernel variant '" + name + "' is not available on this CPU/build; available: " + names);
+}
+
+static const KernelSet& choose_kernels() {
+    const char* forced = std::getenv("TERNLM_KERNELS");
+    if (forced && *forced) return find_kernels(forced);
+    return all_kernels().back();
 }
 
 const KernelSet& active_kernels() {

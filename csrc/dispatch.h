@@ -10,9 +10,11 @@ namespace ternlm {
 struct KernelSet {
     std::string name;
     TernaryGemmFn ternary_gemm;
+    DenseGemvFn dense_gemv;
 };
 
 const KernelSet& active_kernels();
+const KernelSet& find_kernels(const std::string& name);  // throws std::invalid_argument
 std::vector<std::string> available_kernel_names();
 std::vector<std::string> cpu_features();  // the SIMD features this CPU reports
 

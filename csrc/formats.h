@@ -18,11 +18,13 @@ static_assert(kTernaryBlock == 4 * kCodesPerLane, "four 2-bit lanes per byte");
 
 // Activations are int8 rows padded with zeros to a whole number of ternary blocks. Padded weight
 // codes are 1 (weight 0), so padding contributes nothing to either sum.
-inline int64_t padded_cols(int64_t cols) {
+// `static`: these headers are also compiled with AVX flags; internal linkage keeps the linker from
+// handing an AVX-compiled copy to baseline code.
+static inline int64_t padded_cols(int64_t cols) {
     return (cols + kTernaryBlock - 1) / kTernaryBlock * kTernaryBlock;
 }
 
-inline int code_shift(int index_in_block) {  // bit position of weight `index_in_block`'s code
+static inline int code_shift(int index_in_block) {  // bit position of weight `index_in_block`'s code
     return 6 - 2 * (index_in_block / kCodesPerLane);
 }
 

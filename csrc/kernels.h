@@ -26,7 +26,22 @@ using TernaryGemmFn = void (*)(const TernaryView& w, int64_t row_begin, int64_t 
 void ternary_gemm_ref(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                       const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
 
-// Converts one row of a float matrix in F32/F16/BF16 storage to float32.
-void load_row(const void* data, DType dtype, int64_t row, int64_t cols, float* out);
+// A float matrix [rows, cols] whose memory belongs to someone else (usually a memory-mapped file).
+struct DenseMatrix {
+    const void* data = nullptr;
+    DType dtype = DType::F32;
+    int64_t rows = 0, cols = 0;
+};
+
+// Converts `count` elements from F32/F16/BF16 storage, starting at element `first`, to float32.
+void load_elements(const void* data, DType dtype, int64_t first, int64_t count, float* out);
+
+// out[t * out_stride + r] = dot(m[r, :], x[t, :]) for rows [row_begin, row_end), t < tokens.
+// Float sums: variants agree with the reference to rounding, not bit for bit.
+using DenseGemvFn = void (*)(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+                             int64_t tokens, float* out, int64_t out_stride);
+
+void dense_gemv_ref(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+                    int64_t tokens, float* out, int64_t out_stride);
 
 }  // namespace ternlm

@@ -80,18 +80,31 @@ static float bf16_to_f32(uint16_t b) {
     return out;
 }
 
-void load_row(const void* data, DType dtype, int64_t row, int64_t cols, float* out) {
-    const int64_t first = row * cols;
+void load_elements(const void* data, DType dtype, int64_t first, int64_t count, float* out) {
     switch (dtype) {
         case DType::F32:
-            std::memcpy(out, static_cast<const float*>(data) + first, static_cast<size_t>(cols) * 4);
+            std::memcpy(out, static_cast<const float*>(data) + first, static_cast<size_t>(count) * 4);
             return;
         case DType::F16:
-            for (int64_t k = 0; k < cols; ++k) out[k] = f16_to_f32(static_cast<const uint16_t*>(data)[first + k]);
+            for (int64_t k = 0; k < count; ++k) out[k] = f16_to_f32(static_cast<const uint16_t*>(data)[first + k]);
             return;
         case DType::BF16:
-            for (int64_t k = 0; k < cols; ++k) out[k] = bf16_to_f32(static_cast<const uint16_t*>(data)[first + k]);
+            for (int64_t k = 0; k < count; ++k) out[k] = bf16_to_f32(static_cast<const uint16_t*>(data)[first + k]);
             return;
+    }
+}
+
+void dense_gemv_ref(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+                    int64_t tokens, float* out, int64_t out_stride) {
+    std::vector<float> row(static_cast<size_t>(m.cols));
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        load_elements(m.data, m.dtype, r * m.cols, m.cols, row.data());  // converted once, used for every token
+        for (int64_t t = 0; t < tokens; ++t) {
+            const float* xt = x + t * m.cols;
+            float sum = 0.0f;
+            for (int64_t k = 0; k < m.cols; ++k) sum += row[k] * xt[k];
+            out[t * out_stride + r] = sum;
+        }
     }
 }
 

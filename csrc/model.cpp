@@ -264,7 +264,7 @@ void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t st
     const int64_t H = s.hidden, I = s.intermediate, hd = s.head_dim;
     const int64_t q_width = s.heads * hd, kv_width = s.kv_heads * hd;
     Scratch b(s, T);
-    for (int64_t t = 0; t < T; ++t) load_row(embedding_.data, embedding_.dtype, tokens[t], H, &b.x[t * H]);
+    for (int64_t t = 0; t < T; ++t) load_elements(embedding_.data, embedding_.dtype, tokens[t] * H, H, &b.x[t * H]);
 
     std::vector<float> cos_(static_cast<size_t>(T * hd / 2)), sin_(static_cast<size_t>(T * hd / 2));
     for (int64_t t = 0; t < T; ++t)
@@ -311,17 +311,9 @@ void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t st
     for (int64_t t = 0; t < rows; ++t)
         rms_norm(&b.x[(first + t) * H], final_norm_.data(), H, s.rms_norm_eps, &b.normed[t * H]);
     const DenseMatrix& head = head_.data ? head_ : embedding_;
+    const DenseGemvFn gemv = active_kernels().dense_gemv;
     pool_.parallel_for(s.vocab, 64, [&](int64_t begin, int64_t end) {
-        std::vector<float> row(static_cast<size_t>(H));
-        for (int64_t r = begin; r < end; ++r) {
-            load_row(head.data, head.dtype, r, H, row.data());  // converted once, used for every token
-            for (int64_t t = 0; t < rows; ++t) {
-                const float* x = &b.normed[t * H];
-                float sum = 0.0f;
-                for (int64_t k = 0; k < H; ++k) sum += row[k] * x[k];
-                logits[t * s.vocab + r] = sum;
-            }
-        }
+        gemv(head, begin, end, b.normed.data(), rows, logits, s.vocab);
     });
 }
 

@@ -31,13 +31,6 @@ struct TernaryMatrix {
     bool empty() const { return bytes.empty(); }
 };
 
-// A float matrix [rows, cols] whose memory belongs to someone else (usually a memory-mapped file).
-struct DenseMatrix {
-    const void* data = nullptr;
-    DType dtype = DType::F32;
-    int64_t rows = 0, cols = 0;
-};
-
 struct Layer {
     std::vector<float> input_layernorm, post_attention_layernorm, attn_sub_norm, ffn_sub_norm;
     TernaryMatrix q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;

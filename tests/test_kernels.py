@@ -85,3 +85,24 @@ def test_absmean_quantization_matches_transformers():
     forward = WeightQuant.forward.__wrapped__ if hasattr(WeightQuant.forward, "__wrapped__") else WeightQuant.forward
     dequantized = forward(None, torch.from_numpy(w)).numpy()
     np.testing.assert_allclose(ternary * scale, dequantized, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("tokens,cols,rows", [(1, 7, 3), (3, 64, 9), (5, 2560, 33), (9, 131, 17)])
+def test_dense_gemv_matches_numpy(kernel, dtype, tokens, cols, rows):
+    """The head's float kernel (f32/f16/bf16 storage) against NumPy in float64."""
+    rng = np.random.default_rng(rows)
+    matrix = rng.standard_normal((rows, cols)).astype(np.float32)
+    if dtype == "float16":
+        matrix = matrix.astype(np.float16)
+        stored, exact = matrix, matrix.astype(np.float64)
+    elif dtype == "bfloat16":
+        bits = (matrix.view(np.uint32) >> 16).astype(np.uint16)
+        stored, exact = bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    else:
+        stored, exact = matrix, matrix.astype(np.float64)
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    got = _core.dense_gemv(stored, dtype, x, kernel)
+    expected = x.astype(np.float64) @ exact.T
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.sqrt(cols) * np.abs(expected).max())

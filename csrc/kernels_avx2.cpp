@@ -1,0 +1,76 @@
+// AVX2: pmaddubsw (u8 code x s8 activation, pairs summed to int16) then pmaddwd by 1 to int32.
+// Codes are at most 2, so a pair sum is within [-512, 508]: pmaddubsw never saturates.
+#include "kernels_x86.h"
+
+#include <immintrin.h>
+
+namespace ternlm {
+namespace {
+inline __m256i dot_accumulate(__m256i acc, __m256i codes, __m256i x) {
+    const __m256i pairs = _mm256_maddubs_epi16(codes, x);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+// Eight matrix elements as float32, whatever their storage (F16C for f16, a shift for bf16).
+inline __m256 load8(const void* data, DType dtype, int64_t index) {
+    switch (dtype) {
+        case DType::F16:
+            return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + index)));
+        case DType::BF16: {
+            const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + index));
+            return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+        }
+        case DType::F32: break;
+    }
+    return _mm256_loadu_ps(static_cast<const float*>(data) + index);
+}
+
+inline float horizontal_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+constexpr int kDenseTokenTile = 4;
+
+template <int NT>
+inline void dense_row_tile(const DenseMatrix& m, int64_t r, const float* x, float sums[NT]) {
+    const int64_t cols = m.cols, whole = cols / 8 * 8, first = r * cols;
+    __m256 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < whole; k += 8) {
+        const __m256 w = load8(m.data, m.dtype, first + k);  // converted once for the whole tile
+        for (int t = 0; t < NT; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * cols + k), acc[t]);
+    }
+    float tail[8];
+    load_elements(m.data, m.dtype, first + whole, cols - whole, tail);
+    for (int t = 0; t < NT; ++t) {
+        sums[t] = horizontal_sum(acc[t]);
+        for (int64_t k = whole; k < cols; ++k) sums[t] += tail[k - whole] * x[t * cols + k];
+    }
+}
+}  // namespace
+
+void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+                     int64_t tokens, float* out, int64_t out_stride) {
+    for (int64_t t0 = 0; t0 < tokens; t0 += kDenseTokenTile) {
+        const int nt = static_cast<int>(tokens - t0 < kDenseTokenTile ? tokens - t0 : kDenseTokenTile);
+        const float* xt = x + t0 * m.cols;
+        for (int64_t r = row_begin; r < row_end; ++r) {
+            float sums[kDenseTokenTile];
+            switch (nt) {
+                case 1: dense_row_tile<1>(m, r, xt, sums); break;
+                case 2: dense_row_tile<2>(m, r, xt, sums); break;
+                case 3: dense_row_tile<3>(m, r, xt, sums); break;
+                default: dense_row_tile<4>(m, r, xt, sums); break;
+            }
+            for (int t = 0; t < nt; ++t) out[(t0 + t) * out_stride + r] = sums[t];
+        }
+    }
+}
+
+}  // namespace ternlm
+
+#define TERNLM_KERNEL_NAME ternary_gemm_avx2
+#include "kernels_x86_gemm.inc"
