@@ -58,6 +58,8 @@ NB_MODULE(_core, m) {
     m.def("kernel_name", [] { return active_kernels().name; }, "the kernel variant in use");
     m.def("available_kernels", &available_kernel_names, "kernel variants this build and CPU can run");
     m.def("default_threads", &default_thread_count);
+    m.def("measure_read_bandwidth", &measure_read_bandwidth, "bytes"_a, "threads"_a, "repeats"_a = 5,
+          nb::call_guard<nb::gil_scoped_release>(), "Best GB/s reading `bytes` of memory with `threads` threads.");
 
     m.def(
         "quantize_activations",
@@ -159,7 +161,9 @@ NB_MODULE(_core, m) {
                 new (self) PyModel{std::make_unique<Model>(shape, threads), nb::none(), nb::none()};
             },
             "shape"_a, "threads"_a)
-        .def_prop_ro("threads", [](const PyModel& p) { return p.model->threads(); })
+        .def_prop_rw(
+            "threads", [](const PyModel& p) { return p.model->threads(); },
+            [](PyModel& p, int threads) { p.model->set_threads(threads); })
         .def_prop_ro("shape", [](const PyModel& p) { return p.model->shape(); })
         .def_prop_ro("weight_bytes", [](const PyModel& p) { return p.model->weight_bytes(); })
         .def(

@@ -12,17 +12,12 @@ inline __m256i dot_accumulate(__m256i acc, __m256i codes, __m256i x) {
 }
 
 // Eight matrix elements as float32, whatever their storage (F16C for f16, a shift for bf16).
-inline __m256 load8(const void* data, DType dtype, int64_t index) {
-    switch (dtype) {
-        case DType::F16:
-            return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + index)));
-        case DType::BF16: {
-            const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + index));
-            return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-        }
-        case DType::F32: break;
-    }
-    return _mm256_loadu_ps(static_cast<const float*>(data) + index);
+template <DType D>
+inline __m256 load8(const void* data, int64_t index) {
+    if (D == DType::F32) return _mm256_loadu_ps(static_cast<const float*>(data) + index);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + index));
+    if (D == DType::F16) return _mm256_cvtph_ps(raw);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
 inline float horizontal_sum(__m256 v) {
@@ -34,39 +29,59 @@ inline float horizontal_sum(__m256 v) {
 
 constexpr int kDenseTokenTile = 4;
 
-template <int NT>
+// One row against NT tokens. Each token gets two accumulators (even and odd groups of eight), so
+// consecutive FMAs do not wait on each other even for a single token.
+template <DType D, int NT>
 inline void dense_row_tile(const DenseMatrix& m, int64_t r, const float* x, float sums[NT]) {
-    const int64_t cols = m.cols, whole = cols / 8 * 8, first = r * cols;
-    __m256 acc[NT];
-    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < whole; k += 8) {
-        const __m256 w = load8(m.data, m.dtype, first + k);  // converted once for the whole tile
-        for (int t = 0; t < NT; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * cols + k), acc[t]);
+    const int64_t cols = m.cols, pairs = cols / 16 * 16, whole = cols / 8 * 8, first = r * cols;
+    __m256 even[NT], odd[NT];
+    for (int t = 0; t < NT; ++t) even[t] = odd[t] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k < pairs; k += 16) {
+        const __m256 w0 = load8<D>(m.data, first + k), w1 = load8<D>(m.data, first + k + 8);
+        for (int t = 0; t < NT; ++t) {
+            even[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * cols + k), even[t]);
+            odd[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * cols + k + 8), odd[t]);
+        }
+    }
+    for (; k < whole; k += 8) {
+        const __m256 w = load8<D>(m.data, first + k);
+        for (int t = 0; t < NT; ++t) even[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * cols + k), even[t]);
     }
     float tail[8];
-    load_elements(m.data, m.dtype, first + whole, cols - whole, tail);
+    if (whole < cols) load_elements(m.data, D, first + whole, cols - whole, tail);
     for (int t = 0; t < NT; ++t) {
-        sums[t] = horizontal_sum(acc[t]);
-        for (int64_t k = whole; k < cols; ++k) sums[t] += tail[k - whole] * x[t * cols + k];
+        sums[t] = horizontal_sum(_mm256_add_ps(even[t], odd[t]));
+        for (int64_t j = whole; j < cols; ++j) sums[t] += tail[j - whole] * x[t * cols + j];
     }
 }
-}  // namespace
 
-void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
-                     int64_t tokens, float* out, int64_t out_stride) {
+template <DType D>
+void dense_gemv_typed(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+                      int64_t tokens, float* out, int64_t out_stride) {
     for (int64_t t0 = 0; t0 < tokens; t0 += kDenseTokenTile) {
         const int nt = static_cast<int>(tokens - t0 < kDenseTokenTile ? tokens - t0 : kDenseTokenTile);
         const float* xt = x + t0 * m.cols;
         for (int64_t r = row_begin; r < row_end; ++r) {
             float sums[kDenseTokenTile];
             switch (nt) {
-                case 1: dense_row_tile<1>(m, r, xt, sums); break;
-                case 2: dense_row_tile<2>(m, r, xt, sums); break;
-                case 3: dense_row_tile<3>(m, r, xt, sums); break;
-                default: dense_row_tile<4>(m, r, xt, sums); break;
+                case 1: dense_row_tile<D, 1>(m, r, xt, sums); break;
+                case 2: dense_row_tile<D, 2>(m, r, xt, sums); break;
+                case 3: dense_row_tile<D, 3>(m, r, xt, sums); break;
+                default: dense_row_tile<D, 4>(m, r, xt, sums); break;
             }
             for (int t = 0; t < nt; ++t) out[(t0 + t) * out_stride + r] = sums[t];
         }
+    }
+}
+}  // namespace
+
+void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+                     int64_t tokens, float* out, int64_t out_stride) {
+    switch (m.dtype) {
+        case DType::F32: return dense_gemv_typed<DType::F32>(m, row_begin, row_end, x, tokens, out, out_stride);
+        case DType::F16: return dense_gemv_typed<DType::F16>(m, row_begin, row_end, x, tokens, out, out_stride);
+        case DType::BF16: return dense_gemv_typed<DType::BF16>(m, row_begin, row_end, x, tokens, out, out_stride);
     }
 }
 

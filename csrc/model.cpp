@@ -63,7 +63,7 @@ KVCache::KVCache(const ModelShape& shape, int64_t n_ctx)
 }
 
 Model::Model(ModelShape shape, int threads)
-    : shape_(std::move(shape)), layers_(static_cast<size_t>(shape_.layers)), pool_(threads) {
+    : shape_(std::move(shape)), layers_(static_cast<size_t>(shape_.layers)), pool_(std::make_unique<ThreadPool>(threads)) {
     if (shape_.heads % shape_.kv_heads != 0) throw shape_error("heads must be a multiple of kv_heads");
     if (static_cast<int64_t>(shape_.rope_inv_freq.size()) != shape_.head_dim / 2)
         throw shape_error("rope_inv_freq must have head_dim / 2 entries");
@@ -205,7 +205,7 @@ void Model::linear(const TernaryMatrix& w, const int8_t* xq, const int32_t* sums
                    const float* act_scale, int64_t T, float* out, bool accumulate) {
     std::vector<int32_t> acc(static_cast<size_t>(T * w.rows));
     const TernaryView view = w.view();
-    pool_.parallel_for(w.rows, 8, [&](int64_t begin, int64_t end) {
+    pool_->parallel_for(w.rows, 8, [&](int64_t begin, int64_t end) {
         active_kernels().ternary_gemm(view, begin, end, xq, sums, T, acc.data(), w.rows);
         for (int64_t t = 0; t < T; ++t) {
             const float scale = w.scale / act_scale[t];
@@ -223,7 +223,7 @@ void Model::attention(KVCache& cache, int64_t layer, const float* q, int64_t T, 
     const int64_t hd = shape_.head_dim, group = shape_.heads / shape_.kv_heads;
     const int64_t q_width = shape_.heads * hd;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    pool_.parallel_for(T * shape_.heads, 1, [&](int64_t begin, int64_t end) {
+    pool_->parallel_for(T * shape_.heads, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scores(static_cast<size_t>(start_pos + T));
         for (int64_t job = begin; job < end; ++job) {
             const int64_t t = job / shape_.heads, h = job % shape_.heads;
@@ -312,7 +312,7 @@ void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t st
         rms_norm(&b.x[(first + t) * H], final_norm_.data(), H, s.rms_norm_eps, &b.normed[t * H]);
     const DenseMatrix& head = head_.data ? head_ : embedding_;
     const DenseGemvFn gemv = active_kernels().dense_gemv;
-    pool_.parallel_for(s.vocab, 64, [&](int64_t begin, int64_t end) {
+    pool_->parallel_for(s.vocab, 64, [&](int64_t begin, int64_t end) {
         gemv(head, begin, end, b.normed.data(), rows, logits, s.vocab);
     });
 }

@@ -1,6 +1,7 @@
 // The BitNet b1.58 forward pass (DESIGN.md §1) over the runtime layouts, with a KV cache.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -54,7 +55,8 @@ public:
     Model(ModelShape shape, int threads);
 
     const ModelShape& shape() const { return shape_; }
-    int threads() const { return pool_.size(); }
+    int threads() const { return pool_->size(); }
+    void set_threads(int threads) { pool_ = std::make_unique<ThreadPool>(threads); }
 
     // Setters validate shapes and throw std::invalid_argument naming the tensor.
     void set_norm(int64_t layer, const std::string& name, const float* values, int64_t n);
@@ -86,7 +88,7 @@ private:
     std::vector<Layer> layers_;
     std::vector<float> final_norm_;
     DenseMatrix embedding_, head_;
-    ThreadPool pool_;
+    std::unique_ptr<ThreadPool> pool_;
 };
 
 }  // namespace ternlm

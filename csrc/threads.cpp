@@ -1,6 +1,9 @@
 #include "threads.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <vector>
 
 namespace ternlm {
 
@@ -65,6 +68,35 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
     run_share(0);
     std::unique_lock<std::mutex> lock(mutex_);
     done_.wait(lock, [&] { return pending_ == 0; });
+}
+
+double measure_read_bandwidth(int64_t bytes, int threads, int repeats) {
+    const int64_t words = bytes / 8;
+    std::vector<uint64_t> buffer(static_cast<size_t>(words));
+    for (int64_t i = 0; i < words; ++i) buffer[i] = static_cast<uint64_t>(i);  // touch every page
+    ThreadPool pool(threads);
+    std::vector<uint64_t> sinks(static_cast<size_t>(threads) * 8, 0);
+    double best = 0.0;
+    for (int r = 0; r < repeats; ++r) {
+        const auto start = std::chrono::steady_clock::now();
+        pool.parallel_for(words, 4096, [&](int64_t begin, int64_t end) {
+            uint64_t a = 0, b = 0, c = 0, d = 0;  // four chains keep the loads in flight
+            int64_t i = begin;
+            for (; i + 4 <= end; i += 4) {
+                a += buffer[i];
+                b += buffer[i + 1];
+                c += buffer[i + 2];
+                d += buffer[i + 3];
+            }
+            for (; i < end; ++i) a += buffer[i];
+            sinks[static_cast<size_t>(begin * threads / words) * 8] += a + b + c + d;
+        });
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        best = std::max(best, static_cast<double>(words * 8) / seconds / 1e9);
+    }
+    volatile uint64_t keep = 0;
+    for (uint64_t s : sinks) keep = keep + s;
+    return best;
 }
 
 }  // namespace ternlm

@@ -38,4 +38,8 @@ private:
 
 int default_thread_count();
 
+// Reads `bytes` of memory `repeats` times with `threads` threads; returns the best GB/s seen.
+// The DRAM bound that bench reports decode speed against.
+double measure_read_bandwidth(int64_t bytes, int threads, int repeats);
+
 }  // namespace ternlm

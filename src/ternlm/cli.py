@@ -8,7 +8,7 @@ import sys
 
 from .errors import FormatError
 
-MODEL_HELP = "model: an HF directory, or an HF repo id already downloaded (default: the model shipped with ternlm)"
+MODEL_HELP = "model: an HF directory, a GGUF file, or an HF repo id already downloaded (default: the model shipped with ternlm)"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -120,12 +120,13 @@ def cmd_info(args) -> int:
     from rich.table import Table
 
     from . import _core
+    from .bench import cpu_model
 
     console = Console()
     table = Table(title="ternlm", show_header=False)
     table.add_row("version", __import__("ternlm").__version__)
     table.add_row("python", platform.python_version())
-    table.add_row("machine", f"{platform.machine()} — {_cpu_model()}")
+    table.add_row("machine", f"{platform.machine()} — {cpu_model()}")
     table.add_row("CPU features", " ".join(_core.cpu_features()) or "(none detected)")
     table.add_row("kernels", f"{_core.kernel_name()} (available: {', '.join(_core.available_kernels())}; "
                              f"TERNLM_KERNELS overrides)")
@@ -153,15 +154,68 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _cpu_model() -> str:
+def cmd_convert(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .weights.convert import convert_to_gguf, convert_to_hf
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=_stderr_console()) as progress:
+        task = progress.add_task(f"writing {args.destination}", total=None)
+
+        def step(done, total):
+            progress.update(task, completed=done, total=total)
+
+        if args.to == "hf":
+            convert_to_hf(args.source, args.destination, progress=step)
+        else:
+            convert_to_gguf(args.source, args.destination, ternary=args.type, head=args.head, progress=step)
+    print(f"wrote {args.destination}", file=sys.stderr)
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("model name", "Model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def cmd_bench(args) -> int:
+    from rich.progress import Progress
+
+    from . import bench
+    from .api import open_checkpoint, resolve_model_path
+    from .model import NativeEngine
+    from .weights.synthetic import SyntheticCheckpoint
+
+    if args.model and args.synthetic:
+        raise ValueError("give either -m MODEL or --synthetic SHAPE, not both")
+    if min(args.threads) < 1 or args.repetitions < 1:
+        raise ValueError("threads and repetitions must be at least 1")
+    console = _stderr_console()
+    with console.status("building the model" if args.synthetic or not args.model else "loading the model"):
+        if args.model:
+            checkpoint = open_checkpoint(resolve_model_path(args.model))
+            name = args.model
+        else:
+            shape = args.synthetic or "2b4t"
+            checkpoint = SyntheticCheckpoint(shape, args.head or "float16")
+            name = f"synthetic {shape}"
+        engine = NativeEngine(checkpoint, max(args.threads), head_dtype=args.head)
+    runs = len(args.threads) * args.repetitions * (sum(1 for n in args.n_prompt if n) + sum(1 for n in args.n_gen if n))
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=runs)
+        results = bench.run(engine, engine.head_dtype, engine.head_bytes, args.n_prompt, args.n_gen, args.threads,
+                            args.repetitions, progress=lambda: progress.advance(task))
+    with console.status("measuring read bandwidth"):
+        bandwidth = bench.measure_bandwidth(args.threads)
+    bench.add_bandwidth_bound(results, bandwidth)
+    print(bench.format_json(results) if args.output == "json" else bench.format_markdown(results, name, bandwidth))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,15 +235,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="a system message to start every conversation with")
     p.set_defaults(func=cmd_chat)
 
+    from .weights.convert import HEAD_TYPES, TERNARY_TYPES
+
+    p = sub.add_parser("convert", help="write a model as GGUF (I2_S, TQ2_0, TQ1_0), or a GGUF file as an HF directory",
+                       description="Convert SOURCE (an HF directory or a GGUF file) to DESTINATION: a GGUF file "
+                                   "(default), or with --to hf an HF directory (SOURCE must be GGUF).")
+    p.add_argument("source", help="an HF model directory or a GGUF file")
+    p.add_argument("destination", help="the GGUF file (or, with --to hf, the directory) to write")
+    p.add_argument("--to", choices=("gguf", "hf"), default="gguf", help="output format (default gguf)")
+    p.add_argument("--type", choices=list(TERNARY_TYPES), default="i2_s",
+                   help="ternary weight type: i2_s (bitnet.cpp), tq2_0 / tq1_0 (llama.cpp); default i2_s")
+    p.add_argument("--head", choices=list(HEAD_TYPES), default="f16",
+                   help="type of the output matrix (the embedding, when tied); default f16")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("info", help="show the CPU, the kernels chosen and the model",
                        description="Show CPU features, the kernel variant in use and a summary of the model.")
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="measure prompt and generation speed (like llama-bench)",
+                       description="Measure prompt processing (ppN: N tokens in one pass) and generation (tgN: N "
+                                   "one-token steps) in tokens/s, with achieved GB/s against this machine's "
+                                   "measured read bandwidth and peak RSS.")
+    p.add_argument("-m", "--model", default=None, help="a model to measure (default: --synthetic 2b4t)")
+    p.add_argument("--synthetic", choices=("2b4t", "tiny"), default=None,
+                   help="a random model with these exact shapes, built in memory (2b4t: BitNet b1.58 2B4T)")
+    p.add_argument("-p", "--n-prompt", type=_int_list, default=[128], help="prompt lengths, comma-separated (default 128)")
+    p.add_argument("-n", "--n-gen", type=_int_list, default=[64], help="generation lengths, comma-separated (default 64)")
+    p.add_argument("-t", "--threads", type=_int_list, default=None, help="thread counts, comma-separated (default: all cores)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test after a warm-up (default 5)")
+    p.add_argument("--head", choices=("float16", "bfloat16", "float32"), default=None,
+                   help="storage of the output matrix (default: as in the file; float16 for synthetic)")
+    p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="a markdown table or a JSON array")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "func", None) is cmd_bench and args.threads is None:
+        from . import _core
+        args.threads = [_core.default_threads()]
     try:
         return args.func(args)
     except (FormatError, ValueError) as e:

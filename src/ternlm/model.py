@@ -14,7 +14,7 @@ from . import _core
 from .config import BitNetConfig
 from .errors import FormatError
 from .reference import ReferenceModel
-from .weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Checkpoint, float32_of,
+from .weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Checkpoint, DenseTensor, float32_of,
                                  layer_norms, linear_name, linear_shape, norm_name)
 
 BACKENDS = ("native", "reference")
@@ -36,8 +36,15 @@ def model_shape(config: BitNetConfig) -> _core.ModelShape:
     return shape
 
 
+HEAD_DTYPES = ("float16", "bfloat16", "float32")
+
+
 class NativeEngine:
-    def __init__(self, checkpoint: Checkpoint, threads: int | None = None, progress=None):
+    """head_dtype: store the output matrix (and the tied embedding) as float16/bfloat16/float32;
+    None keeps the checkpoint's own storage, memory-mapped."""
+
+    def __init__(self, checkpoint: Checkpoint, threads: int | None = None, progress=None,
+                 head_dtype: str | None = None):
         config = self.config = checkpoint.config
         self.shape = model_shape(config)
         self._model = _core.Model(self.shape, threads or _core.default_threads())
@@ -51,27 +58,41 @@ class NativeEngine:
             if progress:
                 progress(i + 1, config.num_hidden_layers)
         self._model.set_final_norm(checkpoint.norm("model.norm.weight", config.hidden_size))
-        self._set_dense(checkpoint, "model.embed_tokens.weight", self._model.set_embedding)
+        embedding = self._set_dense(checkpoint, "model.embed_tokens.weight", self._model.set_embedding, head_dtype)
+        self.head_dtype, self.head_bytes = embedding.dtype, embedding.array.nbytes
         if checkpoint.head_name() != "model.embed_tokens.weight":
-            self._set_dense(checkpoint, checkpoint.head_name(), self._model.set_head)
+            head = self._set_dense(checkpoint, checkpoint.head_name(), self._model.set_head, head_dtype)
+            self.head_dtype, self.head_bytes = head.dtype, head.array.nbytes
         self._model.check_complete()
 
-    def _set_dense(self, checkpoint: Checkpoint, name: str, setter) -> None:
+    def _set_dense(self, checkpoint: Checkpoint, name: str, setter, dtype: str | None) -> DenseTensor:
         tensor = checkpoint.dense(name)
         expected = (self.config.vocab_size, self.config.hidden_size)
         if tensor.array.shape != expected:
             raise FormatError(checkpoint.source, f"tensor {name!r} has shape {list(tensor.array.shape)}, "
                                                  f"expected {list(expected)}")
-        array, dtype = tensor.array, tensor.dtype
-        if dtype == "float64":
-            array, dtype = float32_of(tensor), "float32"
+        dtype = dtype or ("float32" if tensor.dtype == "float64" else tensor.dtype)
+        if dtype not in HEAD_DTYPES:
+            raise ValueError(f"unknown head dtype {dtype!r}; choose one of {', '.join(HEAD_DTYPES)}")
+        if dtype != tensor.dtype:
+            tensor = convert_dense(tensor, dtype)
         # The core reads it in place (a memory-mapped file stays mapped); it needs aligned rows.
-        array = np.require(array, requirements=["C", "A"])
+        array = np.require(tensor.array, requirements=["C", "A"])
         setter(array, dtype, array)
+        return DenseTensor(array, dtype)
 
     @property
     def threads(self) -> int:
         return self._model.threads
+
+    @threads.setter
+    def threads(self, threads: int) -> None:
+        self._model.threads = threads
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of ternary weights a decode step streams (the head not included)."""
+        return self._model.weight_bytes
 
     def new_cache(self, n_ctx: int):
         return _core.KVCache(self.shape, n_ctx)
@@ -81,9 +102,19 @@ class NativeEngine:
         return self._model.forward(cache, tokens, start_pos, all_logits)
 
 
-def build_engine(checkpoint: Checkpoint, backend: str = "native", threads: int | None = None, progress=None):
+def convert_dense(tensor: DenseTensor, dtype: str) -> DenseTensor:
+    values = float32_of(tensor)
+    if dtype == "bfloat16":  # round to nearest even on the upper 16 bits
+        bits = values.view(np.uint32)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        return DenseTensor((rounded >> np.uint32(16)).astype(np.uint16), "bfloat16")
+    return DenseTensor(values.astype(dtype), dtype)
+
+
+def build_engine(checkpoint: Checkpoint, backend: str = "native", threads: int | None = None, progress=None,
+                 head_dtype: str | None = None):
     if backend == "native":
-        return NativeEngine(checkpoint, threads, progress)
+        return NativeEngine(checkpoint, threads, progress, head_dtype)
     if backend == "reference":
         return ReferenceModel(checkpoint, progress)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
