@@ -136,6 +136,24 @@ NB_MODULE(_core, m) {
         "matrix"_a, "dtype"_a, "x"_a, "kernel"_a = "",
         "x [T, cols] . matrix^T -> float32 [T, rows]; matrix in float32/float16/bfloat16 storage.");
 
+    m.def(
+        "int8_gemv",
+        [](Array<const int8_t, nb::ndim<2>> q, Array<const int8_t, nb::ndim<2>> xq, const std::string& kernel) {
+            const int64_t rows = q.shape(0), cols = q.shape(1), T = xq.shape(0), padded = padded_cols(cols);
+            if (static_cast<int64_t>(xq.shape(1)) != cols) throw std::invalid_argument("activation width does not match");
+            const Int8GemvFn gemv = (kernel.empty() ? active_kernels() : find_kernels(kernel)).int8_gemv;
+            auto out = owned_array<int32_t>({size_t(T), size_t(rows)});
+            {
+                nb::gil_scoped_release release;
+                std::vector<int8_t> qp(static_cast<size_t>(rows * padded), 0), xp(static_cast<size_t>(T * padded), 0);
+                for (int64_t r = 0; r < rows; ++r) std::memcpy(&qp[r * padded], q.data() + r * cols, cols);
+                for (int64_t t = 0; t < T; ++t) std::memcpy(&xp[t * padded], xq.data() + t * cols, cols);
+                gemv({qp.data(), rows, cols}, 0, rows, xp.data(), T, out.data(), rows);
+            }
+            return out;
+        },
+        "q"_a, "xq"_a, "kernel"_a = "", "Exact int8 product xq [T, cols] . q^T -> int32 [T, rows] (q in [-127, 127]).");
+
     nb::class_<KVCache>(m, "KVCache")
         .def(nb::init<const ModelShape&, int64_t>(), "shape"_a, "n_ctx"_a)
         .def_prop_ro("n_ctx", &KVCache::n_ctx);
@@ -205,6 +223,9 @@ NB_MODULE(_core, m) {
             },
             "array"_a, "dtype"_a, "owner"_a)
         .def("check_complete", [](const PyModel& p) { p.model->check_complete(); })
+        .def("quantize_head_int8", [](PyModel& p) { p.model->quantize_head_int8(); },
+             nb::call_guard<nb::gil_scoped_release>(), "Make the head int8 rows with per-row scales.")
+        .def_prop_ro("head_bytes", [](const PyModel& p) { return p.model->head_bytes(); })
         .def(
             "forward",
             [](PyModel& p, KVCache& cache, Array<const int32_t, nb::ndim<1>> tokens, int64_t start_pos,

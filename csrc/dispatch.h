@@ -11,6 +11,7 @@ struct KernelSet {
     std::string name;
     TernaryGemmFn ternary_gemm;
     DenseGemvFn dense_gemv;
+    Int8GemvFn int8_gemv;
 };
 
 const KernelSet& active_kernels();

@@ -44,4 +44,22 @@ using DenseGemvFn = void (*)(const DenseMatrix& m, int64_t row_begin, int64_t ro
 void dense_gemv_ref(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
                     int64_t tokens, float* out, int64_t out_stride);
 
+// An int8 matrix (the int8 head format): rows padded with zeros to padded_cols(cols), like the
+// activations they meet; one float scale per row is kept by the caller (row ~= q * scale).
+struct Int8RowsView {
+    const int8_t* q;  // rows * padded_cols(cols), values in [-127, 127]
+    int64_t rows, cols;
+};
+
+// acc[t * out_stride + r] = sum_k q[r, k] * xq[t, k]; xq rows are padded_cols(cols) long, with
+// values in [-127, 127], which is all quantize_row_int8 produces (fast variants negate them).
+using Int8GemvFn = void (*)(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                            int64_t tokens, int32_t* acc, int64_t out_stride);
+
+void int8_gemv_ref(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                   int64_t tokens, int32_t* acc, int64_t out_stride);
+
+// Symmetric quantization of a float row into q [padded_cols(cols)]: returns the scale max|row| / 127.
+float quantize_row_symmetric(const float* row, int64_t cols, int8_t* q);
+
 }  // namespace ternlm

@@ -10,6 +10,15 @@ inline __m256i dot_accumulate(__m256i acc, __m256i codes, __m256i x) {
     const __m256i pairs = _mm256_maddubs_epi16(codes, x);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
+}  // namespace
+}  // namespace ternlm
+
+#define TERNLM_KERNEL_NAME ternary_gemm_avx2
+#include "kernels_x86_gemm.inc"
+
+// The head's kernels: float rows (f32/f16/bf16) and int8 rows.
+namespace ternlm {
+namespace {
 
 // Eight matrix elements as float32, whatever their storage (F16C for f16, a shift for bf16).
 template <DType D>
@@ -76,6 +85,36 @@ void dense_gemv_typed(const DenseMatrix& m, int64_t row_begin, int64_t row_end, 
 }
 }  // namespace
 
+// s8 x s8 with pmaddubsw, which wants one unsigned operand: |q| times x with q's sign moved onto x.
+// |q| <= 127 and |x| <= 128, so a pair sums to at most 32512: no saturation.
+void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                    int64_t tokens, int32_t* acc, int64_t out_stride) {
+    const int64_t padded = padded_cols(m.cols);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        const int8_t* row = m.q + r * padded;
+        for (int64_t t = 0; t < tokens; ++t) {
+            const int8_t* x = xq + t * padded;
+            __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+            int64_t k = 0;
+            for (; k + 64 <= padded; k += 64) {
+                const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+                const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32));
+                const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+                const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k + 32));
+                sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q0), _mm256_sign_epi8(x0, q0)), ones));
+                sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q1), _mm256_sign_epi8(x1, q1)), ones));
+            }
+            for (; k < padded; k += 32) {
+                const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+                const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+                sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q0), _mm256_sign_epi8(x0, q0)), ones));
+            }
+            acc[t * out_stride + r] = horizontal_sum(_mm256_add_epi32(sum0, sum1));
+        }
+    }
+}
+
 void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
                      int64_t tokens, float* out, int64_t out_stride) {
     switch (m.dtype) {
@@ -87,5 +126,3 @@ void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, c
 
 }  // namespace ternlm
 
-#define TERNLM_KERNEL_NAME ternary_gemm_avx2
-#include "kernels_x86_gemm.inc"

@@ -108,4 +108,29 @@ void dense_gemv_ref(const DenseMatrix& m, int64_t row_begin, int64_t row_end, co
     }
 }
 
+void int8_gemv_ref(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                   int64_t tokens, int32_t* acc, int64_t out_stride) {
+    const int64_t padded = padded_cols(m.cols);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        const int8_t* row = m.q + r * padded;
+        for (int64_t t = 0; t < tokens; ++t) {
+            const int8_t* x = xq + t * padded;
+            int32_t sum = 0;
+            for (int64_t k = 0; k < padded; ++k) sum += row[k] * x[k];
+            acc[t * out_stride + r] = sum;
+        }
+    }
+}
+
+float quantize_row_symmetric(const float* row, int64_t cols, int8_t* q) {
+    float max_abs = 0.0f;
+    for (int64_t k = 0; k < cols; ++k) max_abs = std::max(max_abs, std::fabs(row[k]));
+    const float scale = max_abs / 127.0f;
+    const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+    for (int64_t k = 0; k < cols; ++k) q[k] = static_cast<int8_t>(std::nearbyint(row[k] * inverse));
+    const int64_t padded = padded_cols(cols);
+    if (padded > cols) std::memset(q + cols, 0, static_cast<size_t>(padded - cols));
+    return scale;
+}
+
 }  // namespace ternlm

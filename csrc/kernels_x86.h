@@ -15,4 +15,7 @@ void ternary_gemm_avx512vnni(const TernaryView& w, int64_t row_begin, int64_t ro
 void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
                      int64_t tokens, float* out, int64_t out_stride);
 
+void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                    int64_t tokens, int32_t* acc, int64_t out_stride);
+
 }  // namespace ternlm

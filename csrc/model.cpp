@@ -148,6 +148,27 @@ void Model::set_head(DenseMatrix head) {
     head_ = head;
 }
 
+void Model::quantize_head_int8() {
+    const DenseMatrix& head = head_.data ? head_ : embedding_;
+    if (!head.data) throw shape_error("set the embedding before quantizing the head");
+    const int64_t H = shape_.hidden, padded = padded_cols(H);
+    head_int8_.assign(static_cast<size_t>(shape_.vocab * padded), 0);
+    head_int8_scales_.assign(static_cast<size_t>(shape_.vocab), 0.0f);
+    pool_->parallel_for(shape_.vocab, 256, [&](int64_t begin, int64_t end) {
+        std::vector<float> row(static_cast<size_t>(H));
+        for (int64_t r = begin; r < end; ++r) {
+            load_elements(head.data, head.dtype, r * H, H, row.data());
+            head_int8_scales_[r] = quantize_row_symmetric(row.data(), H, &head_int8_[r * padded]);
+        }
+    });
+}
+
+int64_t Model::head_bytes() const {
+    if (!head_int8_.empty()) return static_cast<int64_t>(head_int8_.size() + 4 * head_int8_scales_.size());
+    const DenseMatrix& head = head_.data ? head_ : embedding_;
+    return head.rows * head.cols * (head.dtype == DType::F32 ? 4 : 2);
+}
+
 void Model::check_complete() const {
     if (!embedding_.data) throw shape_error("missing embed_tokens");
     if (final_norm_.empty()) throw shape_error("missing final norm");
@@ -310,6 +331,22 @@ void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t st
     const int64_t first = all_logits ? 0 : T - 1, rows = T - first;
     for (int64_t t = 0; t < rows; ++t)
         rms_norm(&b.x[(first + t) * H], final_norm_.data(), H, s.rms_norm_eps, &b.normed[t * H]);
+    if (!head_int8_.empty()) {
+        // int8 head: quantize each final hidden state like a BitLinear input, exact int32 dots.
+        const int64_t padded = padded_cols(H);
+        for (int64_t t = 0; t < rows; ++t)
+            b.act_scale[t] = quantize_row_int8(&b.normed[t * H], H, b.xq.data() + t * padded, &b.xq_sums[t]);
+        const Int8RowsView view{head_int8_.data(), s.vocab, H};
+        const Int8GemvFn gemv = active_kernels().int8_gemv;
+        std::vector<int32_t> acc(static_cast<size_t>(rows * s.vocab));
+        pool_->parallel_for(s.vocab, 256, [&](int64_t begin, int64_t end) {
+            gemv(view, begin, end, b.xq.data(), rows, acc.data(), s.vocab);
+            for (int64_t t = 0; t < rows; ++t)
+                for (int64_t r = begin; r < end; ++r)
+                    logits[t * s.vocab + r] = static_cast<float>(acc[t * s.vocab + r]) * (head_int8_scales_[r] / b.act_scale[t]);
+        });
+        return;
+    }
     const DenseMatrix& head = head_.data ? head_ : embedding_;
     const DenseGemvFn gemv = active_kernels().dense_gemv;
     pool_->parallel_for(s.vocab, 64, [&](int64_t begin, int64_t end) {

@@ -65,6 +65,8 @@ public:
     void set_final_norm(const float* values, int64_t n);
     void set_embedding(DenseMatrix embedding);
     void set_head(DenseMatrix head);  // untied output matrix; without it the head is the embedding
+    void quantize_head_int8();        // from now on the head is int8 rows with per-row scales
+    int64_t head_bytes() const;       // bytes a decode step reads for the head
     void check_complete() const;      // throws naming the first missing tensor
 
     int64_t weight_bytes() const;
@@ -88,6 +90,8 @@ private:
     std::vector<Layer> layers_;
     std::vector<float> final_norm_;
     DenseMatrix embedding_, head_;
+    std::vector<int8_t> head_int8_;  // [vocab, padded_cols(hidden)] when the head is int8
+    std::vector<float> head_int8_scales_;
     std::unique_ptr<ThreadPool> pool_;
 };
 

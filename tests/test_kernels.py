@@ -50,6 +50,13 @@ def test_activation_quantization_matches_reference(cols):
     assert np.array_equal(a, ref_a[:, 0])
 
 
+def test_absmax_quantization_never_produces_minus_128():
+    """The int8 head kernel relies on it (it negates activations)."""
+    x = np.array([[-1.0, 0.5, 1.0], [-3.0, 2.9999998, 1e-8]], dtype=np.float32)
+    xq, _ = _core.quantize_activations(x)
+    assert xq.min() == -127
+
+
 def test_quantization_rounds_half_to_even():
     x = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5]], dtype=np.float32)  # a = 1
     xq, _ = _core.quantize_activations(x)
@@ -106,3 +113,13 @@ def test_dense_gemv_matches_numpy(kernel, dtype, tokens, cols, rows):
     got = _core.dense_gemv(stored, dtype, x, kernel)
     expected = x.astype(np.float64) @ exact.T
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.sqrt(cols) * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("tokens,cols,rows", [(1, 1, 1), (2, 33, 5), (3, 2560, 17), (6, 200, 40)])
+def test_int8_head_product_is_exact(kernel, tokens, cols, rows):
+    rng = np.random.default_rng(cols)
+    q = rng.integers(-127, 128, size=(rows, cols), dtype=np.int8)
+    xq = rng.integers(-127, 128, size=(tokens, cols), dtype=np.int8)  # absmax quantization never gives -128
+    got = _core.int8_gemv(q, xq, kernel)
+    assert np.array_equal(got, xq.astype(np.int64) @ q.T.astype(np.int64))

@@ -102,3 +102,17 @@ def test_threads_give_identical_logits(tmp_path, tiny_tokenizer_json):
     one = ternlm.load(directory, threads=1).logits(PROMPT)
     three = ternlm.load(directory, threads=3).logits(PROMPT)
     assert np.array_equal(one, three)
+
+
+def test_int8_head_is_close_to_the_float_head(tmp_path, tiny_tokenizer_json):
+    """The int8 head (per-row scales, int8 final hidden state) against a NumPy oracle built from the
+    float head's inputs, and close to the exact head."""
+    directory = write_checkpoint(random_bitnet(seed=9, vocab_size=320), tmp_path, tiny_tokenizer_json)
+    exact = ternlm.load(directory, head="float32").logits(PROMPT)
+    int8 = ternlm.load(directory, head="int8").logits(PROMPT)
+    assert int8.shape == exact.shape
+    rel = np.abs(int8 - exact).max(axis=1) / np.ptp(exact, axis=1)
+    assert rel.max() < 0.02, rel
+    assert np.mean(int8.argmax(1) == exact.argmax(1)) >= 0.9
+    with pytest.raises(ValueError, match="head format"):
+        ternlm.load(directory, head="q3")

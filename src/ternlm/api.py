@@ -16,6 +16,7 @@ from .generate import ContextOverflowError, GenerationStats, generate_tokens, st
 from .model import build_engine
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+from .weights.gguf import GGUFCheckpoint
 from .weights.hf import HFCheckpoint
 
 
@@ -50,8 +51,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        raise FormatError(path, "GGUF files are not supported by this version of ternlm; use an HF directory")
-    raise FormatError(path, "not a model directory (expected config.json and safetensors files)")
+        return GGUFCheckpoint(path)
+    raise FormatError(path, "not a model directory (expected config.json and safetensors files) or GGUF file")
 
 
 class LanguageModel:
@@ -118,12 +119,14 @@ class LanguageModel:
 
 
 def load(model: str | Path | None = None, threads: int | None = None, backend: str = "native",
-         n_ctx: int | None = None, progress=None) -> LanguageModel:
+         n_ctx: int | None = None, head: str | None = None, progress=None) -> LanguageModel:
     """Load a model directory (or HF repo id in the local cache; None: the shipped default model).
 
     threads: worker threads for the native backend (default: all cores).
     backend: "native" (C++) or "reference" (NumPy, slow, the oracle).
     n_ctx: the context length to allow (default and maximum: the model's max_position_embeddings).
+    head: the output matrix's format for the native backend: None (as stored in the file),
+          "float16", "bfloat16", "float32", or "int8" (per-row scales; half the bytes of float16).
     """
     path = resolve_model_path(model)
     checkpoint = open_checkpoint(path)
@@ -135,6 +138,6 @@ def load(model: str | Path | None = None, threads: int | None = None, backend: s
     limit = config.max_position_embeddings
     if n_ctx is not None and not 0 < n_ctx <= limit:
         raise ValueError(f"n_ctx must be between 1 and the model's {limit} positions, got {n_ctx}")
-    engine = build_engine(checkpoint, backend, threads, progress)
+    engine = build_engine(checkpoint, backend, threads, progress, head)
     stop_ids = checkpoint.stop_ids(tokenizer)
     return LanguageModel(path, engine, tokenizer, stop_ids, n_ctx or limit, backend)

@@ -26,7 +26,7 @@ from . import _core
 class BenchResult:
     test: str            # "pp128", "tg64"
     threads: int
-    head: str            # storage of the output matrix: float16, bfloat16, float32
+    head: str            # format of the output matrix: float16, bfloat16, float32, int8
     kernels: str
     t_s_median: float    # tokens per second
     t_s_min: float
@@ -40,10 +40,6 @@ class BenchResult:
 def peak_rss_mb() -> float:
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e6
-
-
-def decode_bytes_per_token(engine, head_bytes: int) -> int:
-    return engine.weight_bytes + head_bytes
 
 
 def time_prompt(engine, tokens: np.ndarray) -> float:
@@ -61,8 +57,8 @@ def time_generation(engine, tokens: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
-def run(engine, head: str, head_bytes: int, prompt_lengths: list[int], generation_lengths: list[int],
-        threads: list[int], repetitions: int, progress=None) -> list[BenchResult]:
+def run(engine, prompt_lengths: list[int], generation_lengths: list[int], threads: list[int], repetitions: int,
+        progress=None) -> list[BenchResult]:
     rng = np.random.default_rng(0)
     vocab = engine.config.vocab_size
     results = []
@@ -79,8 +75,9 @@ def run(engine, head: str, head_bytes: int, prompt_lengths: list[int], generatio
                 if progress:
                     progress()
             median = statistics.median(rates)
-            gb_s = decode_bytes_per_token(engine, head_bytes) * median / 1e9 if kind == "tg" else None
-            results.append(BenchResult(f"{kind}{n}", t, head, _core.kernel_name(), median, min(rates), max(rates),
+            # a decode step streams every ternary weight and the whole head once
+            gb_s = (engine.weight_bytes + engine.head_bytes) * median / 1e9 if kind == "tg" else None
+            results.append(BenchResult(f"{kind}{n}", t, engine.head, _core.kernel_name(), median, min(rates), max(rates),
                                        1000 / median, gb_s, None, peak_rss_mb()))
     return results
 

@@ -7,6 +7,7 @@ import platform
 import sys
 
 from .errors import FormatError
+from .model import HEADS
 
 MODEL_HELP = "model: an HF directory, a GGUF file, or an HF repo id already downloaded (default: the model shipped with ternlm)"
 
@@ -17,6 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("native", "reference"), default="native",
                    help="native: the C++ engine; reference: the slow NumPy oracle")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's maximum)")
+    p.add_argument("--head", choices=HEADS, default=None,
+                   help="format of the output matrix (default: as stored in the file; int8 halves its bytes)")
     p.add_argument("-v", "--verbose", action="store_true", help="print timings (tokens/s) to stderr")
 
 
@@ -47,7 +50,8 @@ def _load(args):
         def step(done, total):
             progress.update(task, completed=done, total=total)
 
-        return load(args.model, threads=args.threads, backend=args.backend, n_ctx=args.ctx, progress=step)
+        return load(args.model, threads=args.threads, backend=args.backend, n_ctx=args.ctx, head=args.head,
+                    progress=step)
 
 
 def _stderr_console():
@@ -189,7 +193,7 @@ def cmd_bench(args) -> int:
 
     from . import bench
     from .api import open_checkpoint, resolve_model_path
-    from .model import NativeEngine
+    from .model import HEAD_DTYPES, NativeEngine
     from .weights.synthetic import SyntheticCheckpoint
 
     if args.model and args.synthetic:
@@ -203,14 +207,14 @@ def cmd_bench(args) -> int:
             name = args.model
         else:
             shape = args.synthetic or "2b4t"
-            checkpoint = SyntheticCheckpoint(shape, args.head or "float16")
+            checkpoint = SyntheticCheckpoint(shape, args.head if args.head in HEAD_DTYPES else "float16")
             name = f"synthetic {shape}"
-        engine = NativeEngine(checkpoint, max(args.threads), head_dtype=args.head)
+        engine = NativeEngine(checkpoint, max(args.threads), head=args.head)
     runs = len(args.threads) * args.repetitions * (sum(1 for n in args.n_prompt if n) + sum(1 for n in args.n_gen if n))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("benchmarking", total=runs)
-        results = bench.run(engine, engine.head_dtype, engine.head_bytes, args.n_prompt, args.n_gen, args.threads,
-                            args.repetitions, progress=lambda: progress.advance(task))
+        results = bench.run(engine, args.n_prompt, args.n_gen, args.threads, args.repetitions,
+                            progress=lambda: progress.advance(task))
     with console.status("measuring read bandwidth"):
         bandwidth = bench.measure_bandwidth(args.threads)
     bench.add_bandwidth_bound(results, bandwidth)
@@ -265,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=_int_list, default=[64], help="generation lengths, comma-separated (default 64)")
     p.add_argument("-t", "--threads", type=_int_list, default=None, help="thread counts, comma-separated (default: all cores)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test after a warm-up (default 5)")
-    p.add_argument("--head", choices=("float16", "bfloat16", "float32"), default=None,
-                   help="storage of the output matrix (default: as in the file; float16 for synthetic)")
+    p.add_argument("--head", choices=HEADS, default=None,
+                   help="format of the output matrix (default: as in the file; float16 for synthetic)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="a markdown table or a JSON array")
     p.set_defaults(func=cmd_bench)
     return parser

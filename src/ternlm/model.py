@@ -37,14 +37,19 @@ def model_shape(config: BitNetConfig) -> _core.ModelShape:
 
 
 HEAD_DTYPES = ("float16", "bfloat16", "float32")
+HEADS = HEAD_DTYPES + ("int8",)
 
 
 class NativeEngine:
-    """head_dtype: store the output matrix (and the tied embedding) as float16/bfloat16/float32;
-    None keeps the checkpoint's own storage, memory-mapped."""
+    """head: the output matrix's format. None keeps the checkpoint's own storage, memory-mapped;
+    float16/bfloat16/float32 convert it (and a tied embedding); int8 quantizes each row with its
+    own scale and multiplies int8 final hidden states against it."""
 
     def __init__(self, checkpoint: Checkpoint, threads: int | None = None, progress=None,
-                 head_dtype: str | None = None):
+                 head: str | None = None):
+        if head is not None and head not in HEADS:
+            raise ValueError(f"unknown head format {head!r}; choose one of {', '.join(HEADS)}")
+        head_dtype = head if head in HEAD_DTYPES else None
         config = self.config = checkpoint.config
         self.shape = model_shape(config)
         self._model = _core.Model(self.shape, threads or _core.default_threads())
@@ -58,14 +63,15 @@ class NativeEngine:
             if progress:
                 progress(i + 1, config.num_hidden_layers)
         self._model.set_final_norm(checkpoint.norm("model.norm.weight", config.hidden_size))
-        embedding = self._set_dense(checkpoint, "model.embed_tokens.weight", self._model.set_embedding, head_dtype)
-        self.head_dtype, self.head_bytes = embedding.dtype, embedding.array.nbytes
+        self.head = self._set_dense(checkpoint, "model.embed_tokens.weight", self._model.set_embedding, head_dtype)
         if checkpoint.head_name() != "model.embed_tokens.weight":
-            head = self._set_dense(checkpoint, checkpoint.head_name(), self._model.set_head, head_dtype)
-            self.head_dtype, self.head_bytes = head.dtype, head.array.nbytes
+            self.head = self._set_dense(checkpoint, checkpoint.head_name(), self._model.set_head, head_dtype)
+        if head == "int8":
+            self._model.quantize_head_int8()
+            self.head = "int8"
         self._model.check_complete()
 
-    def _set_dense(self, checkpoint: Checkpoint, name: str, setter, dtype: str | None) -> DenseTensor:
+    def _set_dense(self, checkpoint: Checkpoint, name: str, setter, dtype: str | None) -> str:
         tensor = checkpoint.dense(name)
         expected = (self.config.vocab_size, self.config.hidden_size)
         if tensor.array.shape != expected:
@@ -79,7 +85,7 @@ class NativeEngine:
         # The core reads it in place (a memory-mapped file stays mapped); it needs aligned rows.
         array = np.require(tensor.array, requirements=["C", "A"])
         setter(array, dtype, array)
-        return DenseTensor(array, dtype)
+        return dtype
 
     @property
     def threads(self) -> int:
@@ -93,6 +99,10 @@ class NativeEngine:
     def weight_bytes(self) -> int:
         """Bytes of ternary weights a decode step streams (the head not included)."""
         return self._model.weight_bytes
+
+    @property
+    def head_bytes(self) -> int:
+        return self._model.head_bytes
 
     def new_cache(self, n_ctx: int):
         return _core.KVCache(self.shape, n_ctx)
@@ -112,9 +122,11 @@ def convert_dense(tensor: DenseTensor, dtype: str) -> DenseTensor:
 
 
 def build_engine(checkpoint: Checkpoint, backend: str = "native", threads: int | None = None, progress=None,
-                 head_dtype: str | None = None):
+                 head: str | None = None):
     if backend == "native":
-        return NativeEngine(checkpoint, threads, progress, head_dtype)
+        return NativeEngine(checkpoint, threads, progress, head)
+    if head is not None:
+        raise ValueError("the reference backend computes the head in float32 from the file; head formats are native only")
     if backend == "reference":
         return ReferenceModel(checkpoint, progress)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
