@@ -2,6 +2,8 @@
 
 #if defined(__x86_64__)
 #include "kernels_x86.h"
+#elif defined(__aarch64__)
+#include "kernels_arm.h"
 #endif
 
 #include <cstdlib>
@@ -10,6 +12,8 @@
 #if defined(__aarch64__) && defined(__linux__)
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
+#elif defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
 #endif
 
 namespace ternlm {
@@ -20,6 +24,18 @@ namespace {
 bool has_avx512vnni() {
     return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512bw");
+}
+#elif defined(__aarch64__)
+bool has_dotprod() {
+#if defined(__linux__)
+    return getauxval(AT_HWCAP) & HWCAP_ASIMDDP;
+#elif defined(__APPLE__)
+    int value = 0;
+    size_t size = sizeof(value);
+    return sysctlbyname("hw.optional.arm.FEAT_DotProd", &value, &size, nullptr, 0) == 0 && value;
+#else
+    return false;
+#endif
 }
 #endif
 
@@ -37,9 +53,7 @@ std::vector<std::string> cpu_features() {
 #undef TERNLM_FEATURE
 #elif defined(__aarch64__)
     found.push_back("neon");
-#if defined(__linux__)
-    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) found.push_back("dotprod");
-#endif
+    if (has_dotprod()) found.push_back("dotprod");
 #endif
     return found;
 }
@@ -53,6 +67,9 @@ static const std::vector<KernelSet>& all_kernels() {
         if (__builtin_cpu_supports("avx2")) k.push_back({"avx2", ternary_gemm_avx2, dense_gemv_avx2, int8_gemv_avx2});
         if (__builtin_cpu_supports("avxvnni")) k.push_back({"avxvnni", ternary_gemm_avxvnni, dense_gemv_avx2, int8_gemv_avx2});
         if (has_avx512vnni()) k.push_back({"avx512", ternary_gemm_avx512vnni, dense_gemv_avx2, int8_gemv_avx2});
+#elif defined(__aarch64__)
+        k.push_back({"neon", ternary_gemm_neon, dense_gemv_ref, int8_gemv_neon});
+        if (has_dotprod()) k.push_back({"dotprod", ternary_gemm_dotprod, dense_gemv_ref, int8_gemv_dotprod});
 #endif
         return k;
     }();

@@ -1,0 +1,16 @@
+// ARM kernel variants: NEON (every ARMv8 CPU) and NEON with the dot-product extension (sdot).
+#pragma once
+#include "kernels.h"
+
+namespace ternlm {
+
+void ternary_gemm_neon(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                       const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
+void int8_gemv_neon(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                    int64_t tokens, int32_t* acc, int64_t out_stride);
+void ternary_gemm_dotprod(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                          const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
+void int8_gemv_dotprod(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                       int64_t tokens, int32_t* acc, int64_t out_stride);
+
+}  // namespace ternlm

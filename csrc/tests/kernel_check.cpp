@@ -1,0 +1,53 @@
+// Every kernel variant this CPU can run against the scalar reference, on random inputs including
+// odd sizes: integer results must be identical. Built and run without Python, so the ARM variants
+// can be cross-compiled and checked under qemu-user (tests/test_cross_arm.py).
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "../dispatch.h"
+#include "../model.h"
+
+using namespace ternlm;
+
+int main() {
+    std::mt19937 rng(1234);
+    std::uniform_int_distribution<int> ternary(-1, 1), activation(-127, 127), weight8(-127, 127);
+    const int shapes[][3] = {{1, 1, 1}, {3, 5, 7}, {4, 128, 8}, {2, 129, 33}, {7, 300, 65}, {16, 256, 128}, {5, 1000, 17}};
+    int failures = 0, checks = 0;
+    for (const std::string& name : available_kernel_names()) {
+        const KernelSet& kernels = find_kernels(name);
+        for (const auto& shape : shapes) {
+            const int tokens = shape[0], cols = shape[1], rows = shape[2];
+            const int64_t padded = padded_cols(cols);
+            std::vector<int8_t> w(rows * cols), x(tokens * padded, 0), q(rows * padded, 0);
+            std::vector<int32_t> sums(tokens, 0);
+            for (auto& v : w) v = static_cast<int8_t>(ternary(rng));
+            for (int t = 0; t < tokens; ++t)
+                for (int k = 0; k < cols; ++k) sums[t] += x[t * padded + k] = static_cast<int8_t>(activation(rng));
+            for (int r = 0; r < rows; ++r)
+                for (int k = 0; k < cols; ++k) q[r * padded + k] = static_cast<int8_t>(weight8(rng));
+            const TernaryMatrix m = TernaryMatrix::from_ternary(w.data(), rows, cols, 1.0f);
+            std::vector<int32_t> expected(tokens * rows), got(tokens * rows);
+            ternary_gemm_ref(m.view(), 0, rows, x.data(), sums.data(), tokens, expected.data(), rows);
+            kernels.ternary_gemm(m.view(), 0, rows, x.data(), sums.data(), tokens, got.data(), rows);
+            failures += expected != got;
+            const Int8RowsView head{q.data(), rows, cols};
+            int8_gemv_ref(head, 0, rows, x.data(), tokens, expected.data(), rows);
+            kernels.int8_gemv(head, 0, rows, x.data(), tokens, got.data(), rows);
+            failures += expected != got;
+            checks += 2;
+            // the reference itself against a direct sum over the unpacked weights
+            ternary_gemm_ref(m.view(), 0, rows, x.data(), sums.data(), tokens, expected.data(), rows);
+            for (int t = 0; t < tokens; ++t)
+                for (int r = 0; r < rows; ++r) {
+                    int32_t direct = 0;
+                    for (int k = 0; k < cols; ++k) direct += w[r * cols + k] * x[t * padded + k];
+                    failures += expected[t * rows + r] != direct;
+                }
+        }
+        std::printf("%s: checked\n", name.c_str());
+    }
+    std::printf("%d checks, %d failures\n", checks, failures);
+    return failures == 0 ? 0 : 1;
+}
