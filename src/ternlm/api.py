@@ -119,7 +119,7 @@ class LanguageModel:
 
 
 def load(model: str | Path | None = None, threads: int | None = None, backend: str = "native",
-         n_ctx: int | None = None, head: str | None = None, progress=None) -> LanguageModel:
+         n_ctx: int | None = None, head: str | None = None, kv_cache: str = "f16", progress=None) -> LanguageModel:
     """Load a model directory (or HF repo id in the local cache; None: the shipped default model).
 
     threads: worker threads for the native backend (default: all cores).
@@ -127,6 +127,8 @@ def load(model: str | Path | None = None, threads: int | None = None, backend: s
     n_ctx: the context length to allow (default and maximum: the model's max_position_embeddings).
     head: the output matrix's format for the native backend: None (as stored in the file),
           "float16", "bfloat16", "float32", or "int8" (per-row scales; half the bytes of float16).
+    kv_cache: "f16" (default, half the memory) or "f32" keys and values (native backend; the
+          reference keeps float32).
     """
     path = resolve_model_path(model)
     checkpoint = open_checkpoint(path)
@@ -138,6 +140,6 @@ def load(model: str | Path | None = None, threads: int | None = None, backend: s
     limit = config.max_position_embeddings
     if n_ctx is not None and not 0 < n_ctx <= limit:
         raise ValueError(f"n_ctx must be between 1 and the model's {limit} positions, got {n_ctx}")
-    engine = build_engine(checkpoint, backend, threads, progress, head)
+    engine = build_engine(checkpoint, backend, threads, progress, head, kv_cache)
     stop_ids = checkpoint.stop_ids(tokenizer)
     return LanguageModel(path, engine, tokenizer, stop_ids, n_ctx or limit, backend)

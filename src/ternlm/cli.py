@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", choices=list(TERNARY_TYPES), default="i2_s",
                    help="ternary weight type: i2_s (bitnet.cpp), tq2_0 / tq1_0 (llama.cpp); default i2_s")
     p.add_argument("--head", choices=list(HEAD_TYPES), default="f16",
-                   help="type of the output matrix (the embedding, when tied); default f16")
+                   help="type of the embedding and (when untied) the output matrix; default f16")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="show the CPU, the kernels chosen and the model",
