@@ -339,3 +339,19 @@ def test_shipped_model_engine_perplexity_equals_training_code():
     theirs = engine_bits_per_byte(ternlm.load(model_dir, threads=1), heldout)
     assert theirs == pytest.approx(ours, rel=0.005)
     assert ours < 3.0  # a trained model, not noise (uniform over 4096 tokens is ~4 bits per byte)
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, until_step=2))
+    before = (run / "checkpoint.pt").read_bytes()
+
+    def no_space(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    assert main(["--out-dir", str(run), "--resume"]) == 1
+    assert "cannot write the checkpoint" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert not (run / "checkpoint.tmp").exists()
