@@ -13,17 +13,16 @@ from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf import quants as gguf_quants
 
 import ternlm
-from conftest import transformers_logits, write_checkpoint
+from conftest import CORPUS, ternarize, transformers_logits, write_checkpoint
 from test_model import PROMPT, assert_matches_oracle
 from test_tokenizer import TEXTS
-from ternlm.chat import BITNET_2B4T_TEMPLATE
+from ternlm.chat import BITNET_2B4T_TEMPLATE, ChatTemplate
 from ternlm.cli import main as cli_main
-from ternlm.chat import ChatTemplate
-from ternlm.weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, float32_of, linear_name,
+from ternlm.weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, DenseTensor, float32_of, linear_name,
                                        linear_shape)
-from ternlm.weights.convert import convert_to_gguf, convert_to_hf
-from ternlm.weights.gguf import (GGUFCheckpoint, GGUFFile, _BoundedReader, gguf_tokenizer, pack_i2_s, pack_tq1_0,
-                                 pack_tq2_0, tensor_scale, unpack_i2_s, unpack_tq1_0, unpack_tq2_0)
+from ternlm.weights.convert import convert_to_gguf, convert_to_hf, quantize_q6_k
+from ternlm.weights.gguf import (GGUFCheckpoint, GGUFFile, _BoundedReader, _ternary_of_float, gguf_tokenizer, pack_i2_s,
+                                 pack_tq1_0, pack_tq2_0, tensor_scale, unpack_i2_s, unpack_tq1_0, unpack_tq2_0)
 from ternlm.weights.hf import HFCheckpoint
 
 FORMATS = ("i2_s", "tq2_0", "tq1_0")
@@ -239,6 +238,32 @@ def test_llama3_vocabulary_encodes_like_tokenizer_json(llama3_json, tmp_path):
         assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False)
 
 
+def test_sentencepiece_vocabulary_encodes_like_its_bpe(tmp_path):
+    """A `llama` (SentencePiece) vocabulary stores pieces and scores, no merges: rebuilt from the
+    scores, it must split text as the BPE whose pieces they are (trained here with tokenizers,
+    SentencePiece-style: "▁" for spaces, byte fallback; a piece's score ranks its merge)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, trainers
+
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    bpe = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    bpe.train_from_iterator(CORPUS + TEXTS, trainers.BpeTrainer(vocab_size=600, special_tokens=special))
+    vocab = bpe.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    types += [TokenType.NORMAL] * (len(tokens) - len(types))
+    scores = [0.0] * len(special) + [-float(i) for i in range(len(special), len(tokens))]
+    path = write_gguf(tmp_path / "sp.gguf", tokenizer__ggml__model="llama", tokenizer__ggml__tokens=tokens,
+                      tokenizer__ggml__token_type=[int(t) for t in types], tokenizer__ggml__scores=scores,
+                      tokenizer__ggml__bos_token_id=1, tokenizer__ggml__eos_token_id=2)
+    ours = gguf_tokenizer(GGUFFile(path))
+    for text in TEXTS + ["A sea of troubles, nobler still"]:
+        assert ours.encode(text, add_bos=False) == bpe.encode(text).ids, text
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.encode("x")[0] == 1
+
+
 def test_chat_template_from_metadata(tiny_tokenizer_json, tmp_path):
     tok = json.loads(tiny_tokenizer_json.read_text(encoding="utf-8"))
     broken = ("{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
@@ -286,6 +311,32 @@ def test_dense_types_are_dequantized_like_gguf_quants(qtype, tmp_path):
         assert dense.dtype == "float16"
         expected = expected.astype(np.float16)
     np.testing.assert_array_equal(float32_of(dense), expected.astype(np.float32))
+
+
+def test_q6_k_head_decodes_with_gguf_quants():
+    """Our Q6_K writer (gguf-py has none) against gguf-py's decoder: the error of 6-bit codes."""
+    values = np.random.default_rng(4).normal(size=(64, 512)).astype(np.float32)
+    values[3, :256] = 0
+    decoded = gguf_quants.dequantize(quantize_q6_k(values), GGMLQuantizationType.Q6_K)
+    assert np.sqrt(np.mean((decoded - values) ** 2)) < 0.02 * np.sqrt(np.mean(values ** 2))
+    assert np.all(decoded[3, :256] == 0)
+
+
+def test_float_ternary_weights_keep_their_scale():
+    """llama.cpp's BitNet converter stores f16 t * scale: read back exactly, not re-quantized
+    (absmean of t * scale is not the scale). A master weight is quantized as at training."""
+    import torch
+
+    ternary = random_ternary()
+    stored = DenseTensor(ternary.astype(np.float16) * np.float16(0.0371), "float16")
+    values, scale = _ternary_of_float(stored)
+    np.testing.assert_array_equal(values, ternary)
+    assert scale == float(np.float16(0.0371))
+    master = np.random.default_rng(5).normal(size=(8, 256)).astype(np.float32)
+    expected, expected_scale = ternarize(torch.from_numpy(master))
+    values, scale = _ternary_of_float(DenseTensor(master, "float32"))
+    np.testing.assert_array_equal(values, expected)
+    assert scale == pytest.approx(expected_scale, rel=1e-6)
 
 
 # -- the command line -------------------------------------------------------------------------
@@ -374,14 +425,14 @@ def test_differing_block_scales_are_not_bitnet(good_gguf, tmp_path):
 
 
 # -- side by side with upstream llama.cpp -----------------------------------------------------
-@pytest.mark.parametrize("arch", ["bitnet", "llama"])
-def test_llama_cpp_agrees(arch, tmp_path, tiny_tokenizer_json):
+@pytest.mark.parametrize("arch, head", [("bitnet", "f16"), ("llama", "q6_k")])
+def test_llama_cpp_agrees(arch, head, tmp_path, tiny_tokenizer_json):
     """llama.cpp computes the same model: SiLU `bitnet` (its BitNet graph) and a ternary `llama`
-    (q/k rows in its RoPE order), TQ2_0. It quantizes activations per 256-block (Q8_K), we per
+    (q/k rows in its RoPE order, and our Q6_K head), TQ2_0. It quantizes activations per 256-block (Q8_K), we per
     token: with rows of 256 that is the same except for down_proj, so logits are close, not equal."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python")
     hf = write_checkpoint(wide_random_model(arch=arch, hidden_act="silu", seed=7), tmp_path / "hf", tiny_tokenizer_json)
-    path = convert_to_gguf(hf, tmp_path / "m.gguf", ternary="tq2_0", head="f16")
+    path = convert_to_gguf(hf, tmp_path / "m.gguf", ternary="tq2_0", head=head)
     ours = ternlm.load(path)
     theirs = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     theirs.eval(PROMPT)

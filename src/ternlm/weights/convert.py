@@ -32,9 +32,9 @@ from .names import gguf_name, permute_rope_rows
 from .packing import pack_ternary_hf
 
 TERNARY_TYPES = {"i2_s": (I2_S, pack_i2_s), "tq2_0": (TQ2_0, pack_tq2_0), "tq1_0": (TQ1_0, pack_tq1_0)}
-# head / embedding types: every one gguf.quants can write
+# head / embedding types: every one gguf.quants can write, plus Q6_K (quantize_q6_k below)
 HEAD_TYPES = {name.lower(): GGMLQuantizationType[name]
-              for name in ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")}
+              for name in ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0")}
 FILE_TYPES = {TQ1_0: LlamaFileType.MOSTLY_TQ1_0, TQ2_0: LlamaFileType.MOSTLY_TQ2_0}
 
 
@@ -146,13 +146,57 @@ def _dense_as(checkpoint: Checkpoint, name: str, qtype: GGMLQuantizationType) ->
     step = max(1, (1 << 22) // cols)
     for start in range(0, rows, step):
         values = float32_of(type(tensor)(tensor.array[start: start + step], tensor.dtype))
-        quantized = gguf_quants.quantize(values, qtype)
+        quantized = quantize_q6_k(values) if qtype == GGMLQuantizationType.Q6_K else gguf_quants.quantize(values, qtype)
         out[start: start + step] = np.ascontiguousarray(quantized).view(np.uint8).reshape(len(values), -1)
     if qtype == GGMLQuantizationType.F16:
         return out.view(np.float16)
     if qtype == GGMLQuantizationType.F32:
         return out.view(np.float32)
     return out
+
+
+def quantize_q6_k(values: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] -> Q6_K blocks (gguf-py only decodes them), as llama.cpp's
+    quantize_row_q6_K_ref: per 16 weights a 6-bit code scale chosen by a weighted least-squares
+    search (make_qx_quants), the 16 scales of a 256-weight block as int8 times one f16."""
+    x = np.asarray(values, dtype=np.float32).reshape(-1, 16, 16)  # [block, sub-block, weight]
+    sub_scales = _best_scales(x, 32)
+    biggest = np.take_along_axis(sub_scales, np.abs(sub_scales).argmax(axis=1)[:, None], axis=1)[:, 0]
+    with np.errstate(divide="ignore"):
+        inverse = np.where(np.abs(biggest) < 1e-15, 0, -128 / biggest).astype(np.float32)
+        d = np.where(inverse == 0, 0, 1 / inverse).astype(np.float16)
+    scales = np.minimum(127, np.rint(inverse[:, None] * sub_scales)).astype(np.int8)
+    step = d.astype(np.float32)[:, None] * scales  # [block, sub-block]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = np.where(step[..., None] != 0, np.clip(np.rint(x / step[..., None]), -32, 31), 0)
+    codes = (levels + 32).astype(np.uint8).reshape(-1, 2, 4, 32)  # weight 128h + 32k + l
+    low, high = codes & np.uint8(15), codes >> np.uint8(4)
+    ql = np.stack([low[:, :, 0] | (low[:, :, 2] << np.uint8(4)), low[:, :, 1] | (low[:, :, 3] << np.uint8(4))], axis=2)
+    qh = high[:, :, 0] | (high[:, :, 1] << np.uint8(2)) | (high[:, :, 2] << np.uint8(4)) | (high[:, :, 3] << np.uint8(6))
+    blocks = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), scales.view(np.uint8),
+                             d.astype("<f2").view(np.uint8).reshape(-1, 2)], axis=1)
+    return blocks.reshape(values.shape[0], -1)
+
+
+def _best_scales(x: np.ndarray, nmax: int) -> np.ndarray:
+    """ggml's make_qx_quants (weights x², rmse_type 1) for every group of x's last axis at once:
+    try 19 grid scales around -nmax/max and keep the least-squares scale of the best one."""
+    peak = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    weight = x * x
+    best_scale = best = None
+    for nudge in [0] + [n for n in range(-9, 10) if n]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            levels = np.clip(np.rint(-(nmax + 0.1 * nudge) / peak[..., None] * x), -nmax, nmax - 1)
+        sum_lx = np.sum(weight * x * levels, axis=-1)
+        sum_l2 = np.sum(weight * levels * levels, axis=-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(sum_l2 > 0, sum_lx / sum_l2, 0)
+        if best is None:
+            best_scale, best = scale, scale * sum_lx
+        else:
+            better = (sum_l2 > 0) & (sum_lx * sum_lx > best * sum_l2)
+            best_scale, best = np.where(better, scale, best_scale), np.where(better, scale * sum_lx, best)
+    return np.where(np.abs(peak) < 1e-15, 0, best_scale).astype(np.float32)
 
 
 def _write_config(writer: GGUFWriter, arch: str, config: BitNetConfig, ternary_type: int) -> None:
