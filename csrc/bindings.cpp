@@ -155,8 +155,19 @@ NB_MODULE(_core, m) {
         "q"_a, "xq"_a, "kernel"_a = "", "Exact int8 product xq [T, cols] . q^T -> int32 [T, rows] (q in [-127, 127]).");
 
     nb::class_<KVCache>(m, "KVCache")
-        .def(nb::init<const ModelShape&, int64_t>(), "shape"_a, "n_ctx"_a)
-        .def_prop_ro("n_ctx", &KVCache::n_ctx);
+        .def(nb::init<const ModelShape&, int64_t, bool>(), "shape"_a, "n_ctx"_a, "f16"_a = true)
+        .def_prop_ro("n_ctx", &KVCache::n_ctx)
+        .def_prop_ro("f16", &KVCache::f16)
+        .def_prop_ro("nbytes", &KVCache::bytes);
+
+    m.def(
+        "f16_round",
+        [](Array<const float, nb::ndim<1>> x, const std::string& kernel) {
+            auto out = owned_array<uint16_t>({size_t(x.shape(0))});
+            (kernel.empty() ? active_kernels() : find_kernels(kernel)).f16_store(x.data(), x.shape(0), out.data());
+            return out;
+        },
+        "x"_a, "kernel"_a = "", "float32 -> float16 bit patterns, as the KV cache stores them.");
 
     nb::class_<ModelShape>(m, "ModelShape")
         .def(nb::init<>())

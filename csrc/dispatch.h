@@ -12,6 +12,9 @@ struct KernelSet {
     TernaryGemmFn ternary_gemm;
     DenseGemvFn dense_gemv;
     Int8GemvFn int8_gemv;
+    F16StoreFn f16_store;
+    F16DotFn f16_dot;
+    F16AxpyFn f16_axpy;
 };
 
 const KernelSet& active_kernels();

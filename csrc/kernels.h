@@ -62,4 +62,15 @@ void int8_gemv_ref(const Int8RowsView& m, int64_t row_begin, int64_t row_end, co
 // Symmetric quantization of a float row into q [padded_cols(cols)]: returns the scale max|row| / 127.
 float quantize_row_symmetric(const float* row, int64_t cols, int8_t* q);
 
+// The f16 KV cache: rounding to f16 (to nearest, ties to even, as F16C and NumPy do), and the two
+// attention steps that read it: dot(q, k) and out += p * v.
+using F16StoreFn = void (*)(const float* x, int64_t n, uint16_t* out);
+using F16DotFn = float (*)(const float* q, const uint16_t* k, int64_t n);
+using F16AxpyFn = void (*)(float p, const uint16_t* v, int64_t n, float* out);
+
+uint16_t f32_to_f16(float x);
+void f16_store_ref(const float* x, int64_t n, uint16_t* out);
+float f16_dot_ref(const float* q, const uint16_t* k, int64_t n);
+void f16_axpy_ref(float p, const uint16_t* v, int64_t n, float* out);
+
 }  // namespace ternlm

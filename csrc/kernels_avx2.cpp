@@ -124,5 +124,33 @@ void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, c
     }
 }
 
-}  // namespace ternlm
+void f16_store_avx2(const float* x, int64_t n, uint16_t* out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; ++i) out[i] = f32_to_f16(x[i]);
+}
 
+float f16_dot_avx2(const float* q, const uint16_t* k, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8<DType::F16>(k, i), acc);
+    float sum = horizontal_sum(acc);
+    float tail[8];
+    if (i < n) load_elements(k, DType::F16, i, n - i, tail);
+    for (int64_t j = i; j < n; ++j) sum += q[j] * tail[j - i];
+    return sum;
+}
+
+void f16_axpy_avx2(float p, const uint16_t* v, int64_t n, float* out) {
+    const __m256 scale = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(scale, load8<DType::F16>(v, i), _mm256_loadu_ps(out + i)));
+    float tail[8];
+    if (i < n) load_elements(v, DType::F16, i, n - i, tail);
+    for (int64_t j = i; j < n; ++j) out[j] += p * tail[j - i];
+}
+
+}  // namespace ternlm

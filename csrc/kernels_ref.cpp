@@ -133,4 +133,36 @@ float quantize_row_symmetric(const float* row, int64_t cols, int8_t* q) {
     return scale;
 }
 
+uint16_t f32_to_f16(float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, 4);
+    const uint32_t sign = (bits >> 16) & 0x8000;
+    const uint32_t magnitude = bits & 0x7fffffff;
+    if (magnitude >= 0x7f800000) return static_cast<uint16_t>(sign | 0x7c00 | (magnitude > 0x7f800000 ? 0x200 : 0));
+    if (magnitude >= 0x477ff000) return static_cast<uint16_t>(sign | 0x7c00);  // rounds past 65504
+    if (magnitude < 0x38800000) {  // f16 subnormal (or zero): round |x| * 2^24 to an integer
+        float scaled;
+        const uint32_t abs_bits = magnitude;
+        std::memcpy(&scaled, &abs_bits, 4);
+        return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(scaled * 16777216.0f)));
+    }
+    // normal: drop 13 mantissa bits, rounding to nearest even (a carry into the exponent is right)
+    const uint32_t rounded = magnitude + 0xfff + ((magnitude >> 13) & 1);
+    return static_cast<uint16_t>(sign | ((rounded - 0x38000000) >> 13));
+}
+
+void f16_store_ref(const float* x, int64_t n, uint16_t* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = f32_to_f16(x[i]);
+}
+
+float f16_dot_ref(const float* q, const uint16_t* k, int64_t n) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) sum += q[i] * f16_to_f32(k[i]);
+    return sum;
+}
+
+void f16_axpy_ref(float p, const uint16_t* v, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] += p * f16_to_f32(v[i]);
+}
+
 }  // namespace ternlm

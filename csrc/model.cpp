@@ -54,12 +54,12 @@ TernaryMatrix TernaryMatrix::from_ternary(const int8_t* ternary, int64_t rows, i
     return m;
 }
 
-KVCache::KVCache(const ModelShape& shape, int64_t n_ctx)
-    : n_ctx_(n_ctx), width_(shape.kv_heads * shape.head_dim) {
+KVCache::KVCache(const ModelShape& shape, int64_t n_ctx, bool f16)
+    : n_ctx_(n_ctx), width_(shape.kv_heads * shape.head_dim), f16_(f16), element_(f16 ? 2 : 4) {
     if (n_ctx <= 0) throw shape_error("context length must be positive");
-    const size_t n = static_cast<size_t>(shape.layers * n_ctx * width_);
-    k_.assign(n, 0.0f);
-    v_.assign(n, 0.0f);
+    const size_t n = static_cast<size_t>(shape.layers * n_ctx * width_) * element_;
+    k_.assign(n, 0);
+    v_.assign(n, 0);
 }
 
 Model::Model(ModelShape shape, int threads)
@@ -244,6 +244,7 @@ void Model::attention(KVCache& cache, int64_t layer, const float* q, int64_t T, 
     const int64_t hd = shape_.head_dim, group = shape_.heads / shape_.kv_heads;
     const int64_t q_width = shape_.heads * hd;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const KernelSet& kernels = active_kernels();
     pool_->parallel_for(T * shape_.heads, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scores(static_cast<size_t>(start_pos + T));
         for (int64_t job = begin; job < end; ++job) {
@@ -252,9 +253,13 @@ void Model::attention(KVCache& cache, int64_t layer, const float* q, int64_t T, 
             const float* qh = q + t * q_width + h * hd;
             float max_score = -INFINITY;
             for (int64_t j = 0; j <= last; ++j) {
-                const float* kj = cache.keys(layer, j) + kv_offset;
                 float s = 0.0f;
-                for (int64_t d = 0; d < hd; ++d) s += qh[d] * kj[d];
+                if (cache.f16()) {
+                    s = kernels.f16_dot(qh, static_cast<const uint16_t*>(cache.keys(layer, j)) + kv_offset, hd);
+                } else {
+                    const float* kj = static_cast<const float*>(cache.keys(layer, j)) + kv_offset;
+                    for (int64_t d = 0; d < hd; ++d) s += qh[d] * kj[d];
+                }
                 scores[j] = s * scale;
                 max_score = std::max(max_score, scores[j]);
             }
@@ -264,8 +269,12 @@ void Model::attention(KVCache& cache, int64_t layer, const float* q, int64_t T, 
             std::fill(oh, oh + hd, 0.0f);
             for (int64_t j = 0; j <= last; ++j) {
                 const float p = scores[j] / total;
-                const float* vj = cache.values(layer, j) + kv_offset;
-                for (int64_t d = 0; d < hd; ++d) oh[d] += p * vj[d];
+                if (cache.f16()) {
+                    kernels.f16_axpy(p, static_cast<const uint16_t*>(cache.values(layer, j)) + kv_offset, hd, oh);
+                } else {
+                    const float* vj = static_cast<const float*>(cache.values(layer, j)) + kv_offset;
+                    for (int64_t d = 0; d < hd; ++d) oh[d] += p * vj[d];
+                }
             }
         }
     });
@@ -307,8 +316,13 @@ void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t st
                 apply_rope(&b.q[t * q_width + h * hd], hd, &cos_[t * hd / 2], &sin_[t * hd / 2]);
             for (int64_t h = 0; h < s.kv_heads; ++h)
                 apply_rope(&b.k[t * kv_width + h * hd], hd, &cos_[t * hd / 2], &sin_[t * hd / 2]);
-            std::copy_n(&b.k[t * kv_width], kv_width, cache.keys(li, start_pos + t));
-            std::copy_n(&b.v[t * kv_width], kv_width, cache.values(li, start_pos + t));
+            if (cache.f16()) {
+                active_kernels().f16_store(&b.k[t * kv_width], kv_width, static_cast<uint16_t*>(cache.keys(li, start_pos + t)));
+                active_kernels().f16_store(&b.v[t * kv_width], kv_width, static_cast<uint16_t*>(cache.values(li, start_pos + t)));
+            } else {
+                std::copy_n(&b.k[t * kv_width], kv_width, static_cast<float*>(cache.keys(li, start_pos + t)));
+                std::copy_n(&b.v[t * kv_width], kv_width, static_cast<float*>(cache.values(li, start_pos + t)));
+            }
         }
         attention(cache, li, b.q.data(), T, start_pos, b.attn.data());
         b.quantize(b.attn.data(), T, q_width, s.sub_norms ? l.attn_sub_norm.data() : nullptr, s.rms_norm_eps);

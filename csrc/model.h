@@ -37,17 +37,23 @@ struct Layer {
     TernaryMatrix q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
 };
 
-// Keys and values of one sequence: [layer][position][kv_heads * head_dim], float32.
+// Keys and values of one sequence: [layer][position][kv_heads * head_dim], f16 (default) or f32.
 class KVCache {
 public:
-    KVCache(const ModelShape& shape, int64_t n_ctx);
+    KVCache(const ModelShape& shape, int64_t n_ctx, bool f16 = true);
     int64_t n_ctx() const { return n_ctx_; }
-    float* keys(int64_t layer, int64_t pos) { return k_.data() + (layer * n_ctx_ + pos) * width_; }
-    float* values(int64_t layer, int64_t pos) { return v_.data() + (layer * n_ctx_ + pos) * width_; }
+    bool f16() const { return f16_; }
+    int64_t bytes() const { return static_cast<int64_t>(k_.size() + v_.size()); }
+    void* keys(int64_t layer, int64_t pos) { return k_.data() + offset(layer, pos); }
+    void* values(int64_t layer, int64_t pos) { return v_.data() + offset(layer, pos); }
 
 private:
+    size_t offset(int64_t layer, int64_t pos) const { return static_cast<size_t>((layer * n_ctx_ + pos) * width_) * element_; }
+
     int64_t n_ctx_, width_;
-    std::vector<float> k_, v_;
+    bool f16_;
+    size_t element_;
+    std::vector<uint8_t> k_, v_;
 };
 
 class Model {

@@ -123,3 +123,18 @@ def test_int8_head_product_is_exact(kernel, tokens, cols, rows):
     xq = rng.integers(-127, 128, size=(tokens, cols), dtype=np.int8)  # absmax quantization never gives -128
     got = _core.int8_gemv(q, xq, kernel)
     assert np.array_equal(got, xq.astype(np.int64) @ q.T.astype(np.int64))
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+def test_f16_rounding_matches_numpy(kernel):
+    """The f16 KV cache rounds exactly as NumPy's float16 (to nearest, ties to even)."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([
+        rng.standard_normal(1000).astype(np.float32) * 10.0 ** rng.integers(-9, 6, 1000),
+        np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e6, -1e6, np.inf, -np.inf, 2.0**-24, 2.0**-25,
+                  3 * 2.0**-26, 2.0**-14, 2.0**-14 - 2.0**-25, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11], dtype=np.float32),
+    ]).astype(np.float32)
+    got = _core.f16_round(x, kernel)
+    with np.errstate(over="ignore"):  # overflow to inf is part of what is checked
+        expected = x.astype(np.float16).view(np.uint16)
+    assert np.array_equal(got, expected)

@@ -57,7 +57,7 @@ def variant(request, tmp_path_factory, tiny_tokenizer_json):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_match_transformers(variant, backend):
     directory, oracle = variant
-    model = ternlm.load(directory, backend=backend)
+    model = ternlm.load(directory, backend=backend, kv_cache="f32")  # the exact arithmetic
     assert_matches_oracle(model.logits(PROMPT), oracle)
 
 
@@ -70,7 +70,7 @@ def test_greedy_tokens_match_transformers(variant):
     with torch.no_grad():
         for _ in range(32):
             ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-    model = ternlm.load(directory)
+    model = ternlm.load(directory, kv_cache="f32")
     model.stop_ids = set()
     ours = list(model.stream_tokens(PROMPT[:8], max_tokens=32))
     assert ours == ids[8:]
@@ -81,7 +81,7 @@ def test_older_bitnet_architecture_behaves_as_bitnet_silu(tmp_path, tiny_tokeniz
     model = random_bitnet(hidden_act="silu", seed=5)
     new_style = write_checkpoint(model, tmp_path / "new", tiny_tokenizer_json)
     old_style = write_checkpoint(model, tmp_path / "old", tiny_tokenizer_json, architecture="BitnetForCausalLM")
-    assert_matches_oracle(ternlm.load(old_style).logits(PROMPT), transformers_logits(new_style, PROMPT))
+    assert_matches_oracle(ternlm.load(old_style, kv_cache="f32").logits(PROMPT), transformers_logits(new_style, PROMPT))
 
 
 def test_decode_with_cache_equals_full_recompute(tmp_path, tiny_tokenizer_json):
@@ -108,11 +108,21 @@ def test_int8_head_is_close_to_the_float_head(tmp_path, tiny_tokenizer_json):
     """The int8 head (per-row scales, int8 final hidden state) against a NumPy oracle built from the
     float head's inputs, and close to the exact head."""
     directory = write_checkpoint(random_bitnet(seed=9, vocab_size=320), tmp_path, tiny_tokenizer_json)
-    exact = ternlm.load(directory, head="float32").logits(PROMPT)
-    int8 = ternlm.load(directory, head="int8").logits(PROMPT)
+    exact = ternlm.load(directory, head="float32", kv_cache="f32").logits(PROMPT)
+    int8 = ternlm.load(directory, head="int8", kv_cache="f32").logits(PROMPT)
     assert int8.shape == exact.shape
     rel = np.abs(int8 - exact).max(axis=1) / np.ptp(exact, axis=1)
     assert rel.max() < 0.02, rel
     assert np.mean(int8.argmax(1) == exact.argmax(1)) >= 0.9
     with pytest.raises(ValueError, match="head format"):
         ternlm.load(directory, head="q3")
+
+
+def test_f16_kv_cache_is_close_to_f32(tmp_path, tiny_tokenizer_json):
+    directory = write_checkpoint(random_bitnet(seed=10), tmp_path, tiny_tokenizer_json)
+    f32 = ternlm.load(directory, kv_cache="f32")
+    f16 = ternlm.load(directory)  # the default
+    assert f16.engine.new_cache(8).f16 and f16.engine.new_cache(8).nbytes * 2 == f32.engine.new_cache(8).nbytes
+    a, b = f32.logits(PROMPT), f16.logits(PROMPT)
+    assert np.abs(a - b).max() / np.ptp(a) < 0.02
+    assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.9

@@ -38,17 +38,22 @@ def model_shape(config: BitNetConfig) -> _core.ModelShape:
 
 HEAD_DTYPES = ("float16", "bfloat16", "float32")
 HEADS = HEAD_DTYPES + ("int8",)
+KV_CACHES = ("f16", "f32")
 
 
 class NativeEngine:
     """head: the output matrix's format. None keeps the checkpoint's own storage, memory-mapped;
     float16/bfloat16/float32 convert it (and a tied embedding); int8 quantizes each row with its
-    own scale and multiplies int8 final hidden states against it."""
+    own scale and multiplies int8 final hidden states against it.
+    kv_cache: "f16" (half the memory) or "f32" keys and values."""
 
     def __init__(self, checkpoint: Checkpoint, threads: int | None = None, progress=None,
-                 head: str | None = None):
+                 head: str | None = None, kv_cache: str = "f16"):
         if head is not None and head not in HEADS:
             raise ValueError(f"unknown head format {head!r}; choose one of {', '.join(HEADS)}")
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"unknown KV cache type {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+        self.kv_cache = kv_cache
         head_dtype = head if head in HEAD_DTYPES else None
         config = self.config = checkpoint.config
         self.shape = model_shape(config)
@@ -105,7 +110,7 @@ class NativeEngine:
         return self._model.head_bytes
 
     def new_cache(self, n_ctx: int):
-        return _core.KVCache(self.shape, n_ctx)
+        return _core.KVCache(self.shape, n_ctx, self.kv_cache == "f16")
 
     def forward(self, cache, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
@@ -122,9 +127,9 @@ def convert_dense(tensor: DenseTensor, dtype: str) -> DenseTensor:
 
 
 def build_engine(checkpoint: Checkpoint, backend: str = "native", threads: int | None = None, progress=None,
-                 head: str | None = None):
+                 head: str | None = None, kv_cache: str = "f16"):
     if backend == "native":
-        return NativeEngine(checkpoint, threads, progress, head)
+        return NativeEngine(checkpoint, threads, progress, head, kv_cache)
     if head is not None:
         raise ValueError("the reference backend computes the head in float32 from the file; head formats are native only")
     if backend == "reference":
