@@ -1,14 +1,18 @@
 // AVX2: pmaddubsw (u8 code x s8 activation, pairs summed to int16) then pmaddwd by 1 to int32.
-// Codes are at most 2, so a pair sum is within [-512, 508]: pmaddubsw never saturates.
+// Codes are at most 2, so a pair sum is within [-512, 508]: pmaddubsw never saturates, and the
+// four of one block add up in int16 (|sum| <= 2048) before a single widening.
 #include "kernels_x86.h"
 
 #include <immintrin.h>
 
 namespace ternlm {
 namespace {
-inline __m256i dot_accumulate(__m256i acc, __m256i codes, __m256i x) {
-    const __m256i pairs = _mm256_maddubs_epi16(codes, x);
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+inline __m256i block_dot(__m256i acc, __m256i c0, __m256i c1, __m256i c2, __m256i c3, const int8_t* x) {
+    const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                                         _mm256_maddubs_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+    const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(c2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))),
+                                         _mm256_maddubs_epi16(c3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 96))));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(p01, p23), _mm256_set1_epi16(1)));
 }
 }  // namespace
 }  // namespace ternlm

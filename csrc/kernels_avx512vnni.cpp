@@ -6,8 +6,11 @@
 
 namespace ternlm {
 namespace {
-inline __m256i dot_accumulate(__m256i acc, __m256i codes, __m256i x) {
-    return _mm256_dpbusd_epi32(acc, codes, x);
+inline __m256i block_dot(__m256i acc, __m256i c0, __m256i c1, __m256i c2, __m256i c3, const int8_t* x) {
+    acc = _mm256_dpbusd_epi32(acc, c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+    acc = _mm256_dpbusd_epi32(acc, c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+    acc = _mm256_dpbusd_epi32(acc, c2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64)));
+    return _mm256_dpbusd_epi32(acc, c3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 96)));
 }
 }  // namespace
 }  // namespace ternlm
