@@ -74,6 +74,7 @@ class NativeEngine:
         if head == "int8":
             self._model.quantize_head_int8()
             self.head = "int8"
+            checkpoint.release(checkpoint.head_name())  # only looked-up embedding rows are read again
         self._model.check_complete()
 
     def _set_dense(self, checkpoint: Checkpoint, name: str, setter, dtype: str | None) -> str:

@@ -81,6 +81,10 @@ class Checkpoint:
         """A BitLinear weight as (int8 {-1,0,1} [rows, cols], scale that multiplies)."""
         raise NotImplementedError
 
+    def release(self, name: str) -> None:
+        """A hint that the caller has its own copy of the tensor: memory-mapped readers drop its
+        pages from the resident set."""
+
     def tokenizer(self):
         """The model's ternlm.tokenizer.Tokenizer (with its chat template, if any)."""
         raise NotImplementedError

@@ -97,6 +97,18 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][1]
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's resident set once a copy has been made (the
+        kernel keeps them in its page cache): otherwise the file and the runtime layout would both
+        count in RSS. Reading the tensor again simply faults the pages back in."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, start, end = self.tensors[name]
+        first = -(-(self._data_start + start) // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
+        last = (self._data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def get(self, name: str) -> np.ndarray:
         """A read-only view into the mapped file (bf16 comes back as uint16 bit patterns)."""
         dtype, shape, start, end = self.tensors[name]
@@ -184,12 +196,18 @@ class HFCheckpoint(Checkpoint):
                 ternary = unpack_ternary_hf(f.get(name))
             except ValueError as e:
                 raise FormatError(f.path, f"tensor {name!r}: {e}") from None
+            f.release(name)
             return ternary, self._packed_scale(name)
         if dtype in ("float32", "float16", "bfloat16", "float64"):
             if shape != (rows, cols):
                 raise FormatError(f.path, f"tensor {name!r} has shape {list(shape)}, expected {[rows, cols]}")
-            return quantize_ternary(float32_of(DenseTensor(f.get(name), dtype)))
+            result = quantize_ternary(float32_of(DenseTensor(f.get(name), dtype)))
+            f.release(name)
+            return result
         raise FormatError(f.path, f"tensor {name!r} has dtype {dtype}, expected uint8 (packed) or a float type")
+
+    def release(self, name: str) -> None:
+        self._file(name).release(name)
 
     def _packed_scale(self, weight_name: str) -> float:
         scale_name = weight_name[: -len("weight")] + "weight_scale"
