@@ -7,7 +7,7 @@ import platform
 import sys
 
 from .errors import FormatError
-from .model import HEADS
+from .model import HEADS, KV_CACHES
 
 MODEL_HELP = "model: an HF directory, a GGUF file, or an HF repo id already downloaded (default: the model shipped with ternlm)"
 
@@ -20,6 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's maximum)")
     p.add_argument("--head", choices=HEADS, default=None,
                    help="format of the output matrix (default: as stored in the file; int8 halves its bytes)")
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="f16", help="keys and values in f16 (default) or f32")
     p.add_argument("-v", "--verbose", action="store_true", help="print timings (tokens/s) to stderr")
 
 
@@ -51,7 +52,7 @@ def _load(args):
             progress.update(task, completed=done, total=total)
 
         return load(args.model, threads=args.threads, backend=args.backend, n_ctx=args.ctx, head=args.head,
-                    progress=step)
+                    kv_cache=args.kv_cache, progress=step)
 
 
 def _stderr_console():
