@@ -41,13 +41,14 @@ def tiny_tokenizer_json(tmp_path_factory) -> Path:
 
 
 def random_bitnet(arch: str = "bitnet", hidden_act: str = "relu2", tie: bool = True, seed: int = 0,
-                  vocab_size: int = 320, layers: int = 2):
+                  vocab_size: int = 320, layers: int = 2, hidden_size: int = 64, intermediate_size: int = 96):
     """A float32 transformers model with random weights (plain linears: the master weights)."""
     import torch
     from transformers import BitNetConfig, BitNetForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1,
                   hidden_act=hidden_act, rope_theta=10000.0)
