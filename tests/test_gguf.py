@@ -100,7 +100,7 @@ def test_same_ternary_weights_as_hf(converted, kind):
 @pytest.mark.parametrize("kind", FORMATS)
 def test_logits_match_transformers(converted, kind):
     _, oracle, files = converted
-    assert_matches_oracle(ternlm.load(files[kind]).logits(PROMPT), oracle)
+    assert_matches_oracle(ternlm.load(files[kind], kv_cache="f32").logits(PROMPT), oracle)
 
 
 def test_tq_rounds_scales_to_f16_only(tmp_path, tiny_tokenizer_json):
@@ -108,7 +108,8 @@ def test_tq_rounds_scales_to_f16_only(tmp_path, tiny_tokenizer_json):
     alone: the same logits as transformers on the checkpoint with its scales rounded to f16."""
     hf = write_checkpoint(wide_random_model(seed=4), tmp_path / "hf", tiny_tokenizer_json)
     tq = convert_to_gguf(hf, tmp_path / "tq.gguf", ternary="tq1_0", head="f32")
-    assert_matches_oracle(ternlm.load(tq).logits(PROMPT), transformers_logits(round_scales_to_f16(hf), PROMPT))
+    assert_matches_oracle(ternlm.load(tq, kv_cache="f32").logits(PROMPT),
+                          transformers_logits(round_scales_to_f16(hf), PROMPT))
 
 
 def test_tokenizer_and_stop_ids_survive_conversion(converted):

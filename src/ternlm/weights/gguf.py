@@ -12,13 +12,14 @@ Ternary layouts (DESIGN.md §2), each unpacked to int8 {-1, 0, 1} [rows, cols] p
   a 32-byte tail whose first 4 bytes are the f32 scale.
 - TQ2_0 (35): blocks of 256 -> 64 code bytes + f16 scale; byte 32h+m holds weights 128h+32k+m in
   bits 2k+1:2k.
-- TQ1_0 (34): blocks of 256 -> 48 + 4 bytes of base-3 digits + f16 scale (see _tq1_0_layout).
+- TQ1_0 (34): blocks of 256 -> 48 + 4 bytes of base-3 digits + f16 scale (see pack_tq1_0).
 TQ blocks carry their own f16 scale; a BitLinear has one per tensor, so every block holding a
 nonzero weight must carry the same scale (all-zero blocks may carry any, llama.cpp writes 0).
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from ..chat import ChatTemplate
 from ..config import BitNetConfig
 from ..errors import FormatError
 from ..tokenizer import Tokenizer
-from .checkpoint import ATTENTION_PROJECTIONS, Checkpoint, DenseTensor
+from .checkpoint import Checkpoint, DenseTensor, float32_of
 from .names import gguf_name, unpermute_rope_rows
 from .packing import quantize_ternary
 
@@ -345,6 +346,17 @@ class GGUFFile:
         """The metadata as gguf-py ReaderFields, by key."""
         return dict(self._reader.fields)
 
+    def release(self, info: TensorInfo) -> None:
+        """Drop a tensor's pages from this process's resident set once the caller has its own copy,
+        so the file and the runtime layout do not both count (as SafetensorsFile.release)."""
+        mapping = getattr(self.data, "_mmap", None)  # the mmap object under np.memmap
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
+        last = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def bytes_of(self, info: TensorInfo) -> np.ndarray:
         return self.data[info.offset: info.offset + info.nbytes]
 
@@ -446,6 +458,7 @@ class GGUFCheckpoint(Checkpoint):
                                  + ("" if self.arch == "llama" else " or a float type"))
         except ValueError as e:
             raise FormatError(self.source, f"tensor {info.name!r} {e}") from None
+        self.file.release(info)
         if not (np.isfinite(scale) and scale > 0):
             raise FormatError(self.source, f"tensor {info.name!r} has the scale {scale}, not a positive number")
         projection = name.split(".")[-2]
@@ -453,6 +466,9 @@ class GGUFCheckpoint(Checkpoint):
             heads = self.config.num_attention_heads if projection == "q_proj" else self.config.num_key_value_heads
             ternary = unpermute_rope_rows(ternary, heads)
         return ternary, scale
+
+    def release(self, name: str) -> None:
+        self.file.release(self._info(name))
 
     def tokenizer(self) -> Tokenizer:
         return gguf_tokenizer(self.file)
@@ -462,8 +478,6 @@ def _ternary_of_float(tensor: DenseTensor) -> tuple[np.ndarray, float]:
     """A float BitLinear weight. llama.cpp's BitNet converter stores the dequantized ternary
     values (t * scale): recognise them exactly, since absmean would get their scale wrong.
     Anything else is a master weight, quantized as at training time."""
-    from .checkpoint import float32_of
-
     weight = float32_of(tensor)
     peak = float(np.abs(weight).max())
     magnitudes = np.abs(weight)
