@@ -10,12 +10,12 @@ import numpy as np
 
 from .chat import ChatTemplate
 from .config import BitNetConfig
-from .weights.checkpoint import Checkpoint
 from .errors import FormatError
 from .generate import ContextOverflowError, GenerationStats, generate_tokens, stream_text
 from .model import build_engine
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+from .weights.checkpoint import Checkpoint
 from .weights.gguf import GGUFCheckpoint
 from .weights.hf import HFCheckpoint
 
@@ -25,7 +25,7 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
-    """A local directory, or an HF repo id already in the local HF cache (`ternlm pull` puts it there)."""
+    """A local directory or GGUF file, or an HF repo id already in the local HF cache."""
     if model is None:
         path = default_model_path()
         if not (path / "config.json").exists():
@@ -41,7 +41,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
         try:
             return Path(snapshot_download(text, local_files_only=True))
         except (LocalEntryNotFoundError, ValueError):
-            raise FormatError(text, "not a local path and not in the HF cache (download it with `ternlm pull`)") from None
+            raise FormatError(text, "not a local path, and not in the local HF cache") from None
     raise FormatError(path, "no such file or directory")
 
 
