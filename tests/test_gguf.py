@@ -112,6 +112,14 @@ def test_tq_rounds_scales_to_f16_only(tmp_path, tiny_tokenizer_json):
                           transformers_logits(round_scales_to_f16(hf), PROMPT))
 
 
+def test_convert_from_bf16_masters(tmp_path, tiny_tokenizer_json):
+    """Master weights (the -bf16 release's form) are quantized on the way in; a bf16 head stays bf16."""
+    hf = write_checkpoint(wide_random_model(seed=6), tmp_path / "hf", tiny_tokenizer_json, packed=False, dtype="bfloat16")
+    path = convert_to_gguf(hf, tmp_path / "m.gguf", ternary="i2_s", head="bf16")
+    assert GGUFFile(path).tensors["token_embd.weight"].type_name == "BF16"
+    assert_matches_oracle(ternlm.load(path, kv_cache="f32").logits(PROMPT), transformers_logits(hf, PROMPT))
+
+
 def test_tokenizer_and_stop_ids_survive_conversion(converted):
     hf_dir, _, files = converted
     hf, gguf = ternlm.load(hf_dir, backend="reference"), ternlm.load(files["tq1_0"], backend="reference")
