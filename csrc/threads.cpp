@@ -17,6 +17,21 @@ ThreadPool::ThreadPool(int threads) {
     for (int i = 0; i < extra; ++i) workers_.emplace_back([this, i] { worker_loop(i + 1); });
 }
 
+namespace {
+
+// About 50-100 microseconds of polling before a thread goes to sleep.
+constexpr int kSpins = 20000;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+}  // namespace
+
 ThreadPool::~ThreadPool() {
     {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -37,15 +52,19 @@ void ThreadPool::run_share(int index) {
 void ThreadPool::worker_loop(int index) {
     uint64_t seen = 0;
     for (;;) {
-        {
+        for (int i = 0; i < kSpins && generation_.load(std::memory_order_acquire) == seen && !stopping_; ++i)
+            cpu_relax();
+        if (generation_.load(std::memory_order_acquire) == seen) {
             std::unique_lock<std::mutex> lock(mutex_);
-            wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
-            if (stopping_) return;
-            seen = generation_;
+            wake_.wait(lock, [&] { return stopping_ || generation_.load() != seen; });
         }
+        if (stopping_) return;
+        seen = generation_.load(std::memory_order_acquire);
         run_share(index);
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (--pending_ == 0) done_.notify_one();
+        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            std::lock_guard<std::mutex> lock(mutex_);  // pairs with the caller's sleep below
+            done_.notify_one();
+        }
     }
 }
 
@@ -56,18 +75,21 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
         fn(0, n);
         return;
     }
+    job_ = &fn;
+    job_n_ = n;
+    job_grain_ = std::max<int64_t>(grain, 1);
+    pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
     {
-        std::lock_guard<std::mutex> lock(mutex_);
-        job_ = &fn;
-        job_n_ = n;
-        job_grain_ = std::max<int64_t>(grain, 1);
-        pending_ = static_cast<int>(workers_.size());
-        ++generation_;
+        std::lock_guard<std::mutex> lock(mutex_);  // a worker between its check and its sleep holds it
+        generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     run_share(0);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return pending_ == 0; });
+    for (int i = 0; i < kSpins && pending_.load(std::memory_order_acquire) != 0; ++i) cpu_relax();
+    if (pending_.load(std::memory_order_acquire) != 0) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        done_.wait(lock, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
 }
 
 double measure_read_bandwidth(int64_t bytes, int threads, int repeats) {

@@ -1,5 +1,8 @@
-// One persistent pool of worker threads; the calling thread works too.
+// One persistent pool of worker threads; the calling thread works too. Between jobs, workers spin
+// briefly before sleeping: a decode step hands out a few hundred small jobs, and waking a sleeping
+// thread costs more than many of them.
 #pragma once
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -29,11 +32,11 @@ private:
     std::vector<std::thread> workers_;
     std::mutex mutex_;
     std::condition_variable wake_, done_;
-    const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+    const std::function<void(int64_t, int64_t)>* job_ = nullptr;  // written before generation_ moves
     int64_t job_n_ = 0, job_grain_ = 1;
-    uint64_t generation_ = 0;
-    int pending_ = 0;
-    bool stopping_ = false;
+    std::atomic<uint64_t> generation_{0};  // one more per job
+    std::atomic<int> pending_{0};          // workers still busy with the current job
+    std::atomic<bool> stopping_{false};
 };
 
 int default_thread_count();
