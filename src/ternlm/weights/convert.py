@@ -39,9 +39,10 @@ FILE_TYPES = {TQ1_0: LlamaFileType.MOSTLY_TQ1_0, TQ2_0: LlamaFileType.MOSTLY_TQ2
 
 
 def open_source(path: Path) -> Checkpoint:
-    from ..api import open_checkpoint
+    """An HF directory, a GGUF file, or an HF repo id in the local cache."""
+    from ..api import open_checkpoint, resolve_model_path
 
-    return open_checkpoint(path)
+    return open_checkpoint(resolve_model_path(path))
 
 
 def _architecture(config: BitNetConfig, ternary_type: int) -> str:
@@ -96,32 +97,44 @@ def convert_to_gguf(source: str | Path, destination: str | Path, ternary: str = 
     _check_block_sizes(plan, checkpoint.source)
 
     destination = Path(destination)
-    writer = GGUFWriter(destination, arch)
-    _write_config(writer, arch, config, ternary_type)
-    _write_tokenizer(writer, checkpoint)
-    for name, _, _, shape, qtype in plan:
-        # logical shape + raw type id: GGUFWriter only stores them (it knows no I2_S size)
-        writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for done, (name, hf_name, kind, shape, qtype) in enumerate(plan, 1):
-        if kind == "ternary":
-            weights, scale = checkpoint.ternary(hf_name, *shape)
-            projection = hf_name.split(".")[-2]
-            if arch == "llama" and projection in ("q_proj", "k_proj"):
-                heads = config.num_attention_heads if projection == "q_proj" else config.num_key_value_heads
-                weights = permute_rope_rows(weights, heads)
-            data = pack(weights, scale)
-        elif kind == "norm":
-            data = checkpoint.norm(hf_name, shape[0])
-        else:
-            data = _dense_as(checkpoint, hf_name, GGMLQuantizationType(qtype))
-        writer.write_tensor_data(data)
-        if progress:
-            progress(done, len(plan))
-    writer.close()
+    if destination.exists() and destination.resolve() == Path(source).resolve():
+        raise ValueError(f"{destination}: the destination is the source file")
+    # written under a temporary name: a failed conversion never leaves a plausible-looking file
+    partial = destination.with_name(destination.name + ".partial")
+    writer = GGUFWriter(partial, arch)
+    try:
+        _write_config(writer, arch, config, ternary_type, Path(source).name)
+        _write_tokenizer(writer, checkpoint)
+        for name, _, _, shape, qtype in plan:
+            # logical shape + raw type id: GGUFWriter only stores them (it knows no I2_S size)
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for done, (name, hf_name, kind, shape, qtype) in enumerate(plan, 1):
+            writer.write_tensor_data(_tensor_data(checkpoint, arch, pack, hf_name, kind, shape, qtype))
+            if progress:
+                progress(done, len(plan))
+        writer.close()
+        partial.replace(destination)
+    finally:
+        writer.close()
+        partial.unlink(missing_ok=True)
     return destination
+
+
+def _tensor_data(checkpoint: Checkpoint, arch: str, pack, hf_name: str, kind: str, shape, qtype) -> np.ndarray:
+    if kind == "ternary":
+        weights, scale = checkpoint.ternary(hf_name, *shape)
+        projection = hf_name.split(".")[-2]
+        if arch == "llama" and projection in ("q_proj", "k_proj"):
+            config = checkpoint.config
+            heads = config.num_attention_heads if projection == "q_proj" else config.num_key_value_heads
+            weights = permute_rope_rows(weights, heads)
+        return pack(weights, scale)
+    if kind == "norm":
+        return checkpoint.norm(hf_name, shape[0])
+    return _dense_as(checkpoint, hf_name, GGMLQuantizationType(qtype))
 
 
 def _check_block_sizes(plan, source: str) -> None:
@@ -199,8 +212,8 @@ def _best_scales(x: np.ndarray, nmax: int) -> np.ndarray:
     return np.where(np.abs(peak) < 1e-15, 0, best_scale).astype(np.float32)
 
 
-def _write_config(writer: GGUFWriter, arch: str, config: BitNetConfig, ternary_type: int) -> None:
-    writer.add_name("ternlm conversion")
+def _write_config(writer: GGUFWriter, arch: str, config: BitNetConfig, ternary_type: int, name: str) -> None:
+    writer.add_name(name)
     writer.add_quantization_version(2)
     if ternary_type in FILE_TYPES:
         writer.add_file_type(FILE_TYPES[ternary_type])
