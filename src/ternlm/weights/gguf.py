@@ -158,13 +158,16 @@ def pack_tq1_0(ternary: np.ndarray, scale: float) -> np.ndarray:
 def unpack_tq1_0(data: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     blocks = data.reshape(-1, 54)
     ternary = np.empty((len(blocks), QK_K), dtype=np.int8)
-    start = 0
-    for first, width, digits in _TQ1_0_GROUPS:
-        packed = blocks[:, start: start + width].astype(np.uint16)
-        for k in range(digits):
-            shifted = (packed * (3 ** k)) & 0xFF
-            ternary[:, first + k * width: first + (k + 1) * width] = ((shifted * 3) >> 8).astype(np.int8) - 1
-        start += width
+    step = 4096  # blocks per slab: the temporaries stay in cache
+    for slab in range(0, len(blocks), step):
+        out = ternary[slab: slab + step]
+        start = 0
+        for first, width, digits in _TQ1_0_GROUPS:
+            packed = blocks[slab: slab + step, start: start + width].astype(np.uint16)
+            for k in range(digits):
+                shifted = (packed * (3 ** k)) & 0xFF
+                out[:, first + k * width: first + (k + 1) * width] = ((shifted * 3) >> 8).astype(np.int8) - 1
+            start += width
     return ternary.reshape(rows, cols), blocks[:, 52:54].copy().view("<f2").reshape(-1)
 
 
@@ -346,14 +349,19 @@ class GGUFFile:
         """The metadata as gguf-py ReaderFields, by key."""
         return dict(self._reader.fields)
 
-    def release(self, info: TensorInfo) -> None:
-        """Drop a tensor's pages from this process's resident set once the caller has its own copy,
-        so the file and the runtime layout do not both count (as SafetensorsFile.release)."""
+    def release(self, info: TensorInfo, first_row: int = 0, end_row: int | None = None) -> None:
+        """Drop a tensor's pages (or those of rows [first_row, end_row)) from this process's
+        resident set once the caller has its own copy, so the file and the runtime layout do not
+        both count (as SafetensorsFile.release). Rows are whole blocks in every ggml type."""
         mapping = getattr(self.data, "_mmap", None)  # the mmap object under np.memmap
         if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        first = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
-        last = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        rows = info.shape[0] if len(info.shape) > 1 else 1
+        row_bytes = info.nbytes // rows
+        start = info.offset + first_row * row_bytes
+        end = info.offset + (rows if end_row is None else end_row) * row_bytes
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
             mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
@@ -435,7 +443,10 @@ class GGUFCheckpoint(Checkpoint):
         if info.type_id in TERNARY_TYPES or info.type_id not in _DEQUANTIZABLE:
             raise FormatError(self.source, f"tensor {info.name!r} has type {info.type_name}, which ternlm "
                                            "cannot read for an embedding, head or norm")
-        return DenseTensor(_dequantize_to_f16(data, info), "float16")
+        try:
+            return DenseTensor(_dequantize_to_f16(data, info), "float16")
+        except ValueError as e:
+            raise FormatError(self.source, f"tensor {info.name!r}: {e}") from None
 
     def ternary(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float]:
         info = self._info(name)
@@ -467,8 +478,8 @@ class GGUFCheckpoint(Checkpoint):
             ternary = unpermute_rope_rows(ternary, heads)
         return ternary, scale
 
-    def release(self, name: str) -> None:
-        self.file.release(self._info(name))
+    def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
+        self.file.release(self._info(name), first_row, end_row)
 
     def tokenizer(self) -> Tokenizer:
         return gguf_tokenizer(self.file)
@@ -492,7 +503,7 @@ _DEQUANTIZABLE = {GGMLQuantizationType[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_
 
 
 def _dequantize_to_f16(data: np.ndarray, info: TensorInfo) -> np.ndarray:
-    """Dequantized a slab of rows at a time into float16: a 2B4T embedding stays at 0.66 GB."""
+    """Dequantize a slab of rows at a time into float16: a 2B4T embedding stays at 0.66 GB."""
     rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
     qtype = GGMLQuantizationType(info.type_id)
     block, block_bytes = GGML_QUANT_SIZES[qtype]
@@ -502,7 +513,7 @@ def _dequantize_to_f16(data: np.ndarray, info: TensorInfo) -> np.ndarray:
     for start in range(0, rows, step):
         values = gguf_quants.dequantize(packed[start: start + step], qtype)
         if not np.all(np.abs(values) <= np.finfo(np.float16).max):
-            raise FormatError(str(info.name), "dequantized values exceed the float16 range")
+            raise ValueError("dequantized values exceed the float16 range")
         out[start: start + step] = values
     return out.reshape(info.shape)
 
