@@ -234,8 +234,9 @@ NB_MODULE(_core, m) {
             },
             "array"_a, "dtype"_a, "owner"_a)
         .def("check_complete", [](const PyModel& p) { p.model->check_complete(); })
-        .def("quantize_head_int8", [](PyModel& p) { p.model->quantize_head_int8(); },
-             nb::call_guard<nb::gil_scoped_release>(), "Make the head int8 rows with per-row scales.")
+        .def("quantize_head_int8", [](PyModel& p, int64_t begin, int64_t end) { p.model->quantize_head_int8(begin, end); },
+             "begin"_a, "end"_a, nb::call_guard<nb::gil_scoped_release>(),
+             "Convert head rows [begin, end) to int8 with per-row scales (all rows: the head is int8).")
         .def_prop_ro("head_bytes", [](const PyModel& p) { return p.model->head_bytes(); })
         .def(
             "forward",

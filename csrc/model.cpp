@@ -148,15 +148,18 @@ void Model::set_head(DenseMatrix head) {
     head_ = head;
 }
 
-void Model::quantize_head_int8() {
+void Model::quantize_head_int8(int64_t begin, int64_t end) {
     const DenseMatrix& head = head_.data ? head_ : embedding_;
     if (!head.data) throw shape_error("set the embedding before quantizing the head");
+    if (begin < 0 || end > shape_.vocab || begin >= end) throw shape_error("head rows out of range");
     const int64_t H = shape_.hidden, padded = padded_cols(H);
-    head_int8_.assign(static_cast<size_t>(shape_.vocab * padded), 0);
-    head_int8_scales_.assign(static_cast<size_t>(shape_.vocab), 0.0f);
-    pool_->parallel_for(shape_.vocab, 256, [&](int64_t begin, int64_t end) {
+    if (head_int8_.empty()) {
+        head_int8_.assign(static_cast<size_t>(shape_.vocab * padded), 0);
+        head_int8_scales_.assign(static_cast<size_t>(shape_.vocab), 0.0f);
+    }
+    pool_->parallel_for(end - begin, 256, [&](int64_t first, int64_t last) {
         std::vector<float> row(static_cast<size_t>(H));
-        for (int64_t r = begin; r < end; ++r) {
+        for (int64_t r = begin + first; r < begin + last; ++r) {
             load_elements(head.data, head.dtype, r * H, H, row.data());
             head_int8_scales_[r] = quantize_row_symmetric(row.data(), H, &head_int8_[r * padded]);
         }

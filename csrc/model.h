@@ -71,7 +71,9 @@ public:
     void set_final_norm(const float* values, int64_t n);
     void set_embedding(DenseMatrix embedding);
     void set_head(DenseMatrix head);  // untied output matrix; without it the head is the embedding
-    void quantize_head_int8();        // from now on the head is int8 rows with per-row scales
+    // Makes the head int8 rows with per-row scales, from rows [begin, end) of the float head; the
+    // head is int8 once every row has been converted (callers go in chunks to bound memory).
+    void quantize_head_int8(int64_t begin, int64_t end);
     int64_t head_bytes() const;       // bytes a decode step reads for the head
     void check_complete() const;      // throws naming the first missing tensor
 

@@ -39,6 +39,7 @@ def model_shape(config: BitNetConfig) -> _core.ModelShape:
 HEAD_DTYPES = ("float16", "bfloat16", "float32")
 HEADS = HEAD_DTYPES + ("int8",)
 KV_CACHES = ("f16", "f32")
+HEAD_CHUNK_ROWS = 8192
 
 
 class NativeEngine:
@@ -72,9 +73,12 @@ class NativeEngine:
         if checkpoint.head_name() != "model.embed_tokens.weight":
             self.head = self._set_dense(checkpoint, checkpoint.head_name(), self._model.set_head, head_dtype)
         if head == "int8":
-            self._model.quantize_head_int8()
+            # in chunks, dropping each chunk's mapped pages: only looked-up embedding rows are read again
+            for begin in range(0, config.vocab_size, HEAD_CHUNK_ROWS):
+                end = min(begin + HEAD_CHUNK_ROWS, config.vocab_size)
+                self._model.quantize_head_int8(begin, end)
+                checkpoint.release(checkpoint.head_name(), begin, end)
             self.head = "int8"
-            checkpoint.release(checkpoint.head_name())  # only looked-up embedding rows are read again
         self._model.check_complete()
 
     def _set_dense(self, checkpoint: Checkpoint, name: str, setter, dtype: str | None) -> str:

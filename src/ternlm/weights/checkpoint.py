@@ -81,9 +81,9 @@ class Checkpoint:
         """A BitLinear weight as (int8 {-1,0,1} [rows, cols], scale that multiplies)."""
         raise NotImplementedError
 
-    def release(self, name: str) -> None:
-        """A hint that the caller has its own copy of the tensor: memory-mapped readers drop its
-        pages from the resident set."""
+    def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
+        """A hint that the caller has its own copy of the tensor (or of rows [first_row, end_row)):
+        memory-mapped readers drop those pages from the resident set."""
 
     def tokenizer(self):
         """The model's ternlm.tokenizer.Tokenizer (with its chat template, if any)."""

@@ -97,13 +97,16 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][1]
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process's resident set once a copy has been made (the
-        kernel keeps them in its page cache): otherwise the file and the runtime layout would both
-        count in RSS. Reading the tensor again simply faults the pages back in."""
+    def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
+        """Drop the pages of the tensor (or of its rows [first_row, end_row)) from this process's
+        resident set once a copy has been made (the kernel keeps them in its page cache): otherwise
+        the file and the runtime layout would both count in RSS. Reading again faults them back in."""
         if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        _, _, start, end = self.tensors[name]
+        dtype, shape, start, end = self.tensors[name]
+        if end_row is not None or first_row:
+            row_bytes = (end - start) // max(shape[0], 1)
+            start, end = start + first_row * row_bytes, start + (shape[0] if end_row is None else end_row) * row_bytes
         first = -(-(self._data_start + start) // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
         last = (self._data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
@@ -206,8 +209,8 @@ class HFCheckpoint(Checkpoint):
             return result
         raise FormatError(f.path, f"tensor {name!r} has dtype {dtype}, expected uint8 (packed) or a float type")
 
-    def release(self, name: str) -> None:
-        self._file(name).release(name)
+    def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
+        self._file(name).release(name, first_row, end_row)
 
     def _packed_scale(self, weight_name: str) -> float:
         scale_name = weight_name[: -len("weight")] + "weight_scale"
