@@ -278,7 +278,11 @@ def test_chat_template_from_metadata(tiny_tokenizer_json, tmp_path):
     broken = ("{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
               "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
     custom = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<|eot_id|>{% endfor %}"
-    for template, expected in ((broken, None), (custom, custom), (None, None)):
+    # the template of 2B4T's tokenizer_config.json: the official format, so kept
+    official = ("{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
+                "{% set content = message['role'] | capitalize + ': '+ message['content'] | trim + '<|eot_id|>' %}"
+                "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")
+    for template, expected in ((broken, None), (custom, custom), (None, None), (official, official)):
         extra = {"tokenizer__chat_template": template} if template else {}
         path = write_gguf(tmp_path / "t.gguf", **tokenizer_metadata(tok, **extra))
         assert gguf_tokenizer(GGUFFile(path)).chat_template == expected

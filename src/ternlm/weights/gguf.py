@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, TokenType
 from gguf import quants as gguf_quants
 
-from ..chat import ChatTemplate
+from ..chat import BITNET_2B4T_TEMPLATE, ChatTemplate
 from ..config import BitNetConfig
 from ..errors import FormatError
 from ..tokenizer import Tokenizer
@@ -629,16 +629,17 @@ def _sentencepiece_pipeline(tok, add_space_prefix: bool) -> None:
 
 
 def _chat_template(template: str | None, tokens: list[str], bos: str | None, eos: str | None) -> str | None:
-    """The file's template, unless it is the broken one 2B4T's official converter writes: a
-    "Role: content" template that does not close each message with <|eot_id|>, so the model never
-    learns where a turn ends (it talks on for both sides). None -> the built-in 2B4T template."""
+    """The file's template, unless it is a broken 2B4T one, as the official converter writes: a
+    "Role: content" template that does not render 2B4T's format exactly (turns must end in
+    <|eot_id|>, or the model talks on for both sides). None -> the built-in 2B4T template."""
     if template is None or "<|eot_id|>" not in tokens:
         return template
+    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
     try:
-        text = ChatTemplate(template, bos or "", eos or "").render(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+        text = ChatTemplate(template, bos or "", eos or "").render(messages)
     except (FormatError, ValueError):
         return template  # a template that does not render is reported when the model is loaded
-    if "User: hi" in text and text.count("<|eot_id|>") < 2:
+    if "User: hi" in text and text != ChatTemplate(BITNET_2B4T_TEMPLATE, bos or "", eos or "").render(messages):
         return None
     return template
