@@ -154,6 +154,34 @@ NB_MODULE(_core, m) {
         },
         "q"_a, "xq"_a, "kernel"_a = "", "Exact int8 product xq [T, cols] . q^T -> int32 [T, rows] (q in [-127, 127]).");
 
+    m.def(
+        "q4_head_logits",
+        [](Array<const float, nb::ndim<2>> head, Array<const float, nb::ndim<2>> x, const std::string& kernel) {
+            // quantizes `head` to q4 and x to int8, then runs the kernel: for tests
+            const int64_t rows = head.shape(0), cols = head.shape(1), T = x.shape(0), padded = padded_cols(cols);
+            if (static_cast<int64_t>(x.shape(1)) != cols) throw std::invalid_argument("activation width does not match");
+            const Q4GemvFn gemv = (kernel.empty() ? active_kernels() : find_kernels(kernel)).q4_gemv;
+            auto out = owned_array<float>({size_t(T), size_t(rows)});
+            {
+                nb::gil_scoped_release release;
+                std::vector<uint8_t> q(static_cast<size_t>(rows * padded / 2));
+                std::vector<float> scales(static_cast<size_t>(rows * padded / kQ4Group));
+                for (int64_t r = 0; r < rows; ++r)
+                    quantize_row_q4(head.data() + r * cols, cols, &q[r * padded / 2], &scales[r * padded / kQ4Group]);
+                std::vector<int8_t> xq(static_cast<size_t>(T * padded));
+                std::vector<float> a(static_cast<size_t>(T));
+                for (int64_t t = 0; t < T; ++t) {
+                    int32_t sum;
+                    a[t] = quantize_row_int8(x.data() + t * cols, cols, &xq[t * padded], &sum);
+                }
+                gemv({q.data(), scales.data(), rows, cols}, 0, rows, xq.data(), T, out.data(), rows);
+                for (int64_t t = 0; t < T; ++t)
+                    for (int64_t r = 0; r < rows; ++r) out.data()[t * rows + r] /= a[t];
+            }
+            return out;
+        },
+        "head"_a, "x"_a, "kernel"_a = "", "q4-quantized head [rows, cols] times int8-quantized x [T, cols] (tests).");
+
     nb::class_<KVCache>(m, "KVCache")
         .def(nb::init<const ModelShape&, int64_t, bool>(), "shape"_a, "n_ctx"_a, "f16"_a = true)
         .def_prop_ro("n_ctx", &KVCache::n_ctx)
@@ -234,9 +262,15 @@ NB_MODULE(_core, m) {
             },
             "array"_a, "dtype"_a, "owner"_a)
         .def("check_complete", [](const PyModel& p) { p.model->check_complete(); })
-        .def("quantize_head_int8", [](PyModel& p, int64_t begin, int64_t end) { p.model->quantize_head_int8(begin, end); },
-             "begin"_a, "end"_a, nb::call_guard<nb::gil_scoped_release>(),
-             "Convert head rows [begin, end) to int8 with per-row scales (all rows: the head is int8).")
+        .def(
+            "quantize_head",
+            [](PyModel& p, const std::string& format, int64_t begin, int64_t end) {
+                if (format != "int8" && format != "q4") throw std::invalid_argument("head format must be int8 or q4");
+                nb::gil_scoped_release release;
+                p.model->quantize_head(format == "int8" ? HeadFormat::Int8 : HeadFormat::Q4, begin, end);
+            },
+            "format"_a, "begin"_a, "end"_a,
+            "Convert head rows [begin, end) to int8 or q4 (once all rows are done, the head is in that format).")
         .def_prop_ro("head_bytes", [](const PyModel& p) { return p.model->head_bytes(); })
         .def(
             "forward",

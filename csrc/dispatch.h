@@ -12,6 +12,7 @@ struct KernelSet {
     TernaryGemmFn ternary_gemm;
     DenseGemvFn dense_gemv;
     Int8GemvFn int8_gemv;
+    Q4GemvFn q4_gemv;
     F16StoreFn f16_store;
     F16DotFn f16_dot;
     F16AxpyFn f16_axpy;

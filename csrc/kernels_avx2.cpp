@@ -157,4 +157,31 @@ void f16_axpy_avx2(float p, const uint16_t* v, int64_t n, float* out) {
     for (int64_t j = i; j < n; ++j) out[j] += p * tail[j - i];
 }
 
+// Per group: 16 bytes -> 32 nibbles in weight order, minus 8, then the same sign trick as the int8
+// head (|q - 8| <= 8, so pmaddubsw pairs stay within 2032); one FMA by the group's scale.
+void q4_gemv_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
+                  float* out, int64_t out_stride) {
+    const int64_t padded = padded_cols(m.cols), groups = padded / kQ4Group;
+    const __m128i low_nibbles = _mm_set1_epi8(15);
+    const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        const uint8_t* row = m.q + r * padded / 2;
+        const float* scales = m.scales + r * groups;
+        for (int64_t t = 0; t < tokens; ++t) {
+            const int8_t* x = xq + t * padded;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t g = 0; g < groups; ++g) {
+                const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * kQ4Group / 2));
+                const __m256i q = _mm256_sub_epi8(
+                    _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles), _mm_and_si128(bytes, low_nibbles)),
+                    eight);
+                const __m256i xg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + g * kQ4Group));
+                const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xg, q)), ones);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(scales[g]), _mm256_cvtepi32_ps(dot), acc);
+            }
+            out[t * out_stride + r] = horizontal_sum(acc);
+        }
+    }
+}
+
 }  // namespace ternlm

@@ -18,6 +18,8 @@ void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, c
 void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                     int64_t tokens, int32_t* acc, int64_t out_stride);
 
+void q4_gemv_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
+                  float* out, int64_t out_stride);
 void f16_store_avx2(const float* x, int64_t n, uint16_t* out);
 float f16_dot_avx2(const float* q, const uint16_t* k, int64_t n);
 void f16_axpy_avx2(float p, const uint16_t* v, int64_t n, float* out);

@@ -148,26 +148,33 @@ void Model::set_head(DenseMatrix head) {
     head_ = head;
 }
 
-void Model::quantize_head_int8(int64_t begin, int64_t end) {
+void Model::quantize_head(HeadFormat format, int64_t begin, int64_t end) {
     const DenseMatrix& head = head_.data ? head_ : embedding_;
     if (!head.data) throw shape_error("set the embedding before quantizing the head");
+    if (format == HeadFormat::Dense) throw shape_error("quantize_head needs int8 or q4");
     if (begin < 0 || end > shape_.vocab || begin >= end) throw shape_error("head rows out of range");
     const int64_t H = shape_.hidden, padded = padded_cols(H);
-    if (head_int8_.empty()) {
-        head_int8_.assign(static_cast<size_t>(shape_.vocab * padded), 0);
-        head_int8_scales_.assign(static_cast<size_t>(shape_.vocab), 0.0f);
+    const int64_t row_bytes = format == HeadFormat::Int8 ? padded : padded / 2;
+    const int64_t row_scales = format == HeadFormat::Int8 ? 1 : padded / kQ4Group;
+    if (begin == 0) {
+        head_q_.assign(static_cast<size_t>(shape_.vocab * row_bytes), 0);
+        head_scales_.assign(static_cast<size_t>(shape_.vocab * row_scales), 0.0f);
     }
     pool_->parallel_for(end - begin, 256, [&](int64_t first, int64_t last) {
         std::vector<float> row(static_cast<size_t>(H));
         for (int64_t r = begin + first; r < begin + last; ++r) {
             load_elements(head.data, head.dtype, r * H, H, row.data());
-            head_int8_scales_[r] = quantize_row_symmetric(row.data(), H, &head_int8_[r * padded]);
+            if (format == HeadFormat::Int8)
+                head_scales_[r] = quantize_row_symmetric(row.data(), H, reinterpret_cast<int8_t*>(&head_q_[r * row_bytes]));
+            else
+                quantize_row_q4(row.data(), H, &head_q_[r * row_bytes], &head_scales_[r * row_scales]);
         }
     });
+    if (end == shape_.vocab) head_format_ = format;
 }
 
 int64_t Model::head_bytes() const {
-    if (!head_int8_.empty()) return static_cast<int64_t>(head_int8_.size() + 4 * head_int8_scales_.size());
+    if (head_format_ != HeadFormat::Dense) return static_cast<int64_t>(head_q_.size() + 4 * head_scales_.size());
     const DenseMatrix& head = head_.data ? head_ : embedding_;
     return head.rows * head.cols * (head.dtype == DType::F32 ? 4 : 2);
 }
@@ -348,20 +355,29 @@ void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t st
     const int64_t first = all_logits ? 0 : T - 1, rows = T - first;
     for (int64_t t = 0; t < rows; ++t)
         rms_norm(&b.x[(first + t) * H], final_norm_.data(), H, s.rms_norm_eps, &b.normed[t * H]);
-    if (!head_int8_.empty()) {
-        // int8 head: quantize each final hidden state like a BitLinear input, exact int32 dots.
+    if (head_format_ != HeadFormat::Dense) {
+        // Quantized heads meet the final hidden state quantized like a BitLinear input.
         const int64_t padded = padded_cols(H);
         for (int64_t t = 0; t < rows; ++t)
             b.act_scale[t] = quantize_row_int8(&b.normed[t * H], H, b.xq.data() + t * padded, &b.xq_sums[t]);
-        const Int8RowsView view{head_int8_.data(), s.vocab, H};
-        const Int8GemvFn gemv = active_kernels().int8_gemv;
-        std::vector<int32_t> acc(static_cast<size_t>(rows * s.vocab));
-        pool_->parallel_for(s.vocab, 256, [&](int64_t begin, int64_t end) {
-            gemv(view, begin, end, b.xq.data(), rows, acc.data(), s.vocab);
-            for (int64_t t = 0; t < rows; ++t)
-                for (int64_t r = begin; r < end; ++r)
-                    logits[t * s.vocab + r] = static_cast<float>(acc[t * s.vocab + r]) * (head_int8_scales_[r] / b.act_scale[t]);
-        });
+        const KernelSet& kernels = active_kernels();
+        if (head_format_ == HeadFormat::Int8) {
+            const Int8RowsView view{reinterpret_cast<const int8_t*>(head_q_.data()), s.vocab, H};
+            std::vector<int32_t> acc(static_cast<size_t>(rows * s.vocab));
+            pool_->parallel_for(s.vocab, 256, [&](int64_t begin, int64_t end) {
+                kernels.int8_gemv(view, begin, end, b.xq.data(), rows, acc.data(), s.vocab);
+                for (int64_t t = 0; t < rows; ++t)
+                    for (int64_t r = begin; r < end; ++r)
+                        logits[t * s.vocab + r] = static_cast<float>(acc[t * s.vocab + r]) * (head_scales_[r] / b.act_scale[t]);
+            });
+        } else {
+            const Q4RowsView view{head_q_.data(), head_scales_.data(), s.vocab, H};
+            pool_->parallel_for(s.vocab, 256, [&](int64_t begin, int64_t end) {
+                kernels.q4_gemv(view, begin, end, b.xq.data(), rows, logits, s.vocab);
+                for (int64_t t = 0; t < rows; ++t)
+                    for (int64_t r = begin; r < end; ++r) logits[t * s.vocab + r] /= b.act_scale[t];
+            });
+        }
         return;
     }
     const DenseMatrix& head = head_.data ? head_ : embedding_;

@@ -32,6 +32,9 @@ struct TernaryMatrix {
     bool empty() const { return bytes.empty(); }
 };
 
+// The head's format: the float matrix as given, int8 rows with a scale each, or 4-bit groups.
+enum class HeadFormat : int { Dense = 0, Int8 = 1, Q4 = 2 };
+
 struct Layer {
     std::vector<float> input_layernorm, post_attention_layernorm, attn_sub_norm, ffn_sub_norm;
     TernaryMatrix q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
@@ -71,9 +74,9 @@ public:
     void set_final_norm(const float* values, int64_t n);
     void set_embedding(DenseMatrix embedding);
     void set_head(DenseMatrix head);  // untied output matrix; without it the head is the embedding
-    // Makes the head int8 rows with per-row scales, from rows [begin, end) of the float head; the
-    // head is int8 once every row has been converted (callers go in chunks to bound memory).
-    void quantize_head_int8(int64_t begin, int64_t end);
+    // Converts rows [begin, end) of the float head to `format` (callers go in chunks, so the float
+    // rows need not all be resident at once); the head takes that format once every row is done.
+    void quantize_head(HeadFormat format, int64_t begin, int64_t end);
     int64_t head_bytes() const;       // bytes a decode step reads for the head
     void check_complete() const;      // throws naming the first missing tensor
 
@@ -98,8 +101,9 @@ private:
     std::vector<Layer> layers_;
     std::vector<float> final_norm_;
     DenseMatrix embedding_, head_;
-    std::vector<int8_t> head_int8_;  // [vocab, padded_cols(hidden)] when the head is int8
-    std::vector<float> head_int8_scales_;
+    HeadFormat head_format_ = HeadFormat::Dense;
+    std::vector<uint8_t> head_q_;    // int8: [vocab, padded_cols(hidden)]; q4: half that
+    std::vector<float> head_scales_; // int8: one per row; q4: one per 32-weight group
     std::unique_ptr<ThreadPool> pool_;
 };
 

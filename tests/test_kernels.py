@@ -138,3 +138,31 @@ def test_f16_rounding_matches_numpy(kernel):
     with np.errstate(over="ignore"):  # overflow to inf is part of what is checked
         expected = x.astype(np.float16).view(np.uint16)
     assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("tokens,cols,rows", [(1, 32, 3), (2, 100, 7), (3, 2560, 11)])
+def test_q4_head_matches_numpy(kernel, tokens, cols, rows):
+    """The 4-bit head against NumPy's own Q4_0-style quantization and float64 products."""
+    rng = np.random.default_rng(cols)
+    head = rng.standard_normal((rows, cols)).astype(np.float32)
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    got = _core.q4_head_logits(head, x, kernel)
+
+    padded = -(-cols // 128) * 128
+    groups = np.zeros((rows, padded), dtype=np.float32)
+    groups[:, :cols] = head
+    groups = groups.reshape(rows, -1, 32)
+    extreme = np.take_along_axis(groups, np.abs(groups).argmax(-1)[..., None], -1)  # signed, largest magnitude
+    d = (extreme / np.float32(-8)).astype(np.float32)
+    inverse = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    q = np.clip(np.round(groups * inverse) + 8, 0, 15)
+    dequantized = ((q - 8) * d).reshape(rows, padded)[:, :cols].astype(np.float64)
+    xq, a = reference.quantize_activations(x)
+    expected = (xq.astype(np.float64) @ dequantized.T) / a.astype(np.float64)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    # and within the rounding bounds of the exact product: |w error| <= |d| / 2, |x error| <= 1 / (2a)
+    exact = x.astype(np.float64) @ head.T.astype(np.float64)
+    weight_error = np.abs(d).repeat(32, -1).reshape(rows, padded)[:, :cols] / 2
+    bound = np.abs(x) @ weight_error.T + (np.abs(head).sum(1)[None, :] + weight_error.sum(1)[None, :]) / (2 * a)
+    assert np.all(np.abs(got - exact) <= bound * (1 + 1e-5))

@@ -126,3 +126,13 @@ def test_f16_kv_cache_is_close_to_f32(tmp_path, tiny_tokenizer_json):
     a, b = f32.logits(PROMPT), f16.logits(PROMPT)
     assert np.abs(a - b).max() / np.ptp(a) < 0.02
     assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.9
+
+
+def test_q4_head_is_close_to_the_float_head(tmp_path, tiny_tokenizer_json):
+    directory = write_checkpoint(random_bitnet(seed=12, vocab_size=320), tmp_path, tiny_tokenizer_json)
+    exact = ternlm.load(directory, head="float32", kv_cache="f32")
+    q4 = ternlm.load(directory, head="q4", kv_cache="f32")
+    assert q4.engine.head_bytes * 3 < exact.engine.head_bytes  # 4 bits + a float per 32 against 32 bits
+    a, b = exact.logits(PROMPT), q4.logits(PROMPT)
+    assert np.abs(a - b).max() / np.ptp(a) < 0.05
+    assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.8

@@ -19,7 +19,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="native: the C++ engine; reference: the slow NumPy oracle")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's maximum)")
     p.add_argument("--head", choices=HEADS, default=None,
-                   help="format of the output matrix (default: as stored in the file; int8 halves its bytes)")
+                   help="format of the output matrix (default: as stored in the file; int8 halves its bytes, q4 quarters them)")
     p.add_argument("--kv-cache", choices=KV_CACHES, default="f16", help="keys and values in f16 (default) or f32")
     p.add_argument("-v", "--verbose", action="store_true", help="print timings (tokens/s) to stderr")
 

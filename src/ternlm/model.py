@@ -37,7 +37,7 @@ def model_shape(config: BitNetConfig) -> _core.ModelShape:
 
 
 HEAD_DTYPES = ("float16", "bfloat16", "float32")
-HEADS = HEAD_DTYPES + ("int8",)
+HEADS = HEAD_DTYPES + ("int8", "q4")
 KV_CACHES = ("f16", "f32")
 HEAD_CHUNK_ROWS = 8192
 
@@ -45,7 +45,8 @@ HEAD_CHUNK_ROWS = 8192
 class NativeEngine:
     """head: the output matrix's format. None keeps the checkpoint's own storage, memory-mapped;
     float16/bfloat16/float32 convert it (and a tied embedding); int8 quantizes each row with its
-    own scale and multiplies int8 final hidden states against it.
+    own scale, q4 each group of 32 weights to 4 bits (as llama.cpp's Q4_0), and both multiply an
+    int8-quantized final hidden state against it.
     kv_cache: "f16" (half the memory) or "f32" keys and values."""
 
     def __init__(self, checkpoint: Checkpoint, threads: int | None = None, progress=None,
@@ -72,13 +73,13 @@ class NativeEngine:
         self.head = self._set_dense(checkpoint, "model.embed_tokens.weight", self._model.set_embedding, head_dtype)
         if checkpoint.head_name() != "model.embed_tokens.weight":
             self.head = self._set_dense(checkpoint, checkpoint.head_name(), self._model.set_head, head_dtype)
-        if head == "int8":
+        if head in ("int8", "q4"):
             # in chunks, dropping each chunk's mapped pages: only looked-up embedding rows are read again
             for begin in range(0, config.vocab_size, HEAD_CHUNK_ROWS):
                 end = min(begin + HEAD_CHUNK_ROWS, config.vocab_size)
-                self._model.quantize_head_int8(begin, end)
+                self._model.quantize_head(head, begin, end)
                 checkpoint.release(checkpoint.head_name(), begin, end)
-            self.head = "int8"
+            self.head = head
         self._model.check_complete()
 
     def _set_dense(self, checkpoint: Checkpoint, name: str, setter, dtype: str | None) -> str:
