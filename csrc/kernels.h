@@ -5,6 +5,10 @@
 
 #include "formats.h"
 
+// The innermost helpers of the SIMD kernels must be inlined into their loops (GCC otherwise may
+// call them once per block).
+#define TERNLM_INLINE inline __attribute__((always_inline))
+
 namespace ternlm {
 
 struct TernaryView {

@@ -6,7 +6,7 @@
 
 namespace ternlm {
 namespace {
-inline int32x4_t dot16(int32x4_t acc, int8x16_t a, int8x16_t b) {
+TERNLM_INLINE int32x4_t dot16(int32x4_t acc, int8x16_t a, int8x16_t b) {
     acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(a), vget_low_s8(b)));
     return vpadalq_s16(acc, vmull_high_s8(a, b));
 }

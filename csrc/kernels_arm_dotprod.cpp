@@ -5,7 +5,7 @@
 
 namespace ternlm {
 namespace {
-inline int32x4_t dot16(int32x4_t acc, int8x16_t a, int8x16_t b) { return vdotq_s32(acc, a, b); }
+TERNLM_INLINE int32x4_t dot16(int32x4_t acc, int8x16_t a, int8x16_t b) { return vdotq_s32(acc, a, b); }
 }  // namespace
 }  // namespace ternlm
 

@@ -7,7 +7,7 @@
 
 namespace ternlm {
 namespace {
-inline __m256i block_dot(__m256i acc, __m256i c0, __m256i c1, __m256i c2, __m256i c3, const int8_t* x) {
+TERNLM_INLINE __m256i block_dot(__m256i acc, __m256i c0, __m256i c1, __m256i c2, __m256i c3, const int8_t* x) {
     const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
                                          _mm256_maddubs_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
     const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(c2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))),
@@ -18,6 +18,7 @@ inline __m256i block_dot(__m256i acc, __m256i c0, __m256i c1, __m256i c2, __m256
 }  // namespace ternlm
 
 #define TERNLM_KERNEL_NAME ternary_gemm_avx2
+#define TERNLM_TOKEN_TILE 4  // block_dot needs four temporaries
 #include "kernels_x86_gemm.inc"
 
 // The head's kernels: float rows (f32/f16/bf16) and int8 rows.
