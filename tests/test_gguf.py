@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf import quants as gguf_quants
 
 import ternlm
-from conftest import CORPUS, ternarize, transformers_logits, write_checkpoint
+from conftest import CORPUS, random_bitnet, ternarize, transformers_logits, write_checkpoint
 from test_model import PROMPT, assert_matches_oracle
 from test_tokenizer import TEXTS
 from ternlm.chat import BITNET_2B4T_TEMPLATE, ChatTemplate
@@ -29,24 +29,8 @@ FORMATS = ("i2_s", "tq2_0", "tq1_0")
 
 
 def wide_random_model(arch: str = "bitnet", hidden_act: str = "relu2", tie: bool = True, seed: int = 0):
-    """conftest.random_bitnet's recipe at the widths GGUF's ternary blocks need (rows of 256)."""
-    import torch
-    from transformers import BitNetConfig, BitNetForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1,
-                  hidden_act=hidden_act, rope_theta=10000.0)
-    model = (LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama"
-             else BitNetForCausalLM(BitNetConfig(**common)))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.5 if "embed" in name or "lm_head" in name else 0.05)
-    return model.float().eval()
+    """conftest.random_bitnet at the widths GGUF's ternary blocks need (rows of 256)."""
+    return random_bitnet(arch, hidden_act, tie, seed, hidden_size=256, intermediate_size=512)
 
 
 ARCHITECTURES = {
