@@ -38,19 +38,23 @@ TernaryMatrix TernaryMatrix::from_ternary(const int8_t* ternary, int64_t rows, i
     m.cols = cols;
     m.scale = scale;
     const int64_t padded = padded_cols(cols);
-    // Code 1 (weight 0) everywhere, so padding columns contribute nothing: 0b01010101.
-    m.bytes.assign(static_cast<size_t>(rows * padded / 4), 0x55);
+    m.bytes.resize(static_cast<size_t>(rows * padded / 4));
+    std::vector<uint8_t> codes(static_cast<size_t>(padded), 1);  // code 1 (weight 0) pads each row
+    uint8_t invalid = 0;
     for (int64_t r = 0; r < rows; ++r) {
-        uint8_t* row = m.bytes.data() + r * padded / 4;
         for (int64_t k = 0; k < cols; ++k) {
-            const int8_t w = ternary[r * cols + k];
-            if (w < -1 || w > 1) throw shape_error("ternary weights must be -1, 0 or 1");
-            const int64_t i = k % kTernaryBlock;
-            uint8_t& byte = row[(k / kTernaryBlock) * kTernaryBlockBytes + i % kCodesPerLane];
-            const int shift = code_shift(static_cast<int>(i));
-            byte = static_cast<uint8_t>((byte & ~(3 << shift)) | ((w + 1) << shift));
+            const uint8_t code = static_cast<uint8_t>(ternary[r * cols + k] + 1);
+            invalid |= code > 2;
+            codes[k] = code;
+        }
+        uint8_t* row = m.bytes.data() + r * padded / 4;
+        for (int64_t b = 0; b < padded / kTernaryBlock; ++b) {
+            const uint8_t* c = codes.data() + b * kTernaryBlock;
+            for (int j = 0; j < kCodesPerLane; ++j)  // formats.h: weights j, 32+j, 64+j, 96+j in one byte
+                row[b * kTernaryBlockBytes + j] = static_cast<uint8_t>(c[j] << 6 | c[32 + j] << 4 | c[64 + j] << 2 | c[96 + j]);
         }
     }
+    if (invalid) throw shape_error("ternary weights must be -1, 0 or 1");
     return m;
 }
 
