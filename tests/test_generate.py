@@ -152,3 +152,9 @@ def test_cli_reports_bad_model_without_traceback(tmp_path):
     result = run_cli("generate", "x", "-m", str(tmp_path / "missing"))
     assert result.returncode == 1
     assert "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_routes_train_to_the_training_command():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ternlm train")

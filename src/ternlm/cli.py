@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="type of the embedding and (when untied) the output matrix; default f16")
     p.set_defaults(func=cmd_convert)
 
+    # listed for --help; main() hands `ternlm train ...` to ternlm.train, which parses its own options
+    sub.add_parser("train", help="train or fine-tune a ternary model (needs ternlm[train]; --help lists its options)")
+
     p = sub.add_parser("info", help="show the CPU, the kernels chosen and the model",
                        description="Show CPU features, the kernel variant in use and a summary of the model.")
     _add_model_args(p)
@@ -278,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "func", None) is cmd_bench and args.threads is None:
         from . import _core
