@@ -68,9 +68,6 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
-    def token_text(self, token_id: int) -> str:
-        return self._tok.decode([token_id], skip_special_tokens=False)
-
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Special tokens written in the text (e.g. `<|eot_id|>`) become their ids."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
