@@ -66,6 +66,16 @@ KVCache::KVCache(const ModelShape& shape, int64_t n_ctx, bool f16)
     v_.assign(n, 0);
 }
 
+void KVCache::store(int64_t layer, int64_t pos, const float* k, const float* v, F16StoreFn f16_store) {
+    if (f16_) {
+        f16_store(k, width_, static_cast<uint16_t*>(keys(layer, pos)));
+        f16_store(v, width_, static_cast<uint16_t*>(values(layer, pos)));
+    } else {
+        std::copy_n(k, width_, static_cast<float*>(keys(layer, pos)));
+        std::copy_n(v, width_, static_cast<float*>(values(layer, pos)));
+    }
+}
+
 Model::Model(ModelShape shape, int threads)
     : shape_(std::move(shape)), layers_(static_cast<size_t>(shape_.layers)), pool_(std::make_unique<ThreadPool>(threads)) {
     if (shape_.heads % shape_.kv_heads != 0) throw shape_error("heads must be a multiple of kv_heads");
@@ -330,13 +340,7 @@ void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t st
                 apply_rope(&b.q[t * q_width + h * hd], hd, &cos_[t * hd / 2], &sin_[t * hd / 2]);
             for (int64_t h = 0; h < s.kv_heads; ++h)
                 apply_rope(&b.k[t * kv_width + h * hd], hd, &cos_[t * hd / 2], &sin_[t * hd / 2]);
-            if (cache.f16()) {
-                active_kernels().f16_store(&b.k[t * kv_width], kv_width, static_cast<uint16_t*>(cache.keys(li, start_pos + t)));
-                active_kernels().f16_store(&b.v[t * kv_width], kv_width, static_cast<uint16_t*>(cache.values(li, start_pos + t)));
-            } else {
-                std::copy_n(&b.k[t * kv_width], kv_width, static_cast<float*>(cache.keys(li, start_pos + t)));
-                std::copy_n(&b.v[t * kv_width], kv_width, static_cast<float*>(cache.values(li, start_pos + t)));
-            }
+            cache.store(li, start_pos + t, &b.k[t * kv_width], &b.v[t * kv_width], active_kernels().f16_store);
         }
         attention(cache, li, b.q.data(), T, start_pos, b.attn.data());
         b.quantize(b.attn.data(), T, q_width, s.sub_norms ? l.attn_sub_norm.data() : nullptr, s.rms_norm_eps);

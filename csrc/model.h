@@ -49,6 +49,9 @@ public:
     int64_t bytes() const { return static_cast<int64_t>(k_.size() + v_.size()); }
     void* keys(int64_t layer, int64_t pos) { return k_.data() + offset(layer, pos); }
     void* values(int64_t layer, int64_t pos) { return v_.data() + offset(layer, pos); }
+    // Stores one position's keys and values (kv_heads * head_dim floats each), rounding to f16 if
+    // that is the cache's type.
+    void store(int64_t layer, int64_t pos, const float* k, const float* v, F16StoreFn f16_store);
 
 private:
     size_t offset(int64_t layer, int64_t pos) const { return static_cast<size_t>((layer * n_ctx_ + pos) * width_) * element_; }
