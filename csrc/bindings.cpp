@@ -239,6 +239,16 @@ NB_MODULE(_core, m) {
             },
             "layer"_a, "name"_a, "ternary"_a, "scale"_a)
         .def(
+            "set_linear_packed",
+            [](PyModel& p, int64_t layer, const std::string& name, Array<const uint8_t, nb::ndim<1>> bytes,
+               int64_t rows, int64_t cols, float scale) {
+                if (static_cast<int64_t>(bytes.shape(0)) != rows * cols / 4)
+                    throw std::invalid_argument(name + ": wrong number of packed bytes");
+                nb::gil_scoped_release release;
+                p.model->set_linear_packed(layer, name, bytes.data(), rows, cols, scale);
+            },
+            "layer"_a, "name"_a, "bytes"_a, "rows"_a, "cols"_a, "scale"_a)
+        .def(
             "set_final_norm",
             [](PyModel& p, Array<const float, nb::ndim<1>> w) {
                 p.model->set_final_norm(w.data(), static_cast<int64_t>(w.shape(0)));

@@ -145,6 +145,24 @@ void Model::set_linear(int64_t layer, const std::string& name, const int8_t* ter
     *slot = TernaryMatrix::from_ternary(ternary, rows, cols, scale);
 }
 
+void Model::set_linear_packed(int64_t layer, const std::string& name, const uint8_t* bytes, int64_t rows,
+                              int64_t cols, float scale) {
+    int64_t want_rows = 0, want_cols = 0;
+    TernaryMatrix* slot = linear_slot(layer_at(layer), name, &want_rows, &want_cols);
+    if (rows != want_rows || cols != want_cols || cols % kTernaryBlock != 0)
+        throw shape_error(name + ": packed bytes need shape [" + std::to_string(want_rows) + ", " +
+                          std::to_string(want_cols) + "] with a multiple of 128 columns");
+    if (!std::isfinite(scale)) throw shape_error(name + " has a non-finite weight scale");
+    const size_t n = static_cast<size_t>(rows * cols / 4);
+    uint8_t code_three = 0;  // a 2-bit field 0b11 has both its bits set
+    for (size_t i = 0; i < n; ++i) code_three |= bytes[i] & (bytes[i] >> 1) & 0x55;
+    if (code_three) throw shape_error(name + " contains the invalid 2-bit code 3");
+    slot->rows = rows;
+    slot->cols = cols;
+    slot->scale = scale;
+    slot->bytes.assign(bytes, bytes + n);
+}
+
 void Model::set_final_norm(const float* values, int64_t n) {
     if (n != shape_.hidden) throw shape_error("final norm has the wrong length");
     final_norm_.assign(values, values + n);

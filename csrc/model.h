@@ -74,6 +74,10 @@ public:
     void set_norm(int64_t layer, const std::string& name, const float* values, int64_t n);
     void set_linear(int64_t layer, const std::string& name, const int8_t* ternary, int64_t rows,
                     int64_t cols, float scale);
+    // The same from bytes already in the runtime layout (formats.h; cols a multiple of 128), e.g.
+    // an I2_S tensor: copied after checking that no 2-bit code is 3.
+    void set_linear_packed(int64_t layer, const std::string& name, const uint8_t* bytes, int64_t rows,
+                           int64_t cols, float scale);
     void set_final_norm(const float* values, int64_t n);
     void set_embedding(DenseMatrix embedding);
     void set_head(DenseMatrix head);  // untied output matrix; without it the head is the embedding

@@ -453,3 +453,22 @@ def test_llama_cpp_computes_silu_for_bitnet(tmp_path, tiny_tokenizer_json):
     _, their_logits = llama_cpp_logits(path, PROMPT)
     our_logits = ternlm.load(path).logits(PROMPT)
     assert np.abs(our_logits - their_logits).max() > 5e-2 * np.ptp(our_logits)
+
+
+def test_i2_s_bytes_used_in_place_are_still_checked(tmp_path, tiny_tokenizer_json, monkeypatch):
+    """I2_S tensors go to the engine byte for byte (same block layout): the logits equal those of
+    unpacking to ternary values first, and a 2-bit code 3 is still a FormatError naming the tensor."""
+    from ternlm.weights.gguf import GGUFCheckpoint, GGUFFile
+
+    hf = write_checkpoint(wide_random_model(seed=6), tmp_path / "hf", tiny_tokenizer_json)
+    good = convert_to_gguf(hf, tmp_path / "good.gguf", ternary="i2_s")
+    ids = [0, 5, 17, 250, 3]
+    in_place = ternlm.load(good).logits(ids)
+    with monkeypatch.context() as m:
+        m.setattr(GGUFCheckpoint, "runtime_packed", lambda self, name, rows, cols: None)
+        unpacked = ternlm.load(good).logits(ids)
+    assert np.array_equal(in_place, unpacked)
+    info = GGUFFile(good).tensors["blk.1.ffn_up.weight"]
+    bad = corrupt(good, tmp_path, info.offset + 7, b"\xff")
+    with pytest.raises(ternlm.FormatError, match="ffn_up.*code 3|up_proj.*code 3"):
+        ternlm.load(bad)

@@ -62,8 +62,16 @@ class NativeEngine:
         self._model = _core.Model(self.shape, threads or _core.default_threads())
         for i in range(config.num_hidden_layers):
             for proj in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
-                ternary, scale = checkpoint.ternary(linear_name(i, proj), *linear_shape(config, proj))
-                self._model.set_linear(i, proj, ternary, scale)
+                name, (rows, cols) = linear_name(i, proj), linear_shape(config, proj)
+                packed = checkpoint.runtime_packed(name, rows, cols)
+                if packed is not None:
+                    try:
+                        self._model.set_linear_packed(i, proj, packed[0], rows, cols, packed[1])
+                    except ValueError as e:
+                        raise FormatError(checkpoint.source, f"tensor {name!r}: {e}") from None
+                    checkpoint.release(name)
+                else:
+                    self._model.set_linear(i, proj, *checkpoint.ternary(name, rows, cols))
             for norm in layer_norms(config):
                 size = config.intermediate_size if norm == "ffn_sub_norm" else config.hidden_size
                 self._model.set_norm(i, norm, checkpoint.norm(norm_name(i, norm), size))

@@ -81,6 +81,11 @@ class Checkpoint:
         """A BitLinear weight as (int8 {-1,0,1} [rows, cols], scale that multiplies)."""
         raise NotImplementedError
 
+    def runtime_packed(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float] | None:
+        """A BitLinear weight whose stored bytes already are the engine's runtime layout
+        (csrc/formats.h), as (uint8 [rows * cols / 4], scale), or None: then use ternary()."""
+        return None
+
     def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
         """A hint that the caller has its own copy of the tensor (or of rows [first_row, end_row)):
         memory-mapped readers drop those pages from the resident set."""

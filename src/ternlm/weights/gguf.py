@@ -448,6 +448,20 @@ class GGUFCheckpoint(Checkpoint):
         except ValueError as e:
             raise FormatError(self.source, f"tensor {info.name!r}: {e}") from None
 
+    def runtime_packed(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float] | None:
+        """I2_S blocks are the engine's blocks: with whole blocks per row (and no llama q/k row
+        permutation to undo) the file's bytes are used as they are."""
+        info = self._info(name)
+        projection = name.split(".")[-2]
+        if (info.type_id != I2_S or info.shape != (rows, cols) or cols % QK_I2_S
+                or (self._permuted_rope and projection in ("q_proj", "k_proj"))):
+            return None
+        data = self.file.bytes_of(info)
+        scale = float(data[rows * cols // 4: rows * cols // 4 + 4].view("<f4")[0])
+        if not (np.isfinite(scale) and scale > 0):
+            raise FormatError(self.source, f"tensor {info.name!r} has the scale {scale}, not a positive number")
+        return data[: rows * cols // 4], scale
+
     def ternary(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float]:
         info = self._info(name)
         if info.shape != (rows, cols):
