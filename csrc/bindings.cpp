@@ -39,6 +39,11 @@ static DenseMatrix dense_view(nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu,
     return {a.data(), d, static_cast<int64_t>(a.shape(0)), static_cast<int64_t>(a.shape(1))};
 }
 
+// The kernel set a test asks for by name; "" is the one in use.
+static const KernelSet& kernels_named(const std::string& name) {
+    return name.empty() ? active_kernels() : find_kernels(name);
+}
+
 template <typename T>
 static nb::ndarray<nb::numpy, T> owned_array(std::vector<size_t> shape) {
     size_t n = 1;
@@ -98,7 +103,7 @@ NB_MODULE(_core, m) {
             [](const TernaryMatrix& w, Array<const int8_t, nb::ndim<2>> xq, const std::string& kernel) {
                 if (static_cast<int64_t>(xq.shape(1)) != w.cols)
                     throw std::invalid_argument("activation width does not match the matrix");
-                const TernaryGemmFn gemm = (kernel.empty() ? active_kernels() : find_kernels(kernel)).ternary_gemm;
+                const TernaryGemmFn gemm = kernels_named(kernel).ternary_gemm;
                 const int64_t T = xq.shape(0), K = w.cols, padded = padded_cols(K);
                 auto out = owned_array<int32_t>({size_t(T), size_t(w.rows)});
                 {
@@ -124,7 +129,7 @@ NB_MODULE(_core, m) {
             const DenseMatrix dense = dense_view(matrix, dtype);
             if (static_cast<int64_t>(x.shape(1)) != dense.cols)
                 throw std::invalid_argument("activation width does not match the matrix");
-            const DenseGemvFn gemv = (kernel.empty() ? active_kernels() : find_kernels(kernel)).dense_gemv;
+            const DenseGemvFn gemv = kernels_named(kernel).dense_gemv;
             const int64_t T = x.shape(0);
             auto out = owned_array<float>({size_t(T), size_t(dense.rows)});
             {
@@ -141,7 +146,7 @@ NB_MODULE(_core, m) {
         [](Array<const int8_t, nb::ndim<2>> q, Array<const int8_t, nb::ndim<2>> xq, const std::string& kernel) {
             const int64_t rows = q.shape(0), cols = q.shape(1), T = xq.shape(0), padded = padded_cols(cols);
             if (static_cast<int64_t>(xq.shape(1)) != cols) throw std::invalid_argument("activation width does not match");
-            const Int8GemvFn gemv = (kernel.empty() ? active_kernels() : find_kernels(kernel)).int8_gemv;
+            const Int8GemvFn gemv = kernels_named(kernel).int8_gemv;
             auto out = owned_array<int32_t>({size_t(T), size_t(rows)});
             {
                 nb::gil_scoped_release release;
@@ -160,7 +165,7 @@ NB_MODULE(_core, m) {
             // quantizes `head` to q4 and x to int8, then runs the kernel: for tests
             const int64_t rows = head.shape(0), cols = head.shape(1), T = x.shape(0), padded = padded_cols(cols);
             if (static_cast<int64_t>(x.shape(1)) != cols) throw std::invalid_argument("activation width does not match");
-            const Q4GemvFn gemv = (kernel.empty() ? active_kernels() : find_kernels(kernel)).q4_gemv;
+            const Q4GemvFn gemv = kernels_named(kernel).q4_gemv;
             auto out = owned_array<float>({size_t(T), size_t(rows)});
             {
                 nb::gil_scoped_release release;
@@ -192,7 +197,7 @@ NB_MODULE(_core, m) {
         "f16_round",
         [](Array<const float, nb::ndim<1>> x, const std::string& kernel) {
             auto out = owned_array<uint16_t>({size_t(x.shape(0))});
-            (kernel.empty() ? active_kernels() : find_kernels(kernel)).f16_store(x.data(), x.shape(0), out.data());
+            kernels_named(kernel).f16_store(x.data(), x.shape(0), out.data());
             return out;
         },
         "x"_a, "kernel"_a = "", "float32 -> float16 bit patterns, as the KV cache stores them.");
