@@ -301,5 +301,32 @@ NB_MODULE(_core, m) {
                 return logits;
             },
             "cache"_a, "tokens"_a, "start_pos"_a, "all_logits"_a = false,
-            "Run tokens at positions start_pos.. and return float32 logits [T or 1, vocab].");
+            "Run tokens at positions start_pos.. and return float32 logits [T or 1, vocab].")
+        .def(
+            "forward_batch",
+            [](PyModel& p, const std::vector<KVCache*>& caches, Array<const int32_t, nb::ndim<1>> tokens,
+               const std::vector<int64_t>& lengths, const std::vector<int64_t>& start_positions, bool all_logits) {
+                if (lengths.size() != caches.size() || start_positions.size() != caches.size())
+                    throw std::invalid_argument("forward_batch needs one length and one start position per cache");
+                std::vector<Segment> segments;
+                int64_t offset = 0;
+                for (size_t i = 0; i < caches.size(); ++i) {
+                    if (lengths[i] <= 0 || offset + lengths[i] > static_cast<int64_t>(tokens.shape(0)))
+                        throw std::invalid_argument("forward_batch: lengths do not add up to the tokens given");
+                    segments.push_back({caches[i], tokens.data() + offset, lengths[i], start_positions[i]});
+                    offset += lengths[i];
+                }
+                if (offset != static_cast<int64_t>(tokens.shape(0)))
+                    throw std::invalid_argument("forward_batch: lengths do not add up to the tokens given");
+                const size_t rows = all_logits ? static_cast<size_t>(offset) : caches.size();
+                auto logits = owned_array<float>({rows, size_t(p.model->shape().vocab)});
+                {
+                    nb::gil_scoped_release release;
+                    p.model->forward(segments, logits.data(), all_logits);
+                }
+                return logits;
+            },
+            "caches"_a, "tokens"_a, "lengths"_a, "start_positions"_a, "all_logits"_a = false,
+            "One step over several sequences: tokens holds each sequence's tokens one after another. "
+            "Returns logits [sequences, vocab] for each one's last token (all tokens' with all_logits).");
 }

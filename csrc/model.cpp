@@ -59,7 +59,7 @@ TernaryMatrix TernaryMatrix::from_ternary(const int8_t* ternary, int64_t rows, i
 }
 
 KVCache::KVCache(const ModelShape& shape, int64_t n_ctx, bool f16)
-    : n_ctx_(n_ctx), width_(shape.kv_heads * shape.head_dim), f16_(f16), element_(f16 ? 2 : 4) {
+    : n_ctx_(n_ctx), layers_(shape.layers), width_(shape.kv_heads * shape.head_dim), f16_(f16), element_(f16 ? 2 : 4) {
     if (n_ctx <= 0) throw shape_error("context length must be positive");
     const size_t n = static_cast<size_t>(shape.layers * n_ctx * width_) * element_;
     k_.assign(n, 0);
@@ -281,18 +281,21 @@ void Model::linear(const TernaryMatrix& w, const int8_t* xq, const int32_t* sums
     });
 }
 
-void Model::attention(KVCache& cache, int64_t layer, const float* q, int64_t T, int64_t start_pos,
-                      float* out) {
+void Model::attention(const std::vector<RowPlace>& rows, int64_t layer, const float* q, float* out) {
     const int64_t hd = shape_.head_dim, group = shape_.heads / shape_.kv_heads;
     const int64_t q_width = shape_.heads * hd;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const KernelSet& kernels = active_kernels();
-    pool_->parallel_for(T * shape_.heads, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(static_cast<size_t>(start_pos + T));
+    int64_t longest = 0;
+    for (const RowPlace& row : rows) longest = std::max(longest, row.pos + 1);
+    const int64_t N = static_cast<int64_t>(rows.size());
+    pool_->parallel_for(N * shape_.heads, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(static_cast<size_t>(longest));
         for (int64_t job = begin; job < end; ++job) {
-            const int64_t t = job / shape_.heads, h = job % shape_.heads;
-            const int64_t kv_offset = (h / group) * hd, last = start_pos + t;
-            const float* qh = q + t * q_width + h * hd;
+            const int64_t n = job / shape_.heads, h = job % shape_.heads;
+            KVCache& cache = *rows[static_cast<size_t>(n)].cache;
+            const int64_t kv_offset = (h / group) * hd, last = rows[static_cast<size_t>(n)].pos;
+            const float* qh = q + n * q_width + h * hd;
             float max_score = -INFINITY;
             for (int64_t j = 0; j <= last; ++j) {
                 float s = 0.0f;
@@ -307,7 +310,7 @@ void Model::attention(KVCache& cache, int64_t layer, const float* q, int64_t T, 
             }
             float total = 0.0f;
             for (int64_t j = 0; j <= last; ++j) total += (scores[j] = std::exp(scores[j] - max_score));
-            float* oh = out + t * q_width + h * hd;
+            float* oh = out + n * q_width + h * hd;
             std::fill(oh, oh + hd, 0.0f);
             for (int64_t j = 0; j <= last; ++j) {
                 const float p = scores[j] / total;
@@ -324,14 +327,31 @@ void Model::attention(KVCache& cache, int64_t layer, const float* q, int64_t T, 
 
 void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t start_pos,
                     float* logits, bool all_logits) {
+    forward({Segment{&cache, tokens, T, start_pos}}, logits, all_logits);
+}
+
+void Model::forward(const std::vector<Segment>& segments, float* logits, bool all_logits) {
     const ModelShape& s = shape_;
-    if (T <= 0) throw shape_error("forward needs at least one token");
-    if (start_pos < 0 || start_pos + T > cache.n_ctx())
-        throw shape_error("sequence of " + std::to_string(start_pos + T) + " tokens exceeds the context of " +
-                          std::to_string(cache.n_ctx()));
-    for (int64_t t = 0; t < T; ++t)
-        if (tokens[t] < 0 || tokens[t] >= s.vocab)
-            throw shape_error("token id " + std::to_string(tokens[t]) + " is outside the vocabulary");
+    if (segments.empty()) throw shape_error("forward needs at least one sequence");
+    std::vector<RowPlace> places;
+    std::vector<int32_t> tokens;
+    for (const Segment& seg : segments) {
+        if (seg.T <= 0) throw shape_error("forward needs at least one token per sequence");
+        if (!seg.cache->fits(s)) throw shape_error("the KV cache was made for a different model shape");
+        if (seg.start_pos < 0 || seg.start_pos + seg.T > seg.cache->n_ctx())
+            throw shape_error("sequence of " + std::to_string(seg.start_pos + seg.T) +
+                              " tokens exceeds the context of " + std::to_string(seg.cache->n_ctx()));
+        for (const Segment& other : segments)
+            if (&other != &seg && other.cache == seg.cache)
+                throw shape_error("two sequences of one batch share a KV cache");
+        for (int64_t t = 0; t < seg.T; ++t) {
+            if (seg.tokens[t] < 0 || seg.tokens[t] >= s.vocab)
+                throw shape_error("token id " + std::to_string(seg.tokens[t]) + " is outside the vocabulary");
+            places.push_back({seg.cache, seg.start_pos + t});
+            tokens.push_back(seg.tokens[t]);
+        }
+    }
+    const int64_t T = static_cast<int64_t>(tokens.size());  // rows of the batch, all sequences together
 
     const int64_t H = s.hidden, I = s.intermediate, hd = s.head_dim;
     const int64_t q_width = s.heads * hd, kv_width = s.kv_heads * hd;
@@ -341,7 +361,7 @@ void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t st
     std::vector<float> cos_(static_cast<size_t>(T * hd / 2)), sin_(static_cast<size_t>(T * hd / 2));
     for (int64_t t = 0; t < T; ++t)
         for (int64_t j = 0; j < hd / 2; ++j) {
-            const float angle = static_cast<float>(start_pos + t) * s.rope_inv_freq[j];
+            const float angle = static_cast<float>(places[t].pos) * s.rope_inv_freq[j];
             cos_[t * hd / 2 + j] = std::cos(angle);
             sin_[t * hd / 2 + j] = std::sin(angle);
         }
@@ -358,9 +378,9 @@ void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t st
                 apply_rope(&b.q[t * q_width + h * hd], hd, &cos_[t * hd / 2], &sin_[t * hd / 2]);
             for (int64_t h = 0; h < s.kv_heads; ++h)
                 apply_rope(&b.k[t * kv_width + h * hd], hd, &cos_[t * hd / 2], &sin_[t * hd / 2]);
-            cache.store(li, start_pos + t, &b.k[t * kv_width], &b.v[t * kv_width], active_kernels().f16_store);
+            places[t].cache->store(li, places[t].pos, &b.k[t * kv_width], &b.v[t * kv_width], active_kernels().f16_store);
         }
-        attention(cache, li, b.q.data(), T, start_pos, b.attn.data());
+        attention(places, li, b.q.data(), b.attn.data());
         b.quantize(b.attn.data(), T, q_width, s.sub_norms ? l.attn_sub_norm.data() : nullptr, s.rms_norm_eps);
         linear(l.o_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.x.data(), true);
 
@@ -377,10 +397,16 @@ void Model::forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t st
         linear(l.down_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.x.data(), true);
     }
 
-    // Final norm and head, for every token or only the last.
-    const int64_t first = all_logits ? 0 : T - 1, rows = T - first;
+    // Final norm and head, for every token or only the last of each sequence.
+    std::vector<int64_t> outputs;
+    int64_t end = 0;
+    for (const Segment& seg : segments) {
+        for (int64_t t = all_logits ? 0 : seg.T - 1; t < seg.T; ++t) outputs.push_back(end + t);
+        end += seg.T;
+    }
+    const int64_t rows = static_cast<int64_t>(outputs.size());
     for (int64_t t = 0; t < rows; ++t)
-        rms_norm(&b.x[(first + t) * H], final_norm_.data(), H, s.rms_norm_eps, &b.normed[t * H]);
+        rms_norm(&b.x[outputs[t] * H], final_norm_.data(), H, s.rms_norm_eps, &b.normed[t * H]);
     if (head_format_ != HeadFormat::Dense) {
         // Quantized heads meet the final hidden state quantized like a BitLinear input.
         const int64_t padded = padded_cols(H);

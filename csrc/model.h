@@ -45,6 +45,7 @@ class KVCache {
 public:
     KVCache(const ModelShape& shape, int64_t n_ctx, bool f16 = true);
     int64_t n_ctx() const { return n_ctx_; }
+    bool fits(const ModelShape& shape) const { return layers_ == shape.layers && width_ == shape.kv_heads * shape.head_dim; }
     bool f16() const { return f16_; }
     int64_t bytes() const { return static_cast<int64_t>(k_.size() + v_.size()); }
     void* keys(int64_t layer, int64_t pos) { return k_.data() + offset(layer, pos); }
@@ -56,10 +57,17 @@ public:
 private:
     size_t offset(int64_t layer, int64_t pos) const { return static_cast<size_t>((layer * n_ctx_ + pos) * width_) * element_; }
 
-    int64_t n_ctx_, width_;
+    int64_t n_ctx_, layers_, width_;
     bool f16_;
     size_t element_;
     std::vector<uint8_t> k_, v_;
+};
+
+// T tokens of one sequence at positions start_pos.., appended to its cache.
+struct Segment {
+    KVCache* cache;
+    const int32_t* tokens;
+    int64_t T, start_pos;
 };
 
 class Model {
@@ -93,13 +101,22 @@ public:
     // logits: [T, vocab] when all_logits, else [1, vocab] for the last token.
     void forward(KVCache& cache, const int32_t* tokens, int64_t T, int64_t start_pos,
                  float* logits, bool all_logits);
+    // One step over several sequences at once: their tokens share every matrix multiplication
+    // (the GEMM path), while each attends only to its own cache. Each segment's cache must be a
+    // different one. logits: [sum of T, vocab] when all_logits, else [segments, vocab], the last
+    // token of each segment.
+    void forward(const std::vector<Segment>& segments, float* logits, bool all_logits);
 
 private:
     struct Scratch;
     void linear(const TernaryMatrix& w, const int8_t* xq, const int32_t* sums, const float* act_scale,
                 int64_t T, float* out, bool accumulate);
-    void attention(KVCache& cache, int64_t layer, const float* q, int64_t T, int64_t start_pos,
-                   float* out);
+    // Rows of a batch: which cache each belongs to and its position there.
+    struct RowPlace {
+        KVCache* cache;
+        int64_t pos;
+    };
+    void attention(const std::vector<RowPlace>& rows, int64_t layer, const float* q, float* out);
     Layer& layer_at(int64_t layer);
     std::vector<float>* norm_slot(Layer& layer, const std::string& name, int64_t* expected);
     TernaryMatrix* linear_slot(Layer& layer, const std::string& name, int64_t* rows, int64_t* cols);

@@ -97,6 +97,38 @@ def test_decode_with_cache_equals_full_recompute(tmp_path, tiny_tokenizer_json):
         np.testing.assert_allclose(np.stack(step), full[9:], rtol=0, atol=1e-4 * np.ptp(full))
 
 
+def test_batched_step_equals_each_sequence_alone(tmp_path, tiny_tokenizer_json):
+    """Sequences at different positions of their own caches, stepped together (the server's
+    continuous batching), give exactly what the native engine gives for each one alone (the
+    integer GEMM is exact per token and the float steps are per row), and what the reference
+    computes for each one alone."""
+    directory = write_checkpoint(random_bitnet(seed=13), tmp_path, tiny_tokenizer_json)
+    prompts = [PROMPT[:7], PROMPT[3:15], PROMPT[5:7]]
+
+    def alone(engine):
+        logits = []
+        for prompt in prompts:
+            cache = engine.new_cache(32)
+            engine.forward(cache, prompt[:-1], 0)
+            logits.append(engine.forward(cache, prompt[-1:], len(prompt) - 1)[-1])
+        return np.stack(logits)
+
+    engine = ternlm.load(directory, kv_cache="f32").engine  # as the reference's
+    caches = [engine.new_cache(32) for _ in prompts]
+    engine.forward_batch([(c, p[:-1], 0) for c, p in zip(caches, prompts)])
+    together = engine.forward_batch([(c, p[-1:], len(p) - 1) for c, p in zip(caches, prompts)])
+    assert together.shape == (3, 320)
+    assert np.array_equal(together, alone(engine))
+    oracle = alone(ternlm.load(directory, backend="reference").engine)
+    np.testing.assert_allclose(together, oracle, rtol=0, atol=1e-3 * np.ptp(oracle))
+    cache = engine.new_cache(8)
+    with pytest.raises(ValueError, match="share a KV cache"):
+        engine.forward_batch([(cache, [1], 0), (cache, [2], 1)])
+    with pytest.raises(ValueError, match="different model shape"):
+        other = ternlm.load(write_checkpoint(random_bitnet(seed=1, layers=3), tmp_path / "other", tiny_tokenizer_json))
+        engine.forward_batch([(other.engine.new_cache(8), [1], 0)])
+
+
 def test_threads_give_identical_logits(tmp_path, tiny_tokenizer_json):
     directory = write_checkpoint(random_bitnet(seed=7), tmp_path, tiny_tokenizer_json)
     one = ternlm.load(directory, threads=1).logits(PROMPT)

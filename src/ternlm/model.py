@@ -1,8 +1,9 @@
 """Engines: a checkpoint turned into something that maps token ids to logits.
 
-Both engines expose the same two calls, used by generation:
+Both engines expose the same calls, used by generation and by the server's batches:
     cache = engine.new_cache(n_ctx)
     logits = engine.forward(cache, tokens, start_pos, all_logits)   # float32 [T or 1, vocab]
+    logits = engine.forward_batch([(cache, tokens, start_pos), ...])  # [sequences, vocab]
 `native` runs the C++ core; `reference` runs reference.py (NumPy).
 """
 
@@ -129,6 +130,14 @@ class NativeEngine:
     def forward(self, cache, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         return self._model.forward(cache, tokens, start_pos, all_logits)
+
+    def forward_batch(self, segments) -> np.ndarray:
+        """One step over several sequences, each (cache, tokens, start_pos) with its own cache:
+        their tokens go through every matrix together. Returns each one's last-token logits."""
+        arrays = [np.asarray(tokens, dtype=np.int32).reshape(-1) for _, tokens, _ in segments]
+        return self._model.forward_batch([cache for cache, _, _ in segments],
+                                         np.concatenate(arrays) if arrays else np.zeros(0, np.int32),
+                                         [len(a) for a in arrays], [pos for _, _, pos in segments])
 
 
 def convert_dense(tensor: DenseTensor, dtype: str) -> DenseTensor:

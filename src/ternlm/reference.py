@@ -109,6 +109,10 @@ class ReferenceModel:
     def new_cache(self, n_ctx: int) -> ReferenceCache:
         return ReferenceCache(self.config, n_ctx)
 
+    def forward_batch(self, segments) -> np.ndarray:
+        """Each (cache, tokens, start_pos) on its own: the oracle for the native batched step."""
+        return np.stack([self.forward(cache, tokens, pos)[-1] for cache, tokens, pos in segments])
+
     def forward(self, cache: ReferenceCache, tokens: np.ndarray, start_pos: int,
                 all_logits: bool = False) -> np.ndarray:
         c = self.config
