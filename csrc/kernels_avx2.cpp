@@ -1,18 +1,25 @@
-// AVX2: pmaddubsw (u8 code x s8 activation, pairs summed to int16) then pmaddwd by 1 to int32.
-// Codes are at most 2, so a pair sum is within [-512, 508]: pmaddubsw never saturates, and the
-// four of one block add up in int16 (|sum| <= 2048) before a single widening.
+// AVX2: pmaddubsw (u8 code x s8 activation, pairs summed to int16), summed in int16 across blocks,
+// then pmaddwd by 1 to int32. Codes are at most 2 and |x| <= 127, so a pair is within [-508, 508]:
+// pmaddubsw never saturates, one block adds at most 4 * 508 = 2032 to a lane, and 16 blocks stay
+// within int16 (32512).
 #include "kernels_x86.h"
 
 #include <immintrin.h>
 
 namespace ternlm {
 namespace {
+constexpr int64_t kBlocksPerWiden = 16;
+
 TERNLM_INLINE __m256i block_dot(__m256i acc, __m256i c0, __m256i c1, __m256i c2, __m256i c3, const int8_t* x) {
     const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
                                          _mm256_maddubs_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
     const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(c2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))),
                                          _mm256_maddubs_epi16(c3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 96))));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(p01, p23), _mm256_set1_epi16(1)));
+    return _mm256_add_epi16(acc, _mm256_add_epi16(p01, p23));
+}
+
+TERNLM_INLINE __m256i widen(__m256i wide, __m256i acc) {
+    return _mm256_add_epi32(wide, _mm256_madd_epi16(acc, _mm256_set1_epi16(1)));
 }
 }  // namespace
 }  // namespace ternlm
@@ -90,6 +97,10 @@ void dense_gemv_typed(const DenseMatrix& m, int64_t row_begin, int64_t row_end, 
 }
 }  // namespace
 
+// As for the ternary weights (kernels_x86_gemm.inc): decode streams the head from memory once, and
+// requesting bytes ahead keeps more of them in flight than the hardware prefetcher alone.
+constexpr int64_t kHeadPrefetchAhead = 4096;
+
 // s8 x s8 with pmaddubsw, which wants one unsigned operand: |q| times x with q's sign moved onto x.
 // |q| <= 127 and |x| <= 128, so a pair sums to at most 32512: no saturation.
 void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
@@ -103,6 +114,7 @@ void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, c
             __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
             int64_t k = 0;
             for (; k + 64 <= padded; k += 64) {
+                _mm_prefetch(reinterpret_cast<const char*>(row + k + kHeadPrefetchAhead), _MM_HINT_T0);
                 const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
                 const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32));
                 const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));

@@ -264,18 +264,30 @@ struct Model::Scratch {
     }
 };
 
-void Model::linear(const TernaryMatrix& w, const int8_t* xq, const int32_t* sums,
-                   const float* act_scale, int64_t T, float* out, bool accumulate) {
-    std::vector<int32_t> acc(static_cast<size_t>(T * w.rows));
-    const TernaryView view = w.view();
-    pool_->parallel_for(w.rows, 8, [&](int64_t begin, int64_t end) {
-        active_kernels().ternary_gemm(view, begin, end, xq, sums, T, acc.data(), w.rows);
-        for (int64_t t = 0; t < T; ++t) {
-            const float scale = w.scale / act_scale[t];
-            for (int64_t r = begin; r < end; ++r) {
-                const float y = static_cast<float>(acc[t * w.rows + r]) * scale;
-                float& dst = out[t * w.rows + r];
-                dst = accumulate ? dst + y : y;
+void Model::linear(std::initializer_list<LinearOutput> outputs, const int8_t* xq, const int32_t* sums,
+                   const float* act_scale, int64_t T) {
+    // All matrices that read the same quantized input are one job: their rows are split across
+    // the threads together, which saves a synchronisation per matrix.
+    int64_t total_rows = 0;
+    for (const LinearOutput& o : outputs) total_rows += o.w->rows;
+    std::vector<int32_t> acc(static_cast<size_t>(T * total_rows));
+    pool_->parallel_for(total_rows, 8, [&](int64_t begin, int64_t end) {
+        int64_t first_row = 0;  // of the current matrix, in the joint row space
+        for (const LinearOutput& o : outputs) {
+            const TernaryMatrix& w = *o.w;
+            const int64_t lo = std::max(begin, first_row) - first_row;
+            const int64_t hi = std::min(end, first_row + w.rows) - first_row;
+            int32_t* w_acc = acc.data() + T * first_row;
+            first_row += w.rows;
+            if (lo >= hi) continue;
+            active_kernels().ternary_gemm(w.view(), lo, hi, xq, sums, T, w_acc, w.rows);
+            for (int64_t t = 0; t < T; ++t) {
+                const float scale = w.scale / act_scale[t];
+                for (int64_t r = lo; r < hi; ++r) {
+                    const float y = static_cast<float>(w_acc[t * w.rows + r]) * scale;
+                    float& dst = o.out[t * w.rows + r];
+                    dst = o.accumulate ? dst + y : y;
+                }
             }
         }
     });
@@ -370,9 +382,8 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
         Layer& l = layers_[static_cast<size_t>(li)];
         // Attention block: one quantized input shared by q, k and v.
         b.quantize(b.x.data(), T, H, l.input_layernorm.data(), s.rms_norm_eps);
-        linear(l.q_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.q.data(), false);
-        linear(l.k_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.k.data(), false);
-        linear(l.v_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.v.data(), false);
+        linear({{&l.q_proj, b.q.data(), false}, {&l.k_proj, b.k.data(), false}, {&l.v_proj, b.v.data(), false}},
+               b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
         for (int64_t t = 0; t < T; ++t) {
             for (int64_t h = 0; h < s.heads; ++h)
                 apply_rope(&b.q[t * q_width + h * hd], hd, &cos_[t * hd / 2], &sin_[t * hd / 2]);
@@ -382,19 +393,19 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
         }
         attention(places, li, b.q.data(), b.attn.data());
         b.quantize(b.attn.data(), T, q_width, s.sub_norms ? l.attn_sub_norm.data() : nullptr, s.rms_norm_eps);
-        linear(l.o_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.x.data(), true);
+        linear({{&l.o_proj, b.x.data(), true}}, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
 
         // Feed-forward block: one quantized input shared by gate and up.
         b.quantize(b.x.data(), T, H, l.post_attention_layernorm.data(), s.rms_norm_eps);
-        linear(l.gate_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.gate.data(), false);
-        linear(l.up_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.up.data(), false);
+        linear({{&l.gate_proj, b.gate.data(), false}, {&l.up_proj, b.up.data(), false}},
+               b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
         for (int64_t i = 0; i < T * I; ++i) {
             const float g = b.gate[i];
             const float act = s.relu2 ? (g > 0.0f ? g * g : 0.0f) : g / (1.0f + std::exp(-g));
             b.gate[i] = act * b.up[i];
         }
         b.quantize(b.gate.data(), T, I, s.sub_norms ? l.ffn_sub_norm.data() : nullptr, s.rms_norm_eps);
-        linear(l.down_proj, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T, b.x.data(), true);
+        linear({{&l.down_proj, b.x.data(), true}}, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
     }
 
     // Final norm and head, for every token or only the last of each sequence.

@@ -1,6 +1,7 @@
 // The BitNet b1.58 forward pass (DESIGN.md §1) over the runtime layouts, with a KV cache.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -109,8 +110,15 @@ public:
 
 private:
     struct Scratch;
-    void linear(const TernaryMatrix& w, const int8_t* xq, const int32_t* sums, const float* act_scale,
-                int64_t T, float* out, bool accumulate);
+    // One matrix of a linear step: out [T, w->rows] = (w x) * scales, added to out if accumulate.
+    struct LinearOutput {
+        const TernaryMatrix* w;
+        float* out;
+        bool accumulate;
+    };
+    // The matrices share one quantized input xq [T, padded_cols] (with its sums and scales).
+    void linear(std::initializer_list<LinearOutput> outputs, const int8_t* xq, const int32_t* sums,
+                const float* act_scale, int64_t T);
     // Rows of a batch: which cache each belongs to and its position there.
     struct RowPlace {
         KVCache* cache;

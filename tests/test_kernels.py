@@ -8,8 +8,10 @@ import pytest
 from ternlm import _core, reference
 from ternlm.weights.packing import pack_ternary_hf, quantize_ternary, unpack_ternary_hf
 
-SHAPES = [(1, 1, 1), (3, 5, 7), (4, 128, 8), (2, 129, 33), (7, 300, 65), (16, 256, 128), (5, 1000, 17)]
-# (tokens, cols, rows)
+SHAPES = [(1, 1, 1), (3, 5, 7), (4, 128, 8), (2, 129, 33), (7, 300, 65), (16, 256, 128), (5, 1000, 17),
+          (1, 2560, 13), (1, 6912, 9), (3, 2200, 6)]
+# (tokens, cols, rows); one token takes a separate path (groups of rows), and more than 16 blocks
+# per row exercise the AVX2 kernel's int16 -> int32 widening.
 
 
 def random_ternary(rng, rows, cols):
@@ -29,12 +31,15 @@ def test_ternary_matmul_is_exact(kernel, tokens, cols, rows):
     assert np.array_equal(got, reference.integer_matmul(xq, ternary))
 
 
-def test_extreme_activations_do_not_overflow():
-    """All -128 against all +1 over 6912 columns (the 2B4T FFN width) is exact in int32."""
-    ternary = np.ones((4, 6912), dtype=np.int8)
-    xq = np.full((2, 6912), -128, dtype=np.int8)
-    got = _core.TernaryMatrix(ternary).matmul_int(xq)
-    assert np.all(got == -128 * 6912)
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("value", [-128, 127])
+def test_extreme_activations_do_not_overflow(kernel, tokens, value):
+    """Extreme activations against all +1 over 6912 columns (the 2B4T FFN width) are exact."""
+    ternary = np.ones((5, 6912), dtype=np.int8)
+    xq = np.full((tokens, 6912), value, dtype=np.int8)
+    got = _core.TernaryMatrix(ternary).matmul_int(xq, kernel)
+    assert np.all(got == value * 6912)
 
 
 @pytest.mark.parametrize("cols", [1, 7, 128, 333])
