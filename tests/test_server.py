@@ -23,12 +23,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 import ternlm
 from ternlm.cli import build_parser
-from ternlm.server import ServerOptions, create_app
+from ternlm.server import ServerOptions, create_app, serving_in_thread
 
 MODEL_ID = "ternlm-default"
 PROMPTS = ["To be, or not to be", "ROMEO:", "Now is the winter", "KING HENRY:", "O, what a rogue", "Friends, Romans"]
@@ -73,20 +72,12 @@ def running_server(model=None, **options):
         model = ternlm.load(threads=1)
         model.engine = GatedEngine(model.engine)
     app = create_app(model, MODEL_ID, ServerOptions(**options))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, "the server to start")
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.state.served
-    finally:
-        if isinstance(model.engine, GatedEngine):
-            model.engine.release()
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with serving_in_thread(app) as url:
+        try:
+            yield url, app.state.served
+        finally:
+            if isinstance(model.engine, GatedEngine):
+                model.engine.release()  # a test that failed while holding it must not hang the shutdown
 
 
 def wait_until(condition, what: str, timeout: float = 30.0) -> None:
