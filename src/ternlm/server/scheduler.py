@@ -180,7 +180,11 @@ class Scheduler:
                 self._drop_cancelled()
                 joining = self._admit()
             for sequence in joining:  # allocating outside the lock: submit() is never kept waiting
-                sequence.cache = self.model.engine.new_cache(sequence.state.n_positions)
+                try:
+                    sequence.cache = self.model.engine.new_cache(sequence.state.n_positions)
+                except MemoryError:
+                    sequence.send(Update(error="out of memory for the KV cache; lower --kv-memory"))
+                    self._leave(sequence, "error")
             if self.running:
                 self._step()
         for sequence in [*self.running, *self.waiting]:
