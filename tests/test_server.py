@@ -46,9 +46,15 @@ class GatedEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def hold(self, after_steps: int = 0) -> None:
+    @contextmanager
+    def held(self, after_steps: int = 0):
+        """Lets `after_steps` more steps run, then holds the next until the block ends."""
         with self._changed:
             self._steps_allowed = after_steps
+        try:
+            yield
+        finally:
+            self.release()
 
     def release(self) -> None:
         with self._changed:
@@ -274,18 +280,16 @@ def test_concurrent_streams_equal_single_runs(server, reference):
                                                     temperature=0, stream=True)
             results[i] = "".join(c.choices[0].text for c in stream)
 
-    before = metrics(url)
-    served.model.engine.hold()  # the first requests to arrive wait in their first step; the others queue
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-
     def all_arrived():
         now = metrics(url)
         return now["ternlm_queue_length"] + now["ternlm_active_sequences"] == len(PROMPTS)
 
-    wait_until(all_arrived, "the requests to arrive")
-    served.model.engine.release()
+    before = metrics(url)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    with served.model.engine.held():  # the first requests to arrive wait in their first step; the others queue
+        for t in threads:
+            t.start()
+        wait_until(all_arrived, "the requests to arrive")
     for t in threads:
         t.join(timeout=60)
     assert results == expected
@@ -299,13 +303,12 @@ def test_concurrent_streams_equal_single_runs(server, reference):
 def test_disconnected_stream_frees_its_slot(server):
     url, served = server
     before = metrics(url)
-    served.model.engine.hold(after_steps=1)  # the prompt and the first token, then wait
     body = {"model": MODEL_ID, "prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
-        assert next(line for line in response.iter_lines() if line.startswith("data: "))  # the first token
-    wait_until(lambda: served.scheduler.running and all(s.cancelled for s in served.scheduler.running),
-               "the server to notice the disconnect")
-    served.model.engine.release()
+    with served.model.engine.held(after_steps=1):  # the prompt and the first token, then wait
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+            assert next(line for line in response.iter_lines() if line.startswith("data: "))  # the first token
+        # cancelled, or already dropped if the scheduler was between steps
+        wait_until(lambda: all(s.cancelled for s in served.scheduler.running), "the server to notice the disconnect")
     wait_until(lambda: metrics(url)["ternlm_active_sequences"] == 0, "the slot to be freed")
     after = metrics(url)
     assert after['ternlm_requests_total{finish_reason="cancelled"}'] - \
@@ -317,7 +320,6 @@ def test_disconnected_stream_frees_its_slot(server):
 
 def test_saturated_server_answers_503_and_recovers(reference):
     with running_server(max_batch=1, max_waiting=1) as (url, served):
-        served.model.engine.hold()
         results = {}
 
         def run(i):
@@ -325,16 +327,16 @@ def test_saturated_server_answers_503_and_recovers(reference):
                                                         temperature=0).choices[0].text
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        threads[0].start()
-        wait_until(lambda: metrics(url)["ternlm_active_sequences"] == 1, "the first request to run")
-        threads[1].start()
-        wait_until(lambda: metrics(url)["ternlm_queue_length"] == 1, "the second request to wait")
-        with pytest.raises(openai.InternalServerError) as refused:
-            client(url).completions.create(model=MODEL_ID, prompt="x", max_tokens=8)
-        assert refused.value.status_code == 503
-        assert refused.value.response.headers["retry-after"] == "1"
-        assert refused.value.body["code"] == "server_overloaded"
-        served.model.engine.release()
+        with served.model.engine.held():
+            threads[0].start()
+            wait_until(lambda: metrics(url)["ternlm_active_sequences"] == 1, "the first request to run")
+            threads[1].start()
+            wait_until(lambda: metrics(url)["ternlm_queue_length"] == 1, "the second request to wait")
+            with pytest.raises(openai.InternalServerError) as refused:
+                client(url).completions.create(model=MODEL_ID, prompt="x", max_tokens=8)
+            assert refused.value.status_code == 503
+            assert refused.value.response.headers["retry-after"] == "1"
+            assert refused.value.body["code"] == "server_overloaded"
         for t in threads:
             t.join(timeout=60)
         assert results == {i: reference.generate(PROMPTS[i], max_tokens=8) for i in range(2)}
@@ -509,7 +511,7 @@ def test_chat_page_streams_keeps_the_conversation_and_stops(reference):
             pytest.fail("chromium is missing in CI: .ci/run installs it with apt-get")
         pytest.skip("no chromium on PATH: apt-get install chromium (Debian's; playwright drives it)")
     with running_server() as (url, served), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-dev-shm-usage"])
         page = browser.new_page()
         page.goto(url)
         expect(page.locator("#model")).to_have_text(MODEL_ID)
@@ -532,15 +534,13 @@ def test_chat_page_streams_keeps_the_conversation_and_stops(reference):
 
         page.click("#new-chat")
         expect(page.locator(".message")).to_have_count(0)
-        served.model.engine.hold()
-        page.fill("#message", "Tell me a long tale.")
-        page.keyboard.press("Enter")
-        expect(page.locator("#stop")).to_be_visible()
-        page.click("#stop")
-        expect(page.locator(".message.assistant .stopped")).to_have_text(" [stopped]")
-        wait_until(lambda: served.scheduler.running and all(s.cancelled for s in served.scheduler.running),
-                   "the server to notice the stop")
-        served.model.engine.release()
+        with served.model.engine.held():  # the answer's first step waits while the test clicks Stop
+            page.fill("#message", "Tell me a long tale.")
+            page.keyboard.press("Enter")
+            wait_until(lambda: metrics(url)["ternlm_active_sequences"] == 1, "the question to reach the scheduler")
+            page.click("#stop")
+            expect(page.locator(".message.assistant .stopped")).to_have_text(" [stopped]")
+            wait_until(lambda: all(s.cancelled for s in served.scheduler.running), "the server to notice the stop")
         wait_until(lambda: metrics(url).get('ternlm_requests_total{finish_reason="cancelled"}') == 1,
                    "the stopped request to be dropped")
         browser.close()

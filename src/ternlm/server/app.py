@@ -284,26 +284,36 @@ def _event(body: BaseModel) -> str:
     return f"data: {body.model_dump_json()}\n\n"
 
 
-def event_stream(reply: Reply, sequence: Sequence) -> StreamingResponse:
-    async def events() -> AsyncIterator[str]:
-        try:
-            opening = reply.opening()
-            if opening is not None:
-                yield _event(opening)
-            async for update in sequence.updates():
-                if update.error:
-                    yield _event(ErrorResponse(error=ErrorDetail(message=update.error, type="server_error")))
-                    return
-                chunk = reply.chunk(update)
-                if chunk is not None:
-                    yield _event(chunk)
-            if reply.include_usage:
-                yield _event(reply.usage_chunk(_usage(sequence)))
-            yield "data: [DONE]\n\n"
-        finally:
-            sequence.cancel()  # the client left mid-stream (no-op when finished): free the slot
+class EventStream(StreamingResponse):
+    """Server-sent events of one sequence. However the response ends (the client may leave before
+    the first event), the sequence is cancelled: a no-op once it has finished, else its slot is freed."""
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, reply: Reply, sequence: Sequence):
+        super().__init__(self._events(reply, sequence), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.sequence = sequence
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.sequence.cancel()
+
+    @staticmethod
+    async def _events(reply: Reply, sequence: Sequence) -> AsyncIterator[str]:
+        opening = reply.opening()
+        if opening is not None:
+            yield _event(opening)
+        async for update in sequence.updates():
+            if update.error:
+                yield _event(ErrorResponse(error=ErrorDetail(message=update.error, type="server_error")))
+                return
+            chunk = reply.chunk(update)
+            if chunk is not None:
+                yield _event(chunk)
+        if reply.include_usage:
+            yield _event(reply.usage_chunk(_usage(sequence)))
+        yield "data: [DONE]\n\n"
 
 
 async def whole_reply(reply: Reply, sequence: Sequence, request: Request) -> BaseModel | Response:
@@ -356,7 +366,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sequence = served.submit(prompt, body, body.token_limit(), top_logprobs, "messages")
     reply = ChatReply(served, body.include_usage, body.logprobs)
-    return event_stream(reply, sequence) if body.stream else await whole_reply(reply, sequence, request)
+    return EventStream(reply, sequence) if body.stream else await whole_reply(reply, sequence, request)
 
 
 @v1.post("/completions", response_model=Completion, responses=EVENT_STREAM_DOCS)
@@ -368,7 +378,7 @@ async def completions(body: CompletionRequest, request: Request, served: ServedM
         prompt = served.prompt(lambda: served.model.check_ids(body.prompt), "prompt")
     sequence = served.submit(prompt, body, body.token_limit(), body.logprobs, "prompt")
     reply = CompletionReply(served, body.include_usage, body.logprobs)
-    return event_stream(reply, sequence) if body.stream else await whole_reply(reply, sequence, request)
+    return EventStream(reply, sequence) if body.stream else await whole_reply(reply, sequence, request)
 
 
 other = APIRouter()
@@ -426,7 +436,8 @@ def create_app(model: LanguageModel, model_id: str, options: ServerOptions | Non
         finally:
             scheduler.stop()
 
-    app = FastAPI(title="ternlm", version=__version__, lifespan=lifespan,
+    # no /docs or /redoc: their pages load scripts from a CDN; /openapi.json is the document itself
+    app = FastAPI(title="ternlm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API for a ternary language model, with continuous batching.")
     app.state.served = ServedModel(model, model_id, scheduler, int(time.time()))
     app.state.api_key = options.api_key
