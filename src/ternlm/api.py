@@ -78,11 +78,12 @@ class LanguageModel:
 
     def logits(self, ids) -> np.ndarray:
         """float32 [len(ids), vocab]: every position of a fresh sequence starting at position 0."""
-        ids = self._check_ids(ids)
+        ids = self.check_ids(ids)
         cache = self.engine.new_cache(len(ids))
         return self.engine.forward(cache, ids, 0, all_logits=True)
 
-    def _check_ids(self, ids) -> list[int]:
+    def check_ids(self, ids) -> list[int]:
+        """The ids as ints; raises ValueError unless they are a non-empty sequence in the vocabulary and context."""
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("no token ids")
@@ -96,13 +97,21 @@ class LanguageModel:
     def stream_tokens(self, prompt_ids, max_tokens: int = 128, **sampling) -> Iterator[int]:
         params = SamplingParams(**sampling)
         self.last_stats = GenerationStats()
-        return generate_tokens(self.engine, self._check_ids(prompt_ids), max_tokens, params,
+        return generate_tokens(self.engine, self.check_ids(prompt_ids), max_tokens, params,
                                self.stop_ids, self.n_ctx, self.last_stats)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A plain prompt's tokens: BOS, then the text."""
+        return self.tokenizer.encode(prompt, add_bos=True)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """A conversation rendered by the model's chat template (which writes BOS itself), ending with
+        the assistant's turn."""
+        return self.tokenizer.encode(self.chat_template.render(messages), add_bos=False)
 
     def stream(self, prompt: str, max_tokens: int = 128, stop: list[str] | None = None, **sampling) -> Iterator[str]:
         """Text pieces as they are generated (multi-byte characters never split)."""
-        ids = self.tokenizer.encode(prompt, add_bos=True)
-        tokens = self.stream_tokens(ids, max_tokens, **sampling)
+        tokens = self.stream_tokens(self.prompt_ids(prompt), max_tokens, **sampling)
         return stream_text(tokens, self.tokenizer, [stop] if isinstance(stop, str) else stop, self.last_stats)
 
     def generate(self, prompt: str, max_tokens: int = 128, **kwargs) -> str:
@@ -110,8 +119,7 @@ class LanguageModel:
 
     def stream_chat(self, messages: list[dict], max_tokens: int = 128, stop: list[str] | None = None,
                     **sampling) -> Iterator[str]:
-        ids = self.tokenizer.encode(self.chat_template.render(messages), add_bos=False)
-        tokens = self.stream_tokens(ids, max_tokens, **sampling)
+        tokens = self.stream_tokens(self.chat_prompt_ids(messages), max_tokens, **sampling)
         return stream_text(tokens, self.tokenizer, [stop] if isinstance(stop, str) else stop, self.last_stats)
 
     def chat(self, messages: list[dict], max_tokens: int = 128, **kwargs) -> str:
@@ -131,7 +139,14 @@ def load(model: str | Path | None = None, threads: int | None = None, backend: s
           reference keeps float32).
     """
     path = resolve_model_path(model)
-    checkpoint = open_checkpoint(path)
+    return load_checkpoint(open_checkpoint(path), threads, backend, n_ctx, head, kv_cache, progress)
+
+
+def load_checkpoint(checkpoint: Checkpoint, threads: int | None = None, backend: str = "native",
+                    n_ctx: int | None = None, head: str | None = None, kv_cache: str = "f16",
+                    progress=None) -> LanguageModel:
+    """A LanguageModel from an open checkpoint (e.g. a synthetic one); the other arguments are load()'s."""
+    path = Path(checkpoint.source)
     config = checkpoint.config
     tokenizer = checkpoint.tokenizer()
     if tokenizer.vocab_size > config.vocab_size:

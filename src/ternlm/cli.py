@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
+from pathlib import Path
 
 from .errors import FormatError
 from .model import HEADS, KV_CACHES
@@ -12,7 +14,7 @@ from .model import HEADS, KV_CACHES
 MODEL_HELP = "model: an HF directory, a GGUF file, or an HF repo id already downloaded (default: the model shipped with ternlm)"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, verbose_help: str = "print timings (tokens/s) to stderr") -> None:
     p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("--backend", choices=("native", "reference"), default="native",
@@ -21,7 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", choices=HEADS, default=None,
                    help="format of the output matrix (default: as stored in the file; int8 halves its bytes, q4 quarters them)")
     p.add_argument("--kv-cache", choices=KV_CACHES, default="f16", help="keys and values in f16 (default) or f32")
-    p.add_argument("-v", "--verbose", action="store_true", help="print timings (tokens/s) to stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -223,6 +225,53 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def served_model_id(model_arg: str | None, model) -> str:
+    """The name clients send as `model`: what -m named (a repo id as given, a path by its last part)."""
+    if model_arg is None:
+        return "ternlm-default"
+    return model.path.resolve().name if Path(model_arg).expanduser().exists() else model_arg
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .server import ServerOptions, serve
+    except ImportError as e:
+        raise ValueError(f"ternlm serve needs the serve extra: pip install 'ternlm[serve]' ({e})") from None
+    api_key = args.api_key or os.environ.get("TERNLM_API_KEY") or None
+    model = _load(args)
+    model_id = served_model_id(args.model, model)
+    options = ServerOptions(api_key=api_key, max_batch=args.max_batch, max_waiting=args.max_queue,
+                            kv_budget_bytes=args.kv_memory * 2**20 if args.kv_memory else None,
+                            prefill_chunk=args.prefill_chunk, cors_origins=args.cors_origin)
+    print(f"ternlm: serving {model_id!r} at http://{args.host}:{args.port}/ (chat page) and /v1 (OpenAI API)"
+          f"{'; API key required' if api_key else ''}", file=sys.stderr)
+    serve(model, model_id, options, args.host, args.port, access_log=args.verbose)
+    return 0
+
+
+SERVE_DESCRIPTION = """\
+Serve the model over HTTP: OpenAI's API (GET /v1/models, POST /v1/chat/completions and
+/v1/completions, streaming or not), GET /health, GET /metrics (Prometheus), and a chat page at /.
+Requests are batched continuously: each engine step runs every active sequence together.
+Needs the serve extra: pip install "ternlm[serve]"."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ternlm", description="Run ternary (1.58-bit) language models on the CPU.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -253,6 +302,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=list(HEAD_TYPES), default="f16",
                    help="type of the embedding and (when untied) the output matrix; default f16")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page",
+                       description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p, verbose_help="log every HTTP request to stderr")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    g.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $TERNLM_API_KEY if set, else no key)")
+    g.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
+                   help="most sequences generated together, one engine step for all (default 8)")
+    g.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
+                   help="requests that may wait for a free slot; more are refused with 503 (default 64)")
+    g.add_argument("--kv-memory", type=_positive_int, default=None, metavar="MB",
+                   help="KV-cache budget of all sequences together, in MiB; a request waits until its cache fits "
+                        "(default: --max-batch sequences of the full context)")
+    g.add_argument("--prefill-chunk", type=_positive_int, default=64, metavar="N",
+                   help="most prompt tokens processed per step, so a long prompt does not stall running streams "
+                        "(default 64)")
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API; repeatable "
+                        "(default: none, CORS off)")
+    p.set_defaults(func=cmd_serve)
 
     # listed for --help; main() hands `ternlm train ...` to ternlm.train, which parses its own options
     sub.add_parser("train", help="train or fine-tune a ternary model (needs ternlm[train]; --help lists its options)")

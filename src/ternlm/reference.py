@@ -82,6 +82,8 @@ class ReferenceCache:
         self.n_ctx = n_ctx
         self.keys = [None] * config.num_hidden_layers
         self.values = [None] * config.num_hidden_layers
+        # what the float32 keys and values take once the context is full (the native cache's nbytes)
+        self.nbytes = 2 * config.num_hidden_layers * n_ctx * config.num_key_value_heads * config.head_dim * 4
 
 
 class ReferenceModel:

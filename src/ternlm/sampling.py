@@ -62,3 +62,11 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         order, probs = order[keep], probs[keep]
     probs /= probs.sum()
     return int(order[rng.choice(len(order), p=probs)])
+
+
+def log_probabilities(logits: np.ndarray) -> np.ndarray:
+    """log softmax of raw logits [vocab] in float64: the model's own distribution, before temperature
+    and filters (what OpenAI's `logprobs` report)."""
+    x = logits.astype(np.float64)
+    x -= x.max()
+    return x - np.log(np.exp(x).sum())

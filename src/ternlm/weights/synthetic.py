@@ -7,6 +7,7 @@ import zlib
 import numpy as np
 
 from ..config import BitNetConfig
+from ..tokenizer import Tokenizer
 from .checkpoint import Checkpoint, DenseTensor
 
 SHAPES = {
@@ -50,3 +51,14 @@ class SyntheticCheckpoint(Checkpoint):
     def ternary(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float]:
         rng = np.random.default_rng([self._seed, zlib.crc32(name.encode())])
         return rng.integers(-1, 2, size=(rows, cols), dtype=np.int8), 0.02
+
+    def tokenizer(self) -> Tokenizer:
+        """Token i is the word "w<i>" (space-separated): every id decodes to text, so the synthetic
+        model also runs behind text interfaces such as the server."""
+        from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+        vocab = {f"w{i}": i for i in range(self.config.vocab_size)}
+        words = HFTokenizer(models.WordLevel(vocab, unk_token="w0"))
+        words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        bos = self.config.bos_token_id
+        return Tokenizer(words, bos_token=f"w{bos}" if bos is not None and bos < self.config.vocab_size else None)

@@ -1,0 +1,115 @@
+"""Load on `ternlm serve`: aggregate generated tokens/s and time to first token (TTFT) with 1, 4, 8
+and 16 concurrent streams, on a random model with BitNet b1.58 2B4T's exact shapes.
+
+    python bench/serve_load.py --streams 1,4,8,16 -p 16 -n 32 --head int8
+
+The server runs in this process (a thread, as in the tests) on a loopback port, with --max-batch
+equal to the largest stream count. For each level, N streaming completions start at once, each with
+its own random prompt of P tokens and max_tokens N_GEN at temperature 0. Aggregate tokens/s is every
+generated token (the servers' usage counts) over the wall time from the first request to the last
+[DONE]; TTFT is per request, from sending it to its first text chunk. The ratio compares each
+level's aggregate rate with the single stream's, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+
+@dataclass
+class StreamResult:
+    ttft: float    # seconds from sending to the first text chunk
+    tokens: int    # generated tokens (usage.completion_tokens)
+
+
+async def one_stream(client: httpx.AsyncClient, model_id: str, prompt: str, max_tokens: int) -> StreamResult:
+    body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start, ttft, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return StreamResult(ttft if ttft is not None else time.perf_counter() - start, tokens)
+
+
+async def load_level(url: str, model_id: str, prompts: list[str], max_tokens: int) -> tuple[float, list[StreamResult]]:
+    """All prompts as concurrent streams; returns (wall seconds, each stream's result)."""
+    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, model_id, p, max_tokens) for p in prompts))
+        return time.perf_counter() - start, list(results)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", default="1,4,8,16", help="concurrent streams per level (default 1,4,8,16)")
+    parser.add_argument("-p", "--n-prompt", type=int, default=16, help="prompt tokens per stream (default 16)")
+    parser.add_argument("-n", "--n-gen", type=int, default=32, help="tokens generated per stream (default 32)")
+    parser.add_argument("-t", "--threads", type=int, default=None, help="engine threads (default: all cores)")
+    parser.add_argument("--head", default="int8", help="output matrix format (default int8)")
+    parser.add_argument("--prefill-chunk", type=int, default=64, help="the server's --prefill-chunk (default 64)")
+    parser.add_argument("--shape", default="2b4t", choices=("2b4t", "tiny"), help="synthetic shape (default 2b4t)")
+    args = parser.parse_args()
+    levels = [int(n) for n in args.streams.split(",")]
+
+    from ternlm import _core
+    from ternlm.api import load_checkpoint
+    from ternlm.bench import cpu_model
+    from ternlm.server import ServerOptions, create_app, serving_in_thread
+    from ternlm.weights.synthetic import SyntheticCheckpoint
+
+    print(f"building the synthetic {args.shape} model ...", flush=True)
+    model = load_checkpoint(SyntheticCheckpoint(args.shape), threads=args.threads, head=args.head)
+    model.stop_ids = set()  # a random model may hit an end-of-text id: every stream runs its full length
+    model_id = f"synthetic-{args.shape}"
+    app = create_app(model, model_id, ServerOptions(max_batch=max(levels), max_waiting=max(levels),
+                                                    prefill_chunk=args.prefill_chunk))
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+
+    def prompt() -> str:  # the synthetic tokenizer's words: one token each, BOS added by the server
+        return " ".join(f"w{i}" for i in rng.integers(0, vocab, size=args.n_prompt - 1))
+
+    rows = []
+    with serving_in_thread(app) as url:
+        asyncio.run(load_level(url, model_id, [prompt()], 4))  # warm-up: page the weights in
+        for n in levels:
+            seconds, results = asyncio.run(load_level(url, model_id, [prompt() for _ in range(n)], args.n_gen))
+            tokens = sum(r.tokens for r in results)
+            ttfts = [r.ttft for r in results]
+            rows.append((n, tokens, seconds, tokens / seconds, percentile(ttfts, 50), percentile(ttfts, 99)))
+            print(f"{n:>2} streams: {tokens} tokens in {seconds:.1f} s", flush=True)
+
+    single = next((rate for n, _, _, rate, _, _ in rows if n == 1), None)
+    print(f"\n{time.strftime('%Y-%m-%d')} | CPU: {cpu_model()} | kernels: {_core.kernel_name()} | "
+          f"threads: {model.threads} | synthetic {args.shape}, head {args.head} | prompt {args.n_prompt}, "
+          f"generate {args.n_gen} tokens per stream, temperature 0\n")
+    print("| streams | generated tokens | wall s | aggregate tokens/s | vs 1 stream | TTFT p50 s | TTFT p99 s |")
+    print("|---|---|---|---|---|---|---|")
+    for n, tokens, seconds, rate, p50, p99 in rows:
+        ratio = f"{rate / single:.2f}x" if single else ""
+        print(f"| {n} | {tokens} | {seconds:.1f} | {rate:.2f} | {ratio} | {p50:.2f} | {p99:.2f} |")
+    print(f"\n(median of the per-stream TTFTs; p99 of {max(levels)} or fewer values is close to their maximum)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""The HTTP server: OpenAI's /v1 API on top of the scheduler, /health, /metrics, and the chat page at /.
+
+A request is validated (schemas.py), its prompt turned into token ids (api.py), and submitted to the
+scheduler; its updates come back as one JSON body or as server-sent events. Every error has OpenAI's
+shape, {"error": {"message", "type", "param", "code"}}, with the status the OpenAI API would use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..api import LanguageModel
+from ..generate import ContextOverflowError
+from ..sampling import SamplingParams
+from .metrics import ServerMetrics
+from .middleware import BodySizeLimit, CountResponses
+from .scheduler import KVBudgetExceeded, Overloaded, Scheduler, Sequence, TokenLogprob, Update
+from .schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+                      ChatCompletionRequest, ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs,
+                      CompletionRequest, DeltaMessage, ErrorDetail, ErrorResponse, Health, ModelCard, ModelList,
+                      SamplingRequest, TokenLogprob as TokenLogprobSchema, TopLogprob, Usage)
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 1 << 20  # a full 4096-token context is about 20 kB of text
+
+
+@dataclass
+class ServerOptions:
+    api_key: str | None = None        # required as "Authorization: Bearer KEY" on /v1 when set
+    max_batch: int = 8                # sequences generated together
+    max_waiting: int = 64             # requests that may wait for a slot; beyond that, 503
+    kv_budget_bytes: int | None = None  # all KV caches together (default: max_batch full contexts)
+    prefill_chunk: int = 64           # prompt tokens per step
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
+
+
+# ---- errors ----
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 error_type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code, self.error_type, self.headers = status, param, code, error_type, headers
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   error_type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return error_response(e.status, str(e), e.param, e.code, e.error_type, e.headers)
+
+
+def _parameter(location: tuple) -> str:
+    """("body", "messages", 0, "role") -> "messages.0.role"; a union member's tag such as
+    "function-after[...]" or "list[int]" is not part of the name."""
+    names = []
+    for part in location[1:] if location[:1] == ("body",) else location:
+        if isinstance(part, str) and not part.isidentifier():
+            break
+        names.append(str(part))
+    return ".".join(names)
+
+
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    """FastAPI answers 422; OpenAI answers 400, naming the parameter."""
+    errors = e.errors()
+    if any(error["type"] == "json_invalid" for error in errors):
+        return error_response(400, "the request body is not valid JSON", code="invalid_json")
+    places = [_parameter(tuple(error["loc"])) for error in errors]
+    message = "; ".join(dict.fromkeys(f"{place or 'body'}: {error['msg']}" for place, error in zip(places, errors)))
+    return error_response(400, message, param=places[0] if places and places[0] else None, code="invalid_value")
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    return error_response(e.status_code, str(e.detail), headers=e.headers)
+
+
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    return error_response(500, f"internal error ({type(e).__name__})", error_type="server_error")
+
+
+ERROR_DOCS = {status: {"model": ErrorResponse, "description": what} for status, what in [
+    (400, "bad parameters, or a prompt that does not fit the context"),
+    (404, "unknown model"),
+    (413, "request body too large"),
+    (503, "the server is saturated: too many requests waiting (see Retry-After)"),
+]}
+AUTH_DOCS = {401: {"model": ErrorResponse, "description": "missing or wrong API key"}}
+EVENT_STREAM_DOCS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                           "description": "JSON; with stream: true, server-sent events of chunks, then [DONE]"}}
+
+
+# ---- the model being served ----
+
+@dataclass
+class ServedModel:
+    model: LanguageModel
+    id: str
+    scheduler: Scheduler
+    created: int
+
+    def check_model(self, name: str) -> None:
+        if name != self.id:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.id!r}",
+                           param="model", code="model_not_found")
+
+    def prompt(self, build: Callable[[], list[int]], param: str) -> list[int]:
+        try:
+            return build()
+        except ContextOverflowError as e:
+            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
+
+    def submit(self, prompt: list[int], body: SamplingRequest, limit: int | None, top_logprobs: int | None,
+               prompt_param: str) -> Sequence:
+        n_ctx = self.model.n_ctx
+        room = n_ctx - len(prompt)
+        if room < 1 or (limit is not None and limit > room):
+            wanted = f"{limit} to generate" if limit is not None else "at least 1 to generate"
+            raise APIError(400, f"this model's context holds {n_ctx} tokens, but the request needs "
+                                f"{len(prompt)} for the prompt and {wanted}",
+                           param=prompt_param if limit is None or room < 1 else "max_tokens",
+                           code="context_length_exceeded")
+        params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+                                repetition_penalty=body.repetition_penalty, seed=body.seed)
+        try:
+            return self.scheduler.submit(prompt, limit or room, params, body.stop_strings(), top_logprobs)
+        except Overloaded as e:
+            raise APIError(503, str(e), error_type="server_error", code="server_overloaded",
+                           headers={"Retry-After": "1"}) from None
+        except KVBudgetExceeded as e:
+            raise APIError(400, str(e), param="max_tokens", code="kv_cache_budget_exceeded") from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    def token_text(self, token: int) -> str:
+        return self.model.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def served_model(request: Request) -> ServedModel:
+    return request.app.state.served
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+async def require_api_key(request: Request,
+                          credentials: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))):
+    """Authorization: Bearer KEY, compared in constant time (digests, so not even the length leaks)."""
+    given = credentials.credentials if credentials else ""
+    if not hmac.compare_digest(_digest(given), _digest(request.app.state.api_key)):
+        raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                       code="invalid_api_key")
+
+
+# ---- turning updates into OpenAI's bodies ----
+
+def _usage(sequence: Sequence) -> Usage:
+    return Usage(prompt_tokens=sequence.prompt_tokens, completion_tokens=sequence.completion_tokens,
+                 total_tokens=sequence.prompt_tokens + sequence.completion_tokens)
+
+
+class Reply:
+    """One request's answer in the shape of its endpoint: whole, or as stream chunks."""
+
+    def __init__(self, served: ServedModel, id_prefix: str, include_usage: bool):
+        self.served, self.include_usage = served, include_usage
+        self.id, self.created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
+
+    def opening(self) -> BaseModel | None:
+        return None
+
+    def chunk(self, update: Update) -> BaseModel | None:
+        raise NotImplementedError
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        raise NotImplementedError
+
+    def whole(self, text: str, logprobs: list[TokenLogprob], finish_reason: str, usage: Usage) -> BaseModel:
+        raise NotImplementedError
+
+
+class ChatReply(Reply):
+    def __init__(self, served: ServedModel, include_usage: bool, logprobs: bool):
+        super().__init__(served, "chatcmpl", include_usage)
+        self.logprobs = logprobs
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> ChoiceLogprobs | None:
+        if not self.logprobs:
+            return None
+        token_text = self.served.token_text
+
+        def top(token: int, logprob: float) -> TopLogprob:
+            text = token_text(token)
+            return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+        return ChoiceLogprobs(content=[TokenLogprobSchema(**top(e.token, e.logprob).model_dump(),
+                                                          top_logprobs=[top(t, lp) for t, lp in e.top])
+                                       for e in entries])
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.served.id, choices=choices,
+                                   usage=usage)
+
+    def opening(self) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+
+    def chunk(self, update: Update) -> ChatCompletionChunk | None:
+        if not (update.text or update.finish_reason or (self.logprobs and update.logprob)):
+            return None
+        delta = DeltaMessage(content=update.text) if update.text else DeltaMessage()
+        logprobs = self._logprobs([update.logprob] if update.logprob else [])
+        return self._chunk([ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=update.finish_reason)])
+
+    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
+        return self._chunk([], usage)
+
+    def whole(self, text, logprobs, finish_reason, usage) -> ChatCompletion:
+        choice = ChatChoice(message=AssistantMessage(content=text), logprobs=self._logprobs(logprobs),
+                            finish_reason=finish_reason)
+        return ChatCompletion(id=self.id, created=self.created, model=self.served.id, choices=[choice], usage=usage)
+
+
+class CompletionReply(Reply):
+    def __init__(self, served: ServedModel, include_usage: bool, logprobs: int | None):
+        super().__init__(served, "cmpl", include_usage)
+        self.logprobs = logprobs
+        self.text_offset = 0  # where the next token's text starts in the generated text
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> CompletionLogprobs | None:
+        if self.logprobs is None:
+            return None
+        tokens = [self.served.token_text(e.token) for e in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(self.text_offset)
+            self.text_offset += len(text)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries],
+                                  top_logprobs=[{self.served.token_text(t): lp for t, lp in e.top} for e in entries],
+                                  text_offset=offsets)
+
+    def _completion(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.served.id, choices=choices, usage=usage)
+
+    def chunk(self, update: Update) -> Completion | None:
+        if not (update.text or update.finish_reason or (self.logprobs is not None and update.logprob)):
+            return None
+        logprobs = self._logprobs([update.logprob] if update.logprob else [])
+        return self._completion([CompletionChoice(text=update.text, logprobs=logprobs,
+                                                  finish_reason=update.finish_reason)])
+
+    def usage_chunk(self, usage: Usage) -> Completion:
+        return self._completion([], usage)
+
+    def whole(self, text, logprobs, finish_reason, usage) -> Completion:
+        choice = CompletionChoice(text=text, logprobs=self._logprobs(logprobs), finish_reason=finish_reason)
+        return self._completion([choice], usage)
+
+
+def _event(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events of one sequence. However the response ends (the client may leave before
+    the first event), the sequence is cancelled: a no-op once it has finished, else its slot is freed."""
+
+    def __init__(self, reply: Reply, sequence: Sequence):
+        super().__init__(self._events(reply, sequence), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.sequence = sequence
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.sequence.cancel()
+
+    @staticmethod
+    async def _events(reply: Reply, sequence: Sequence) -> AsyncIterator[str]:
+        opening = reply.opening()
+        if opening is not None:
+            yield _event(opening)
+        async for update in sequence.updates():
+            if update.error:
+                yield _event(ErrorResponse(error=ErrorDetail(message=update.error, type="server_error")))
+                return
+            chunk = reply.chunk(update)
+            if chunk is not None:
+                yield _event(chunk)
+        if reply.include_usage:
+            yield _event(reply.usage_chunk(_usage(sequence)))
+        yield "data: [DONE]\n\n"
+
+
+async def whole_reply(reply: Reply, sequence: Sequence, request: Request) -> BaseModel | Response:
+    """Waits for the end of generation, or for the client to leave (then the sequence is cancelled)."""
+
+    async def gather():
+        text, logprobs = [], []
+        async for update in sequence.updates():
+            if update.error:
+                raise APIError(500, update.error, error_type="server_error")
+            text.append(update.text)
+            if update.logprob:
+                logprobs.append(update.logprob)
+            if update.finish_reason:
+                return reply.whole("".join(text), logprobs, update.finish_reason, _usage(sequence))
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    gathering, leaving = asyncio.ensure_future(gather()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({gathering, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not gathering.done():
+            gathering.cancel()
+            sequence.cancel()
+    if gathering.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+    return gathering.result()
+
+
+# ---- routes ----
+
+v1 = APIRouter(prefix="/v1", responses=ERROR_DOCS)
+
+
+@v1.get("/models", response_model=ModelList)
+async def list_models(served: ServedModel = Depends(served_model)):
+    return ModelList(data=[ModelCard(id=served.id, created=served.created)])
+
+
+@v1.post("/chat/completions", response_model=ChatCompletion, responses=EVENT_STREAM_DOCS)
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           served: ServedModel = Depends(served_model)):
+    served.check_model(body.model)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = served.prompt(lambda: served.model.chat_prompt_ids(messages), "messages")
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    sequence = served.submit(prompt, body, body.token_limit(), top_logprobs, "messages")
+    reply = ChatReply(served, body.include_usage, body.logprobs)
+    return EventStream(reply, sequence) if body.stream else await whole_reply(reply, sequence, request)
+
+
+@v1.post("/completions", response_model=Completion, responses=EVENT_STREAM_DOCS)
+async def completions(body: CompletionRequest, request: Request, served: ServedModel = Depends(served_model)):
+    served.check_model(body.model)
+    if isinstance(body.prompt, str):
+        prompt = served.prompt(lambda: served.model.prompt_ids(body.prompt), "prompt")
+    else:
+        prompt = served.prompt(lambda: served.model.check_ids(body.prompt), "prompt")
+    sequence = served.submit(prompt, body, body.token_limit(), body.logprobs, "prompt")
+    reply = CompletionReply(served, body.include_usage, body.logprobs)
+    return EventStream(reply, sequence) if body.stream else await whole_reply(reply, sequence, request)
+
+
+other = APIRouter()
+
+
+@other.get("/health", response_model=Health, responses={503: {"model": ErrorResponse,
+                                                                "description": "the scheduler has stopped"}})
+async def health(served: ServedModel = Depends(served_model)):
+    if not served.scheduler.alive:
+        raise APIError(503, "the scheduler has stopped", error_type="server_error")
+    return Health(model=served.id)
+
+
+@other.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
+async def metrics(served: ServedModel = Depends(served_model)):
+    return Response(served.scheduler.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@other.get("/", include_in_schema=False)
+async def chat_page():
+    return FileResponse(STATIC / "index.html")
+
+
+def _openapi_without_422(app: FastAPI) -> None:
+    """Validation errors are answered with 400 (as OpenAI does), so the document must not promise 422."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def create_app(model: LanguageModel, model_id: str, options: ServerOptions | None = None) -> FastAPI:
+    """model_id: the name clients put in `model`."""
+    from .. import __version__
+
+    options = options or ServerOptions()
+    metrics = ServerMetrics()
+    scheduler = Scheduler(model, options.max_batch, options.max_waiting, options.kv_budget_bytes,
+                          options.prefill_chunk, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    # no /docs or /redoc: their pages load scripts from a CDN; /openapi.json is the document itself
+    app = FastAPI(title="ternlm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="OpenAI-compatible API for a ternary language model, with continuous batching.")
+    app.state.served = ServedModel(model, model_id, scheduler, int(time.time()))
+    app.state.api_key = options.api_key
+    auth = [Depends(require_api_key)] if options.api_key else []
+    app.include_router(v1, dependencies=auth, responses=AUTH_DOCS if options.api_key else None)
+    app.include_router(other)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    for error, handler in [(APIError, _api_error), (RequestValidationError, _validation_error),
+                           (StarletteHTTPException, _http_error), (Exception, _internal_error)]:
+        app.add_exception_handler(error, handler)
+    _openapi_without_422(app)
+    # the last added runs first: count every response, then CORS, then the size limit
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    if options.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=options.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    paths = {route.path for router in (v1, other) for route in router.routes}
+    app.add_middleware(CountResponses, metrics=metrics, paths=paths)
+    return app

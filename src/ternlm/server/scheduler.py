@@ -1,0 +1,279 @@
+"""Continuous batching: one engine step at a time over every active sequence.
+
+Requests join between steps and finished ones leave. A new prompt is prefilled in chunks (at most
+`prefill_chunk` prompt tokens per step, shared by the prompts waiting for them) in the same step as
+the running sequences' next tokens, so a long prompt never stalls the streams already generating.
+All of a step's tokens go through the engine's batched forward (the GEMM path) together.
+
+Each sequence owns a KV cache sized for its prompt plus max_tokens, allocated when it joins and freed
+when it leaves. The caches together stay within a byte budget: a request that does not fit yet waits
+(first come, first served); one that could never fit is refused when submitted.
+
+The scheduler runs in its own thread (the native engine releases the GIL while it computes); each
+sequence hands its updates to the asyncio loop of the request that submitted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import numpy as np
+
+from ..api import LanguageModel
+from ..generate import GenerationState, TextStream
+from ..sampling import SamplingParams, log_probabilities
+from .metrics import ServerMetrics
+
+
+class Overloaded(Exception):
+    """The waiting queue is full."""
+
+
+class KVBudgetExceeded(ValueError):
+    """The request alone needs more KV cache than the whole budget."""
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at this position, most likely first
+
+
+@dataclass
+class Update:
+    """What a request receives after a step: new text (often empty while a character or a possible
+    stop string is incomplete), the new token's log probability if asked for, and on the last update
+    why generation ended (or what went wrong)."""
+    text: str = ""
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None  # "stop" or "length"
+    error: str | None = None
+
+
+class Sequence:
+    """One request inside the scheduler. The request's coroutine reads `updates()`; the scheduler
+    thread writes everything else."""
+
+    def __init__(self, prompt: list[int], state: GenerationState, text: TextStream, top_logprobs: int | None,
+                 loop: asyncio.AbstractEventLoop):
+        self.prompt = prompt
+        self.state = state
+        self.text = text
+        self.top_logprobs = top_logprobs  # None: no log probabilities
+        self.cache = None                 # given when the sequence joins the batch
+        self.prefilled = 0                # prompt tokens already in the cache
+        self.cancelled = False
+        self.submitted_at = time.perf_counter()
+        self.sampled_once = False
+        self._loop = loop
+        self._updates: asyncio.Queue[Update] = asyncio.Queue()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.state.generated
+
+    def cancel(self) -> None:
+        """The client has gone: the scheduler drops the sequence before its next step (no-op once finished)."""
+        self.cancelled = True
+
+    async def updates(self) -> AsyncIterator[Update]:
+        while True:
+            update = await self._updates.get()
+            yield update
+            if update.finish_reason or update.error:
+                return
+
+    def send(self, update: Update) -> None:
+        """From the scheduler thread to the request's event loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._updates.put_nowait, update)
+        except RuntimeError:  # the loop has closed: nobody is listening
+            pass
+
+
+@dataclass
+class _Segment:
+    """One sequence's part of a step: prompt tokens to prefill, or the last token to decode from."""
+    sequence: Sequence
+    tokens: list[int]
+    start: int
+    prefill: bool = False
+
+
+class Scheduler:
+    def __init__(self, model: LanguageModel, max_batch: int = 8, max_waiting: int = 64,
+                 kv_budget_bytes: int | None = None, prefill_chunk: int = 64, metrics: ServerMetrics | None = None):
+        """kv_budget_bytes: all KV caches together (default: max_batch sequences of the full context)."""
+        if min(max_batch, max_waiting, prefill_chunk) < 1:
+            raise ValueError("max_batch, max_waiting and prefill_chunk must be at least 1")
+        self.model = model
+        self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
+        self.bytes_per_position = model.engine.new_cache(1).nbytes
+        self.kv_budget = kv_budget_bytes or max_batch * model.n_ctx * self.bytes_per_position
+        self.metrics = metrics or ServerMetrics()
+        self.metrics.watch(self)
+        # read anywhere; changed by the scheduler thread only, except `waiting`, which submit() appends to
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.kv_bytes_in_use = 0
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="ternlm-scheduler", daemon=True)
+
+    # ---- the request side (the event loop's thread) ----
+
+    def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop: list[str],
+               top_logprobs: int | None = None) -> Sequence:
+        """Queues a generation. Raises ValueError (bad parameters, ContextOverflowError),
+        KVBudgetExceeded, or Overloaded when the queue is full."""
+        state = GenerationState(prompt, max_tokens, params, self.model.stop_ids, self.model.n_ctx)
+        needed = self._cache_bytes(state.n_positions)
+        if needed > self.kv_budget:
+            raise KVBudgetExceeded(f"the request needs {needed / 2**20:.1f} MiB of KV cache ({state.n_positions} "
+                                   f"positions) but the server's budget is {self.kv_budget / 2**20:.1f} MiB; "
+                                   f"ask for fewer tokens")
+        sequence = Sequence(prompt, state, TextStream(self.model.tokenizer, stop), top_logprobs,
+                            asyncio.get_running_loop())
+        with self._wakeup:
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded(f"{len(self.waiting)} requests are already waiting; try again later")
+            self.waiting.append(sequence)
+            self._wakeup.notify()
+        return sequence
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # ---- the scheduler thread ----
+
+    def _cache_bytes(self, positions: int) -> int:
+        return positions * self.bytes_per_position
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._stopping or self.waiting or self.running):
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+                self._drop_cancelled()
+                joining = self._admit()
+            for sequence in joining:  # allocating outside the lock: submit() is never kept waiting
+                try:
+                    sequence.cache = self.model.engine.new_cache(sequence.state.n_positions)
+                except MemoryError:
+                    sequence.send(Update(error="out of memory for the KV cache; lower --kv-memory"))
+                    self._leave(sequence, "error")
+            if self.running:
+                self._step()
+        for sequence in [*self.running, *self.waiting]:
+            sequence.send(Update(error="the server is shutting down"))
+
+    def _admit(self) -> list[Sequence]:
+        """Moves waiting sequences into the batch while there are free slots and KV-cache budget."""
+        joining = []
+        while self.waiting and len(self.running) < self.max_batch:
+            sequence = self.waiting[0]
+            needed = self._cache_bytes(sequence.state.n_positions)
+            if self.kv_bytes_in_use + needed > self.kv_budget:
+                break  # it waits for running sequences to finish, and so does everyone behind it
+            self.waiting.popleft()
+            self.kv_bytes_in_use += needed
+            self.running.append(sequence)
+            joining.append(sequence)
+        return joining
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(sequence)
+            self.metrics.requests.labels("cancelled").inc()
+        for sequence in [s for s in self.running if s.cancelled]:
+            self._leave(sequence, "cancelled")
+
+    def _leave(self, sequence: Sequence, outcome: str) -> None:
+        self.running.remove(sequence)
+        sequence.cache = None  # frees the KV cache
+        self.kv_bytes_in_use -= self._cache_bytes(sequence.state.n_positions)
+        self.metrics.requests.labels(outcome).inc()
+
+    def _plan(self) -> list[_Segment]:
+        segments, prefill_budget = [], self.prefill_chunk
+        for sequence in self.running:
+            remaining = len(sequence.prompt) - sequence.prefilled
+            if remaining == 0:
+                history = sequence.state.history
+                segments.append(_Segment(sequence, history[-1:], len(history) - 1))
+            elif prefill_budget > 0:
+                n = min(remaining, prefill_budget)
+                prefill_budget -= n
+                start = sequence.prefilled
+                segments.append(_Segment(sequence, sequence.prompt[start:start + n], start, prefill=True))
+        return segments
+
+    def _step(self) -> None:
+        segments = self._plan()
+        generated = 0
+        try:
+            logits = self.model.engine.forward_batch([(s.sequence.cache, s.tokens, s.start) for s in segments])
+            for segment, row in zip(segments, logits):
+                sequence = segment.sequence
+                if segment.prefill:
+                    sequence.prefilled += len(segment.tokens)
+                    if sequence.prefilled < len(sequence.prompt):
+                        continue
+                generated += self._advance(sequence, row)
+        except Exception as e:  # whatever failed, the step's requests end with an error and the server goes on
+            for sequence in {s.sequence for s in segments if s.sequence in self.running}:
+                sequence.send(Update(error=f"generation failed: {e}"))
+                self._leave(sequence, "error")
+        self.metrics.step(len(segments), sum(len(s.tokens) for s in segments if s.prefill), generated)
+
+    def _advance(self, sequence: Sequence, logits: np.ndarray) -> int:
+        """Samples the sequence's next token and sends its text; returns how many tokens it generated."""
+        if not sequence.sampled_once:
+            sequence.sampled_once = True
+            self.metrics.time_to_first_token.observe(time.perf_counter() - sequence.submitted_at)
+        token = sequence.state.next_token(logits)
+        update = Update()
+        if token is not None:
+            update.text = sequence.text.push(token)
+            if sequence.top_logprobs is not None:
+                update.logprob = _token_logprob(logits, token, sequence.top_logprobs)
+        if sequence.text.stopped:
+            update.finish_reason = "stop"
+        elif sequence.state.finished:
+            update.text += sequence.text.flush()
+            update.finish_reason = sequence.state.finish_reason
+        if update.text or update.logprob or update.finish_reason:
+            sequence.send(update)
+        if update.finish_reason:
+            self._leave(sequence, update.finish_reason)
+        return 0 if token is None else 1
+
+
+def _token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    logprobs = log_probabilities(logits)
+    best = np.argpartition(-logprobs, top)[:top] if top else np.array([], dtype=np.int64)
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return TokenLogprob(token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in best])

@@ -1,0 +1,230 @@
+"""OpenAI's request and response bodies as pydantic models: FastAPI validates requests with them and
+writes the OpenAPI document (/openapi.json) from them.
+
+Requests are strict (a string where a number belongs is an error, not converted) and fields this
+server does not implement are ignored, as OpenAI's other compatible servers do.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+"""A string that is valid Unicode: JSON's \\u escapes can spell half a surrogate pair, which no tokenizer takes."""
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+
+# ---- errors ----
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, with any status: {"error": {"message", "type", "param", "code"}}."""
+    error: ErrorDetail
+
+
+# ---- requests ----
+
+class StreamOptions(Request):
+    include_usage: bool = Field(False, description="send a last chunk with the token counts")
+
+
+class SamplingRequest(Request):
+    """What chat and text completions share."""
+    model: str = Field(description="the id /v1/models lists")
+    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate; default: the rest of the "
+                                                             "context. Prompt plus max_tokens must fit the context")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible")
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = Field(
+        None, description="up to 4 strings that end the text (not included in it)")
+    n: int = Field(1, ge=1, le=1, description="choices per request: only 1")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # beyond OpenAI, as llama.cpp's and vLLM's servers take them
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0: all)")
+    min_p: float = Field(0.0, ge=0, le=1, description="drop tokens below min_p times the top probability")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="penalty for the last 64 tokens (1: off)")
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class TextPart(Request):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(Request):
+    role: Literal["system", "user", "assistant"]
+    content: Text | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens; wins over it")
+    logprobs: bool = Field(False, description="return each generated token's log probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the most likely alternatives")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Text | list[Text] | list[int] = Field(
+        description="a string, or the prompt's token ids; a list of strings must hold exactly one")
+    logprobs: int | None = Field(None, ge=0, le=5, description="return each token's log probability and this many "
+                                                                "most likely alternatives")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[str] | list[int]) -> str | list[int]:
+        if prompt == []:
+            raise ValueError("the prompt is empty")
+        if isinstance(prompt, list) and isinstance(prompt[0], str):
+            if len(prompt) > 1:
+                raise ValueError("one prompt per request: this server generates one choice")
+            return prompt[0]
+        return prompt
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+# ---- responses ----
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionBase(BaseModel):
+    """What every completion, and every chunk of a streamed one, carries."""
+    id: str
+    created: int
+    model: str
+
+
+class ChatCompletion(CompletionBase):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(CompletionBase):
+    """One server-sent event of a streamed chat completion."""
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format: parallel lists, one entry per generated token."""
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(CompletionBase):
+    """A text completion, and also each event of a streamed one (finish_reason null until the last)."""
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ternlm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
