@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ternlm
+from conftest import numpy_log_probs
 
 pytest.importorskip("lm_eval", reason="pip install 'ternlm[eval]'")
 
@@ -97,22 +98,11 @@ def task_folder(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def model():
-    return ternlm.load(threads=1)
-
-
-def log_probs(model, ids: list[int]) -> np.ndarray:
-    logits = model.logits(ids).astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-
-
 def continuation_logprob(model, context: str, continuation: str) -> float:
     """log p(continuation | BOS context), its tokens being those that the whole adds to the context."""
     context_ids = model.tokenizer.encode(context)
     whole = model.tokenizer.encode(context + continuation)
-    lp = log_probs(model, whole[:-1])
+    lp = numpy_log_probs(model, whole[:-1])
     return float(sum(lp[j - 1, whole[j]] for j in range(len(context_ids), len(whole))))
 
 
@@ -121,25 +111,26 @@ def rolling_logprob(model, text: str) -> float:
     only the tokens not yet predicted."""
     tokens = model.tokenizer.encode(text, add_bos=False)
     n = model.n_ctx
-    lp = log_probs(model, [model.tokenizer.bos_id] + tokens[:n - 1])
+    lp = numpy_log_probs(model, [model.tokenizer.bos_id] + tokens[:n - 1])
     total = float(sum(lp[j, tokens[j]] for j in range(min(n, len(tokens)))))
     done = n
     while done < len(tokens):
         end = min(done + n, len(tokens))
         inputs = tokens[end - n - 1:end - 1]          # the n tokens before each of the predicted ones
-        lp = log_probs(model, inputs)
+        lp = numpy_log_probs(model, inputs)
         total += float(sum(lp[j - (end - n), tokens[j]] for j in range(done, end)))
         done = end
     return total
 
 
-def test_local_tasks_through_lm_evals_own_cli(task_folder, model, tmp_path):
+def test_local_tasks_through_lm_evals_own_cli(task_folder, default_model, tmp_path):
+    model = default_model
     out = tmp_path / "results"
     result = subprocess.run(
         [sys.executable, "-m", "ternlm.evaluate", "run", "--model", "ternlm", "--model_args", "threads=1",
          "--tasks", "hamlet_next_line,hamlet_speeches,hamlet_continue", "--include_path", str(task_folder),
          "--batch_size", "4", "--output_path", str(out), "--log_samples"],
-        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **OFFLINE})
+        capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
     assert result.returncode == 0, result.stderr[-3000:]
     (results_file,) = out.rglob("results_*.json")
     results = json.loads(results_file.read_text())["results"]
@@ -167,13 +158,13 @@ def test_local_tasks_through_lm_evals_own_cli(task_folder, model, tmp_path):
 def test_ternlm_eval_runs_lm_evals_evaluator(task_folder):
     result = subprocess.run([sys.executable, "-m", "ternlm.cli", "eval", "--tasks", "hamlet_next_line", "-t", "1",
                              "--include-path", str(task_folder), "--limit", "8", "-o", "json"],
-                            capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **OFFLINE})
+                            capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout)
     assert set(results) == {"hamlet_next_line"} and 0 <= results["hamlet_next_line"]["acc,none"] <= 1
 
     unknown = subprocess.run([sys.executable, "-m", "ternlm.cli", "eval", "--tasks", "no_such_task",
                               "--include-path", str(task_folder)],
-                             capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **OFFLINE})
+                             capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
     assert "ternlm: error: unknown task no_such_task" in unknown.stderr

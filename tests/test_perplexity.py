@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import ternlm
+from conftest import numpy_log_probs
 from ternlm import perplexity
 
 HELDOUT = Path(__file__).parent / "data" / "hamlet_heldout.txt"
@@ -30,18 +31,6 @@ def assert_clean_error(result: subprocess.CompletedProcess, words: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("ternlm: error:") and words in lines[0], result.stderr
 
 
-@pytest.fixture(scope="module")
-def model():
-    return ternlm.load(threads=1)
-
-
-def numpy_log_probs(model, window: list[int]) -> np.ndarray:
-    """float64 log-softmax of the model's logits, one fresh pass over the window."""
-    logits = model.logits(window).astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-
-
 def numpy_windows(model, text: str, n_ctx: int) -> list[list[int]]:
     """llama.cpp's windows written out plainly: BOS + the text's tokens, cut every n_ctx, BOS first in each."""
     ids = model.tokenizer.encode(text, add_bos=True)
@@ -49,7 +38,8 @@ def numpy_windows(model, text: str, n_ctx: int) -> list[list[int]]:
     return [[bos] + ids[start + 1:start + n_ctx] for start in range(0, len(ids) - n_ctx + 1, n_ctx)]
 
 
-def test_perplexity_equals_numpy_from_logits(model):
+def test_perplexity_equals_numpy_from_logits(default_model):
+    model = default_model
     n_ctx = model.n_ctx  # 256, the default model's context; --batch 50 splits every half window
     result = ternlm_cli("perplexity", "-f", str(HELDOUT), "-t", "1", "--batch", "50", "-o", "json")
     assert result.returncode == 0, result.stderr
@@ -73,7 +63,8 @@ def test_perplexity_equals_numpy_from_logits(model):
     assert 1.0 < got["bits_per_byte"] < 3.0  # a trained model: uniform over 4096 tokens is far above
 
 
-def test_scored_bytes_count_multibyte_text_exactly(model):
+def test_scored_bytes_count_multibyte_text_exactly(default_model):
+    model = default_model
     text = "Æsop’s fables — naïve café, 世界 😀; " * 40
     windows = perplexity.token_windows(model.tokenizer, text, 16)
     first = 8
@@ -84,7 +75,8 @@ def test_scored_bytes_count_multibyte_text_exactly(model):
     assert windows.text_bytes.sum() <= len(text.encode("utf-8"))
 
 
-def test_kl_divergence_equals_numpy_from_two_heads(model, tmp_path):
+def test_kl_divergence_equals_numpy_from_two_heads(default_model, tmp_path):
+    model = default_model
     base_file = tmp_path / "base.npz"
     common = ["-f", str(HELDOUT), "-t", "1", "--ctx", "64", "--chunks", "6", "-o", "json"]
     base = ternlm_cli("perplexity", *common, "--kl-divergence-base", str(base_file), "--kl-top-k", "4096")

@@ -216,7 +216,10 @@ def run_tasks(model: LanguageModel, tasks: list[str], include_path: str | None =
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager(include_path=include_path)
+    # indexing lm_eval's thousands of built-in task files takes seconds: local tasks alone skip it
+    task_manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if task_manager is None or not set(tasks) <= set(task_manager.all_tasks):
+        task_manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown task {', '.join(unknown)} (lm_eval ls tasks lists them; local YAML files need --include-path)")
