@@ -160,3 +160,17 @@ def transformers_logits(directory: Path, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return load_transformers(directory)(torch.tensor([ids])).logits[0].numpy()
 
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The model shipped in the package, on one thread."""
+    import ternlm
+
+    return ternlm.load(threads=1)
+
+
+def numpy_log_probs(model, ids: list[int]) -> np.ndarray:
+    """float64 log-softmax of `model.logits(ids)`: one fresh pass over the tokens, NumPy from there on."""
+    logits = model.logits(ids).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from ternlm.config import BitNetConfig  # noqa: E402
 from ternlm.errors import FormatError  # noqa: E402
+from ternlm.perplexity import bits_per_byte  # noqa: E402
 from ternlm.train import data as D  # noqa: E402
 from ternlm.train import main  # noqa: E402
 from ternlm.train.config import TrainConfig, from_args  # noqa: E402
@@ -316,7 +317,7 @@ def engine_bits_per_byte(engine, heldout: D.HeldOut) -> float:
         n = int((y >= 0).sum())
         logits = torch.from_numpy(np.asarray(engine.logits(x[:n].tolist()), dtype=np.float32))  # (n, vocab)
         total += torch.nn.functional.cross_entropy(logits, torch.from_numpy(y[:n]), reduction="sum").item()
-    return D.bits_per_byte(total, heldout.n_bytes)
+    return bits_per_byte(total, heldout.n_bytes)
 
 
 def test_shipped_model_engine_perplexity_equals_training_code():

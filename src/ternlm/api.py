@@ -12,6 +12,7 @@ from .chat import ChatTemplate
 from .config import BitNetConfig
 from .errors import FormatError
 from .generate import ContextOverflowError, GenerationStats, generate_tokens, stream_text
+from .hub import cached_model
 from .model import build_engine
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -36,12 +37,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
         return path
     text = str(model)
     if text.count("/") == 1 and not text.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-        try:
-            return Path(snapshot_download(text, local_files_only=True))
-        except (LocalEntryNotFoundError, ValueError):
-            raise FormatError(text, "not a local path, and not in the local HF cache") from None
+        return cached_model(text)
     raise FormatError(path, "no such file or directory")
 
 

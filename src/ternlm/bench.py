@@ -36,6 +36,15 @@ class BenchResult:
     pct_of_bound: float | None   # gb_s / measured read bandwidth at this thread count
     peak_rss_mb: float
 
+    @property
+    def kind(self) -> str:
+        """pp (prompt processing) or tg (generation)."""
+        return self.test[:2]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.test[2:])
+
 
 def peak_rss_mb() -> float:
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux

@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
 from pathlib import Path
 
-from .errors import FormatError
+from .errors import FormatError, HubError, MissingExtraError
 from .model import HEADS, KV_CACHES
+from .progress import progress_bar, stderr_console
 
 MODEL_HELP = "model: an HF directory, a GGUF file, or an HF repo id already downloaded (default: the model shipped with ternlm)"
 
 
-def _add_model_args(p: argparse.ArgumentParser, verbose_help: str = "print timings (tokens/s) to stderr") -> None:
+def _add_model_args(p: argparse.ArgumentParser, ctx_help: str = "context length (default: the model's maximum)",
+                    verbose_help: str | None = "print timings (tokens/s) to stderr") -> None:
     p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("--backend", choices=("native", "reference"), default="native",
                    help="native: the C++ engine; reference: the slow NumPy oracle")
-    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's maximum)")
+    p.add_argument("--ctx", type=int, default=None, help=ctx_help)
     p.add_argument("--head", choices=HEADS, default=None,
                    help="format of the output matrix (default: as stored in the file; int8 halves its bytes, q4 quarters them)")
     p.add_argument("--kv-cache", choices=KV_CACHES, default="f16", help="keys and values in f16 (default) or f32")
-    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    if verbose_help:
+        p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -43,11 +47,11 @@ def _sampling(args) -> dict:
 
 
 def _load(args):
-    from rich.progress import Progress
+    from rich.progress import BarColumn, TextColumn
 
     from .api import load
 
-    with Progress(transient=True, console=_stderr_console()) as progress:
+    with progress_bar(TextColumn("{task.description}"), BarColumn()) as progress:
         task = progress.add_task("loading", total=None)
 
         def step(done, total):
@@ -55,12 +59,6 @@ def _load(args):
 
         return load(args.model, threads=args.threads, backend=args.backend, n_ctx=args.ctx, head=args.head,
                     kv_cache=args.kv_cache, progress=step)
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def _print_stats(model, args) -> None:
@@ -162,12 +160,12 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from .weights.convert import convert_to_gguf, convert_to_hf
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=_stderr_console()) as progress:
+    with progress_bar(*columns, transient=False) as progress:
         task = progress.add_task(f"writing {args.destination}", total=None)
 
         def step(done, total):
@@ -191,9 +189,14 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def cmd_bench(args) -> int:
-    from rich.progress import Progress
+def _check_plotting(args) -> None:
+    """With --plot, a missing matplotlib is an error at once, not after the measurements."""
+    if args.plot:
+        from .plots import pyplot
+        pyplot()
 
+
+def cmd_bench(args) -> int:
     from . import bench
     from .api import open_checkpoint, resolve_model_path
     from .model import HEAD_DTYPES, NativeEngine
@@ -203,7 +206,8 @@ def cmd_bench(args) -> int:
         raise ValueError("give either -m MODEL or --synthetic SHAPE, not both")
     if min(args.threads) < 1 or args.repetitions < 1:
         raise ValueError("threads and repetitions must be at least 1")
-    console = _stderr_console()
+    _check_plotting(args)
+    console = stderr_console()
     with console.status("building the model" if args.synthetic or not args.model else "loading the model"):
         if args.model:
             checkpoint = open_checkpoint(resolve_model_path(args.model))
@@ -214,7 +218,7 @@ def cmd_bench(args) -> int:
             name = f"synthetic {shape}"
         engine = NativeEngine(checkpoint, max(args.threads), head=args.head)
     runs = len(args.threads) * args.repetitions * (sum(1 for n in args.n_prompt if n) + sum(1 for n in args.n_gen if n))
-    with Progress(console=console, transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("benchmarking", total=runs)
         results = bench.run(engine, args.n_prompt, args.n_gen, args.threads, args.repetitions,
                             progress=lambda: progress.advance(task))
@@ -222,6 +226,124 @@ def cmd_bench(args) -> int:
         bandwidth = bench.measure_bandwidth(args.threads)
     bench.add_bandwidth_bound(results, bandwidth)
     print(bench.format_json(results) if args.output == "json" else bench.format_markdown(results, name, bandwidth))
+    if args.plot:
+        from .plots import plot_bench
+        plot_bench(results, f"{name} | kernels {results[0].kernels} | head {results[0].head}", args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+DEFAULT_PERPLEXITY_CTX = 512  # llama.cpp's default, which published numbers use
+
+
+def cmd_perplexity(args) -> int:
+    from . import perplexity
+
+    _check_plotting(args)
+    if args.kl_divergence and not args.kl_divergence_base:
+        raise ValueError("--kl-divergence compares against a base run: give its file with --kl-divergence-base FILE")
+    if any(value is not None and value < 1 for value in (args.batch, args.chunks, args.kl_top_k)):
+        raise ValueError("--batch, --chunks and --kl-top-k must be at least 1")
+    base = perplexity.load_base(args.kl_divergence_base) if args.kl_divergence else None
+    if base is not None:
+        if args.ctx is not None and args.ctx != base.windows.n_ctx:
+            raise ValueError(f"the base run used --ctx {base.windows.n_ctx}; a KL divergence needs the same windows")
+        args.ctx = base.windows.n_ctx
+    elif args.file is None:
+        raise ValueError("give the text to measure with -f FILE")
+    text = perplexity.read_text(args.file) if args.file else None
+    model = _load(args)
+    n_ctx = args.ctx or min(DEFAULT_PERPLEXITY_CTX, model.n_ctx)
+    windows = perplexity.token_windows(model.tokenizer, text, n_ctx, args.chunks) if text is not None else None
+    if base is not None:
+        windows = base.windows_to_compare(windows, args.chunks)
+    writing_base = args.kl_divergence_base is not None and base is None
+    scores = []
+    with progress_bar() as progress:
+        task = progress.add_task("perplexity", total=len(windows.tokens))
+        for totals, score in perplexity.evaluate(model.engine, windows, args.batch or n_ctx,
+                                                 args.kl_top_k if writing_base else None, base):
+            if writing_base:
+                scores.append(score)
+            estimate = f"perplexity {totals.perplexity:.4f}" + (f" ± {totals.stderr:.4f}" if totals.tokens > 1 else "")
+            progress.update(task, advance=1, description=estimate)
+    if writing_base:
+        perplexity.save_base(args.kl_divergence_base, windows, scores, model.config.vocab_size)
+        print(f"wrote the base logits to {args.kl_divergence_base}", file=sys.stderr)
+    result = {**totals.summary(), "n_ctx": n_ctx}
+    if args.output == "json":
+        print(json.dumps(result))
+    else:
+        print(_format_perplexity(result))
+    if args.plot:
+        from .plots import plot_window_losses
+        plot_window_losses(totals.window_losses, n_ctx, f"{args.model or 'default model'}: perplexity "
+                                                        f"{result['perplexity']:.3f}", args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _format_perplexity(r: dict) -> str:
+    lines = [f"{r['windows']} windows of {r['n_ctx']} tokens, {r['tokens']} tokens scored ({r['bytes']} bytes)",
+             f"perplexity: {r['perplexity']:.4f} ± {r['stderr']:.4f}",
+             f"bits per byte: {r['bits_per_byte']:.4f}"]
+    if "kl_divergence" in r:
+        lines += [f"base perplexity: {r['base_perplexity']:.4f}",
+                  f"mean KL divergence: {r['kl_divergence']:.6f} ± {r['kl_divergence_stderr']:.6f} nats/token",
+                  f"same top token: {100 * r['same_top']:.2f} ± {100 * r['same_top_stderr']:.2f} %"]
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import run_tasks
+
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    model = _load(args)
+    results = run_tasks(model, args.tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size, args.seed)
+    if args.output == "json":
+        print(json.dumps(results["results"], indent=1, default=str))
+    else:
+        from lm_eval.utils import make_table
+        print(make_table(results))
+        if results.get("groups"):
+            print(make_table(results, "groups"))
+    return 0
+
+
+def _comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_pull(args) -> int:
+    from .hub import pull
+
+    path = pull(args.repo_id, args.revision, args.gguf)
+    print(path)
+    print(f"run it with: ternlm generate -m {args.repo_id} \"...\"" if args.revision is None else
+          f"run it with: ternlm generate -m {path} \"...\" (-m {args.repo_id} means its default branch)", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args) -> int:
+    import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .hub import list_cached
+
+    cache, models = list_cached()
+    if not models:
+        print(f"no models in the Hugging Face cache ({cache}); download one with ternlm pull REPO_ID")
+        return 0
+    table = Table(title=f"models in {cache}")
+    for column in ("model", "size", "files", "refs", "modified"):
+        table.add_column(column, justify="right" if column in ("size", "files") else "left")
+    for m in models:
+        modified = datetime.datetime.fromtimestamp(m.last_modified).strftime("%Y-%m-%d %H:%M")
+        table.add_row(m.repo_id, f"{m.size_bytes / 1e9:.2f} GB", str(m.files), ", ".join(m.refs) or "-", modified)
+    Console().print(table)
     return 0
 
 
@@ -349,7 +471,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=HEADS, default=None,
                    help="format of the output matrix (default: as in the file; float16 for synthetic)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="a markdown table or a JSON array")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also draw tokens/s against threads and against prompt length into this PNG (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("perplexity", help="perplexity and bits per byte of a text file (llama.cpp's method)",
+                       description="Perplexity of the model on a text file, computed as llama.cpp's llama-perplexity "
+                                   "does: the file is cut into non-overlapping windows of --ctx tokens, each starting "
+                                   "with BOS, and the second half of every window is scored. Prints the running "
+                                   "estimate, then the perplexity with its standard error and the bits per UTF-8 byte "
+                                   "of the scored text. KL divergence: a first run with --kl-divergence-base FILE "
+                                   "saves the model's top-k log-probabilities; a second run with the same "
+                                   "--kl-divergence-base FILE and --kl-divergence (e.g. with --head int8) reports the "
+                                   "mean KL divergence from the first, and how often both rank the same token first.")
+    p.add_argument("-f", "--file", default=None, help="the UTF-8 text to score (not needed with --kl-divergence)")
+    _add_model_args(p, ctx_help=f"window length in tokens (default {DEFAULT_PERPLEXITY_CTX}, or the model's "
+                                f"context if smaller)", timings=False)
+    p.add_argument("-b", "--batch", type=int, default=None,
+                   help="most tokens per forward pass (default: half a window); fewer bound the memory of the "
+                        "logits, N x vocab x 4 bytes")
+    p.add_argument("--chunks", type=int, default=None, help="score only the first N windows (default: all)")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text",
+                   help="text lines, or one JSON object with perplexity, stderr, bits_per_byte, tokens, ...")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also draw the loss of every window into this PNG (needs matplotlib)")
+    p.add_argument("--kl-divergence-base", metavar="FILE", default=None,
+                   help="without --kl-divergence: write this run's top-k log-probabilities here (an .npz file); "
+                        "with it: the base run to compare against")
+    p.add_argument("--kl-divergence", action="store_true",
+                   help="compare with the base run in --kl-divergence-base (the windows come from that file)")
+    p.add_argument("--kl-top-k", type=int, default=256,
+                   help="tokens kept per position in a base file (default 256; the rest are merged into one bucket, "
+                        "so a smaller k slightly underestimates the KL divergence)")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("eval", help="run lm-evaluation-harness tasks (ARC, HellaSwag, MMLU, local YAML, ...)",
+                       description="Evaluate the model on lm-evaluation-harness tasks with lm_eval's own evaluator "
+                                   "(needs ternlm[eval]). Standard tasks download their data from the Hugging Face "
+                                   "Hub; local tasks are YAML files in --include-path. For every lm_eval flag, "
+                                   "run lm_eval's command line with ternlm registered: python -m ternlm.evaluate "
+                                   "--model ternlm --model_args pretrained=MODEL --tasks ...")
+    p.add_argument("--tasks", type=_comma_list, required=True,
+                   help="comma-separated task, group or tag names, e.g. arc_easy,arc_challenge,hellaswag")
+    _add_model_args(p, verbose_help=None)
+    p.add_argument("--include-path", default=None, help="a folder of extra task YAML files (local tasks)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="at most this many documents per task (a number below 1 is a fraction of each task)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="prompts generated together, one token each per step (generation tasks; default 1)")
+    p.add_argument("--seed", type=int, default=1234, help="seed for few-shot sampling and sampled generations")
+    p.add_argument("-o", "--output", choices=("md", "json"), default="md",
+                   help="lm_eval's markdown table, or the results per task as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("pull", help="download a model into the Hugging Face cache",
+                       description="Download the files ternlm needs from a Hugging Face repository into the standard "
+                                   "HF cache (HF_HOME): safetensors weights with config and tokenizer, or one GGUF "
+                                   "file. Afterwards -m REPO_ID finds it without the network.")
+    p.add_argument("repo_id", help="the repository, e.g. microsoft/bitnet-b1.58-2B-4T")
+    p.add_argument("--revision", default=None, help="a branch, tag or commit (default: the default branch)")
+    p.add_argument("--gguf", default=None,
+                   help="the GGUF file to download, a name or a glob (needed when a repository has several)")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="show the models in the Hugging Face cache, with their sizes",
+                       description="List the model repositories in the Hugging Face cache (HF_HOME) with their size "
+                                   "on disk, files and branches.")
+    p.set_defaults(func=cmd_list)
     return parser
 
 
@@ -365,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = [_core.default_threads()]
     try:
         return args.func(args)
-    except (FormatError, ValueError) as e:
+    except (FormatError, ValueError, HubError, MissingExtraError) as e:
         print(f"ternlm: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

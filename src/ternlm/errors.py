@@ -12,3 +12,11 @@ class FormatError(ValueError):
         self.source = str(source)
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message says which extra to install."""
+
+
+class HubError(RuntimeError):
+    """A download from (or a lookup in) the Hugging Face Hub failed; the message is one line for the user."""

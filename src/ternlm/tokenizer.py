@@ -75,6 +75,15 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def encode_with_ends(self, text: str, add_bos: bool = True) -> tuple[list[int], list[int]]:
+        """The ids of `encode` and, for each token, the index in `text` of the character after it
+        (0 for BOS). Tokens that split a multi-byte character all end after that character."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        ids, ends = encoding.ids, [end for _, end in encoding.offsets]
+        if add_bos and self.bos_id is not None:
+            ids, ends = [self.bos_id] + ids, [0] + ends
+        return ids, ends
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -15,7 +15,6 @@ sum of -ln p over those tokens / UTF-8 bytes of the held-out text / ln 2.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,10 +153,6 @@ def heldout_windows(tokenizer: Tokenizer, texts: list[str], context: int) -> Hel
     if not inputs:
         return HeldOut(np.zeros((0, context), np.int64), np.zeros((0, context), np.int64), 0)
     return HeldOut(np.stack(inputs), np.stack(targets), n_bytes)
-
-
-def bits_per_byte(total_nats: float, n_bytes: int) -> float:
-    return total_nats / n_bytes / math.log(2)
 
 
 def load_or_train_tokenizer(path: str | Path | None, texts: list[str], vocab_size: int) -> Tokenizer:

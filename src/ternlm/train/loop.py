@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from ..config import BitNetConfig
 from ..errors import FormatError
+from ..perplexity import bits_per_byte
 from . import data as D
 from .config import TrainConfig
 from .export import export_hf, load_hf
@@ -82,7 +83,7 @@ def evaluate(model: BitNet, heldout: D.HeldOut, micro_batch: int, rank: int = 0,
                                  reduction="sum").item()
     model.train(was_training)
     (total,) = all_sum([total], world)
-    return {"loss": total / max(heldout.n_tokens, 1), "bpb": D.bits_per_byte(total, max(heldout.n_bytes, 1))}
+    return {"loss": total / max(heldout.n_tokens, 1), "bpb": bits_per_byte(total, max(heldout.n_bytes, 1))}
 
 
 # -- checkpoints ----------------------------------------------------------------------------
