@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mean KL divergence from the first, and how often both rank the same token first.")
     p.add_argument("-f", "--file", default=None, help="the UTF-8 text to score (not needed with --kl-divergence)")
     _add_model_args(p, ctx_help=f"window length in tokens (default {DEFAULT_PERPLEXITY_CTX}, or the model's "
-                                f"context if smaller)", timings=False)
+                                f"context if smaller)", verbose_help=None)
     p.add_argument("-b", "--batch", type=int, default=None,
                    help="most tokens per forward pass (default: half a window); fewer bound the memory of the "
                         "logits, N x vocab x 4 bytes")
