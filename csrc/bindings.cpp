@@ -68,22 +68,22 @@ NB_MODULE(_core, m) {
 
     m.def(
         "quantize_activations",
-        [](Array<const float, nb::ndim<2>> x) {
+        [](Array<const float, nb::ndim<2>> x, const std::string& kernel) {
             const int64_t T = x.shape(0), K = x.shape(1), padded = padded_cols(K);
-            auto xq = owned_array<int8_t>({size_t(T), size_t(K)});
+            auto xq = owned_array<int8_t>({size_t(T), size_t(padded)});
             auto scales = owned_array<float>({size_t(T)});
-            std::vector<int8_t> row(static_cast<size_t>(padded));
+            auto sums = owned_array<int32_t>({size_t(T)});
+            const QuantizeRowFn quantize = kernels_named(kernel).quantize_row;
             {
                 nb::gil_scoped_release release;
-                for (int64_t t = 0; t < T; ++t) {
-                    int32_t sum;
-                    scales.data()[t] = quantize_row_int8(x.data() + t * K, K, row.data(), &sum);
-                    std::memcpy(xq.data() + t * K, row.data(), static_cast<size_t>(K));
-                }
+                std::memset(xq.data(), 0x55, static_cast<size_t>(T * padded));  // the padding must be written
+                for (int64_t t = 0; t < T; ++t)
+                    scales.data()[t] = quantize(x.data() + t * K, K, xq.data() + t * padded, sums.data() + t);
             }
-            return nb::make_tuple(xq, scales);
+            return nb::make_tuple(xq, scales, sums);
         },
-        "x"_a, "Per-token absmax int8 quantization: returns (xq int8 [T, K], a float32 [T]).");
+        "x"_a, "kernel"_a = "",
+        "Per-token absmax int8 quantization: returns (xq int8 [T, padded K], a float32 [T], sum(xq) int32 [T]).");
 
     nb::class_<TernaryMatrix>(m, "TernaryMatrix")
         .def(
@@ -201,6 +201,26 @@ NB_MODULE(_core, m) {
             return out;
         },
         "x"_a, "kernel"_a = "", "float32 -> float16 bit patterns, as the KV cache stores them.");
+
+    m.def(
+        "f16_attention",
+        [](Array<const float, nb::ndim<2>> q, Array<const uint16_t, nb::ndim<2>> keys,
+           Array<const uint16_t, nb::ndim<2>> values, int64_t column, float scale, const std::string& kernel) {
+            const int64_t heads = q.shape(0), head_dim = q.shape(1), count = keys.shape(0), width = keys.shape(1);
+            if (count == 0 || values.shape(0) != keys.shape(0) || values.shape(1) != keys.shape(1) || column < 0 ||
+                column + head_dim > width)
+                throw std::invalid_argument("keys and values must be [count > 0, width] with the head inside width");
+            auto out = owned_array<float>({size_t(heads), size_t(head_dim)});
+            const F16AttentionFn attention = kernels_named(kernel).f16_attention;
+            nb::gil_scoped_release release;
+            std::vector<float> scratch(static_cast<size_t>(heads * count));
+            attention(q.data(), heads, head_dim, keys.data() + column, values.data() + column, width, count, scale,
+                      scratch.data(), out.data());
+            return out;
+        },
+        "q"_a, "keys"_a, "values"_a, "column"_a, "scale"_a, "kernel"_a = "",
+        "softmax(scale * q k^T) v for the query heads q [heads, head_dim] sharing the KV head at columns "
+        "[column, column + head_dim) of f16 keys and values [count, width] (tests).");
 
     nb::class_<ModelShape>(m, "ModelShape")
         .def(nb::init<>())

@@ -9,13 +9,13 @@ namespace ternlm {
 
 struct KernelSet {
     std::string name;
+    QuantizeRowFn quantize_row;
     TernaryGemmFn ternary_gemm;
     DenseGemvFn dense_gemv;
     Int8GemvFn int8_gemv;
     Q4GemvFn q4_gemv;
     F16StoreFn f16_store;
-    F16DotFn f16_dot;
-    F16AxpyFn f16_axpy;
+    F16AttentionFn f16_attention;
 };
 
 const KernelSet& active_kernels();

@@ -19,6 +19,9 @@ struct TernaryView {
 
 // Per-token absmax int8 quantization of x [cols] into xq [padded_cols(cols)] (zero padded).
 // Returns the activation scale a = 127 / max|x| (max clamped >= 1e-5); *sum receives sum(xq).
+// Values round half to even and never reach -128 (|x * a| <= 127). Variants are bit-identical.
+using QuantizeRowFn = float (*)(const float* x, int64_t cols, int8_t* xq, int32_t* sum);
+
 float quantize_row_int8(const float* x, int64_t cols, int8_t* xq, int32_t* sum);
 
 // acc[t * out_stride + r] = sum_k w[r, k] * xq[t, k] for rows [row_begin, row_end) and t < tokens.
@@ -90,15 +93,25 @@ void q4_gemv_ref(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const 
 // d = m / -8 where m is the value of largest magnitude (as llama.cpp's Q4_0), so m itself is exact.
 void quantize_row_q4(const float* row, int64_t cols, uint8_t* q, float* scales);
 
-// The f16 KV cache: rounding to f16 (to nearest, ties to even, as F16C and NumPy do), and the two
-// attention steps that read it: dot(q, k) and out += p * v.
+// The f16 KV cache: rounding to f16 (to nearest, ties to even, as F16C and NumPy do).
 using F16StoreFn = void (*)(const float* x, int64_t n, uint16_t* out);
-using F16DotFn = float (*)(const float* q, const uint16_t* k, int64_t n);
-using F16AxpyFn = void (*)(float p, const uint16_t* v, int64_t n, float* out);
 
 uint16_t f32_to_f16(float x);
 void f16_store_ref(const float* x, int64_t n, uint16_t* out);
-float f16_dot_ref(const float* q, const uint16_t* k, int64_t n);
-void f16_axpy_ref(float p, const uint16_t* v, int64_t n, float* out);
+
+// Attention of the `heads` query heads that share one KV head (grouped-query attention) over
+// `count` cached positions: out[h] = sum_j softmax_j(scale * q[h] . k[j]) * v[j]. q and out are
+// [heads, head_dim]; key and value rows are `stride` elements apart; scratch holds heads * count
+// floats. Float sums: variants agree with the reference to rounding, not bit for bit.
+using F16AttentionFn = void (*)(const float* q, int64_t heads, int64_t head_dim, const uint16_t* keys,
+                                const uint16_t* values, int64_t stride, int64_t count, float scale,
+                                float* scratch, float* out);
+
+void f16_attention_ref(const float* q, int64_t heads, int64_t head_dim, const uint16_t* keys,
+                       const uint16_t* values, int64_t stride, int64_t count, float scale, float* scratch,
+                       float* out);
+// The same over an f32 cache (`--kv-cache f32`, the exact-but-slow option): scalar only.
+void f32_attention_ref(const float* q, int64_t heads, int64_t head_dim, const float* keys, const float* values,
+                       int64_t stride, int64_t count, float scale, float* scratch, float* out);
 
 }  // namespace ternlm

@@ -6,6 +6,9 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+
 namespace ternlm {
 namespace {
 constexpr int64_t kBlocksPerWiden = 16;
@@ -149,25 +152,171 @@ void f16_store_avx2(const float* x, int64_t n, uint16_t* out) {
     for (; i < n; ++i) out[i] = f32_to_f16(x[i]);
 }
 
-float f16_dot_avx2(const float* q, const uint16_t* k, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8<DType::F16>(k, i), acc);
-    float sum = horizontal_sum(acc);
-    float tail[8];
-    if (i < n) load_elements(k, DType::F16, i, n - i, tail);
-    for (int64_t j = i; j < n; ++j) sum += q[j] * tail[j - i];
-    return sum;
+namespace {
+
+// exp(x) to about one ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, then 2^n
+// through the exponent bits). Below -88 the result is 0, where the exact value is subnormal.
+inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-88.0f), x));  // NaN stays NaN
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
 }
 
-void f16_axpy_avx2(float p, const uint16_t* v, int64_t n, float* out) {
-    const __m256 scale = _mm256_set1_ps(p);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(scale, load8<DType::F16>(v, i), _mm256_loadu_ps(out + i)));
-    float tail[8];
-    if (i < n) load_elements(v, DType::F16, i, n - i, tail);
-    for (int64_t j = i; j < n; ++j) out[j] += p * tail[j - i];
+// s[j] = exp(s[j] - max_j s); returns the sum.
+float exp_minus_max(float* s, int64_t n) {
+    const int64_t vec = n / 8 * 8;
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < vec; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + j));
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    float max_score = std::max(_mm_cvtss_f32(half), _mm_cvtss_f32(_mm_movehdup_ps(half)));
+    for (int64_t j = vec; j < n; ++j) max_score = std::max(max_score, s[j]);
+    const __m256 shift = _mm256_set1_ps(max_score);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < vec; j += 8) {
+        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = horizontal_sum(sum);
+    for (int64_t j = vec; j < n; ++j) total += (s[j] = std::exp(s[j] - max_score));
+    return total;
+}
+
+// Scores of H heads against K consecutive keys: H * K independent FMA chains, each key converted
+// from f16 once for all heads of the group.
+template <int H, int K>
+TERNLM_INLINE void score_keys(const float* q, int64_t head_dim, const uint16_t* keys, int64_t stride, int64_t j,
+                              int64_t count, float scale, float* scores) {
+    const int64_t vec = head_dim / 8 * 8;
+    __m256 acc[K][H];
+    for (int k = 0; k < K; ++k)
+        for (int h = 0; h < H; ++h) acc[k][h] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < vec; d += 8)
+        for (int k = 0; k < K; ++k) {
+            const __m256 key = load8<DType::F16>(keys + (j + k) * stride, d);
+            for (int h = 0; h < H; ++h) acc[k][h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * head_dim + d), key, acc[k][h]);
+        }
+    for (int k = 0; k < K; ++k) {
+        float tail[8];
+        if (vec < head_dim) load_elements(keys + (j + k) * stride, DType::F16, vec, head_dim - vec, tail);
+        for (int h = 0; h < H; ++h) {
+            float s = horizontal_sum(acc[k][h]);
+            for (int64_t d = vec; d < head_dim; ++d) s += q[h * head_dim + d] * tail[d - vec];
+            scores[h * count + j + k] = s * scale;
+        }
+    }
+}
+
+// out[h, d0 : d0 + 8 * V] = inv_total[h] * sum_j p[h, j] * v[j, d0 : ...]: each value vector is
+// converted once for all heads.
+template <int H, int V>
+TERNLM_INLINE void mix_values(const float* p, int64_t count, const uint16_t* values, int64_t stride, int64_t head_dim,
+                              int64_t d0, const float* inv_total, float* out) {
+    __m256 acc[H][V];
+    for (int h = 0; h < H; ++h)
+        for (int v = 0; v < V; ++v) acc[h][v] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < count; ++j) {
+        __m256 value[V];
+        for (int v = 0; v < V; ++v) value[v] = load8<DType::F16>(values + j * stride, d0 + 8 * v);
+        for (int h = 0; h < H; ++h) {
+            const __m256 weight = _mm256_broadcast_ss(p + h * count + j);
+            for (int v = 0; v < V; ++v) acc[h][v] = _mm256_fmadd_ps(weight, value[v], acc[h][v]);
+        }
+    }
+    for (int h = 0; h < H; ++h)
+        for (int v = 0; v < V; ++v)
+            _mm256_storeu_ps(out + h * head_dim + d0 + 8 * v, _mm256_mul_ps(acc[h][v], _mm256_set1_ps(inv_total[h])));
+}
+
+template <int H>
+void attention_group(const float* q, int64_t head_dim, const uint16_t* keys, const uint16_t* values, int64_t stride,
+                     int64_t count, float scale, float* scores, float* out) {
+    int64_t j = 0;
+    for (; j + 2 <= count; j += 2) score_keys<H, 2>(q, head_dim, keys, stride, j, count, scale, scores);
+    if (j < count) score_keys<H, 1>(q, head_dim, keys, stride, j, count, scale, scores);
+    float inv_total[H];
+    for (int h = 0; h < H; ++h) inv_total[h] = 1.0f / exp_minus_max(scores + h * count, count);
+    int64_t d = 0;
+    for (; d + 16 <= head_dim; d += 16) mix_values<H, 2>(scores, count, values, stride, head_dim, d, inv_total, out);
+    for (; d + 8 <= head_dim; d += 8) mix_values<H, 1>(scores, count, values, stride, head_dim, d, inv_total, out);
+    for (; d < head_dim; ++d)
+        for (int h = 0; h < H; ++h) {
+            float sum = 0.0f;
+            for (int64_t k = 0; k < count; ++k) {
+                float value;
+                load_elements(values + k * stride, DType::F16, d, 1, &value);
+                sum += scores[h * count + k] * value;
+            }
+            out[h * head_dim + d] = sum * inv_total[h];
+        }
+}
+
+}  // namespace
+
+void f16_attention_avx2(const float* q, int64_t heads, int64_t head_dim, const uint16_t* keys,
+                        const uint16_t* values, int64_t stride, int64_t count, float scale, float* scratch,
+                        float* out) {
+    for (int64_t h = 0; h < heads; h += 4) {
+        const float* qh = q + h * head_dim;
+        float* scores = scratch + h * count;
+        float* oh = out + h * head_dim;
+        switch (std::min<int64_t>(heads - h, 4)) {
+            case 1: attention_group<1>(qh, head_dim, keys, values, stride, count, scale, scores, oh); break;
+            case 2: attention_group<2>(qh, head_dim, keys, values, stride, count, scale, scores, oh); break;
+            case 3: attention_group<3>(qh, head_dim, keys, values, stride, count, scale, scores, oh); break;
+            default: attention_group<4>(qh, head_dim, keys, values, stride, count, scale, scores, oh); break;
+        }
+    }
+}
+
+// The reference's steps on eight floats at a time, each rounding the same way: the same product
+// x * a, round to nearest even, then the clamps with NaN going where std::max/min send it.
+float quantize_row_avx2(const float* x, int64_t cols, int8_t* xq, int32_t* sum) {
+    const int64_t whole8 = cols / 8 * 8, whole32 = cols / 32 * 32;
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 top = _mm256_setzero_ps();
+    for (int64_t k = 0; k < whole8; k += 8) top = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + k), magnitude), top);
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    float max_abs = std::max(_mm_cvtss_f32(half), _mm_cvtss_f32(_mm_movehdup_ps(half)));
+    for (int64_t k = whole8; k < cols; ++k) max_abs = std::max(max_abs, std::fabs(x[k]));
+    const float a = 127.0f / std::max(max_abs, 1e-5f);
+
+    const __m256 scale = _mm256_set1_ps(a), low = _mm256_set1_ps(-128.0f), high = _mm256_set1_ps(127.0f);
+    const auto quantize8 = [&](const float* p) {
+        const __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p), scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        return _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(q, low), high));
+    };
+    __m256i total = _mm256_setzero_si256();
+    for (int64_t k = 0; k < whole32; k += 32) {
+        const __m256i q0 = quantize8(x + k), q1 = quantize8(x + k + 8), q2 = quantize8(x + k + 16), q3 = quantize8(x + k + 24);
+        total = _mm256_add_epi32(total, _mm256_add_epi32(_mm256_add_epi32(q0, q1), _mm256_add_epi32(q2, q3)));
+        // The packs work within 128-bit lanes; the permutation puts the 4-byte groups back in order.
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k),
+                            _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    }
+    __m128i lanes = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    lanes = _mm_add_epi32(lanes, _mm_shuffle_epi32(lanes, _MM_SHUFFLE(1, 0, 3, 2)));
+    int32_t sum_q = _mm_cvtsi128_si32(_mm_add_epi32(lanes, _mm_shuffle_epi32(lanes, _MM_SHUFFLE(2, 3, 0, 1))));
+    for (int64_t k = whole32; k < cols; ++k) {
+        const int32_t v = static_cast<int32_t>(std::min(127.0f, std::max(-128.0f, std::nearbyint(x[k] * a))));
+        xq[k] = static_cast<int8_t>(v);
+        sum_q += v;
+    }
+    const int64_t padded = padded_cols(cols);
+    for (int64_t k = cols; k < padded; ++k) xq[k] = 0;
+    *sum = sum_q;
+    return a;
 }
 
 // Per group: 16 bytes -> 32 nibbles in weight order, minus 8, then the same sign trick as the int8

@@ -5,6 +5,7 @@
 
 namespace ternlm {
 
+float quantize_row_avx2(const float* x, int64_t cols, int8_t* xq, int32_t* sum);
 void ternary_gemm_avx2(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                        const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
 void ternary_gemm_avxvnni(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
@@ -21,7 +22,8 @@ void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, c
 void q4_gemv_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
                   float* out, int64_t out_stride);
 void f16_store_avx2(const float* x, int64_t n, uint16_t* out);
-float f16_dot_avx2(const float* q, const uint16_t* k, int64_t n);
-void f16_axpy_avx2(float p, const uint16_t* v, int64_t n, float* out);
+void f16_attention_avx2(const float* q, int64_t heads, int64_t head_dim, const uint16_t* keys,
+                        const uint16_t* values, int64_t stride, int64_t count, float scale, float* scratch,
+                        float* out);
 
 }  // namespace ternlm

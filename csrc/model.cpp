@@ -250,17 +250,19 @@ struct Model::Scratch {
     std::vector<int32_t> xq_sums;
 
     // Quantizes T rows of width cols (optionally RMS-normalised first) into xq / act_scale / xq_sums.
-    void quantize(const float* rows, int64_t T, int64_t cols, const float* norm_weight, float eps) {
+    void quantize(ThreadPool& pool, const float* rows, int64_t T, int64_t cols, const float* norm_weight, float eps) {
         const int64_t padded = padded_cols(cols);
-        std::vector<float> tmp(static_cast<size_t>(cols));
-        for (int64_t t = 0; t < T; ++t) {
-            const float* src = rows + t * cols;
-            if (norm_weight) {
-                rms_norm(src, norm_weight, cols, eps, tmp.data());
-                src = tmp.data();
+        pool.parallel_for(T, 1, [&](int64_t begin, int64_t end) {
+            std::vector<float> normed(static_cast<size_t>(norm_weight ? cols : 0));
+            for (int64_t t = begin; t < end; ++t) {
+                const float* src = rows + t * cols;
+                if (norm_weight) {
+                    rms_norm(src, norm_weight, cols, eps, normed.data());
+                    src = normed.data();
+                }
+                act_scale[t] = active_kernels().quantize_row(src, cols, xq.data() + t * padded, &xq_sums[t]);
             }
-            act_scale[t] = quantize_row_int8(src, cols, xq.data() + t * padded, &xq_sums[t]);
-        }
+        });
     }
 };
 
@@ -270,23 +272,25 @@ void Model::linear(std::initializer_list<LinearOutput> outputs, const int8_t* xq
     // the threads together, which saves a synchronisation per matrix.
     int64_t total_rows = 0;
     for (const LinearOutput& o : outputs) total_rows += o.w->rows;
-    std::vector<int32_t> acc(static_cast<size_t>(T * total_rows));
+    const std::unique_ptr<int32_t[]> acc(new int32_t[static_cast<size_t>(T * total_rows)]);  // every entry is written
     pool_->parallel_for(total_rows, 8, [&](int64_t begin, int64_t end) {
         int64_t first_row = 0;  // of the current matrix, in the joint row space
         for (const LinearOutput& o : outputs) {
             const TernaryMatrix& w = *o.w;
             const int64_t lo = std::max(begin, first_row) - first_row;
             const int64_t hi = std::min(end, first_row + w.rows) - first_row;
-            int32_t* w_acc = acc.data() + T * first_row;
+            int32_t* w_acc = acc.get() + T * first_row;
             first_row += w.rows;
             if (lo >= hi) continue;
             active_kernels().ternary_gemm(w.view(), lo, hi, xq, sums, T, w_acc, w.rows);
             for (int64_t t = 0; t < T; ++t) {
                 const float scale = w.scale / act_scale[t];
-                for (int64_t r = lo; r < hi; ++r) {
-                    const float y = static_cast<float>(w_acc[t * w.rows + r]) * scale;
-                    float& dst = o.out[t * w.rows + r];
-                    dst = o.accumulate ? dst + y : y;
+                const int32_t* products = w_acc + t * w.rows;
+                float* out = o.out + t * w.rows;
+                if (o.accumulate) {
+                    for (int64_t r = lo; r < hi; ++r) out[r] += static_cast<float>(products[r]) * scale;
+                } else {
+                    for (int64_t r = lo; r < hi; ++r) out[r] = static_cast<float>(products[r]) * scale;
                 }
             }
         }
@@ -295,44 +299,34 @@ void Model::linear(std::initializer_list<LinearOutput> outputs, const int8_t* xq
 
 void Model::attention(const std::vector<RowPlace>& rows, int64_t layer, const float* q, float* out) {
     const int64_t hd = shape_.head_dim, group = shape_.heads / shape_.kv_heads;
-    const int64_t q_width = shape_.heads * hd;
+    const int64_t q_width = shape_.heads * hd, kv_width = shape_.kv_heads * hd;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const KernelSet& kernels = active_kernels();
+    const F16AttentionFn f16_attention = active_kernels().f16_attention;
     int64_t longest = 0;
     for (const RowPlace& row : rows) longest = std::max(longest, row.pos + 1);
     const int64_t N = static_cast<int64_t>(rows.size());
-    pool_->parallel_for(N * shape_.heads, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(static_cast<size_t>(longest));
+    // A job is the query heads of one row that share a KV head, so each cached key and value is
+    // read once for all of them; a step with too few such jobs to share out splits them by head.
+    const int64_t heads_per_job = N * shape_.kv_heads >= 4 * pool_->size() ? group : 1;
+    const int64_t jobs_per_row = shape_.heads / heads_per_job;
+    pool_->parallel_for(N * jobs_per_row, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(static_cast<size_t>(heads_per_job * longest));
         for (int64_t job = begin; job < end; ++job) {
-            const int64_t n = job / shape_.heads, h = job % shape_.heads;
+            // Later rows of a prompt attend to more positions: they go first, so that the threads
+            // that claim the last, short jobs finish together.
+            const int64_t n = N - 1 - job / jobs_per_row, h = job % jobs_per_row * heads_per_job;
             KVCache& cache = *rows[static_cast<size_t>(n)].cache;
-            const int64_t kv_offset = (h / group) * hd, last = rows[static_cast<size_t>(n)].pos;
+            const int64_t kv_offset = (h / group) * hd, count = rows[static_cast<size_t>(n)].pos + 1;
             const float* qh = q + n * q_width + h * hd;
-            float max_score = -INFINITY;
-            for (int64_t j = 0; j <= last; ++j) {
-                float s = 0.0f;
-                if (cache.f16()) {
-                    s = kernels.f16_dot(qh, static_cast<const uint16_t*>(cache.keys(layer, j)) + kv_offset, hd);
-                } else {
-                    const float* kj = static_cast<const float*>(cache.keys(layer, j)) + kv_offset;
-                    for (int64_t d = 0; d < hd; ++d) s += qh[d] * kj[d];
-                }
-                scores[j] = s * scale;
-                max_score = std::max(max_score, scores[j]);
-            }
-            float total = 0.0f;
-            for (int64_t j = 0; j <= last; ++j) total += (scores[j] = std::exp(scores[j] - max_score));
             float* oh = out + n * q_width + h * hd;
-            std::fill(oh, oh + hd, 0.0f);
-            for (int64_t j = 0; j <= last; ++j) {
-                const float p = scores[j] / total;
-                if (cache.f16()) {
-                    kernels.f16_axpy(p, static_cast<const uint16_t*>(cache.values(layer, j)) + kv_offset, hd, oh);
-                } else {
-                    const float* vj = static_cast<const float*>(cache.values(layer, j)) + kv_offset;
-                    for (int64_t d = 0; d < hd; ++d) oh[d] += p * vj[d];
-                }
-            }
+            if (cache.f16())
+                f16_attention(qh, heads_per_job, hd, static_cast<const uint16_t*>(cache.keys(layer, 0)) + kv_offset,
+                              static_cast<const uint16_t*>(cache.values(layer, 0)) + kv_offset, kv_width, count,
+                              scale, scratch.data(), oh);
+            else
+                f32_attention_ref(qh, heads_per_job, hd, static_cast<const float*>(cache.keys(layer, 0)) + kv_offset,
+                                  static_cast<const float*>(cache.values(layer, 0)) + kv_offset, kv_width, count,
+                                  scale, scratch.data(), oh);
         }
     });
 }
@@ -368,7 +362,14 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
     const int64_t H = s.hidden, I = s.intermediate, hd = s.head_dim;
     const int64_t q_width = s.heads * hd, kv_width = s.kv_heads * hd;
     Scratch b(s, T);
-    for (int64_t t = 0; t < T; ++t) load_elements(embedding_.data, embedding_.dtype, tokens[t] * H, H, &b.x[t * H]);
+    ThreadPool& pool = *pool_;
+    // The steps between matrix products are per token: in parallel over tokens when there are several.
+    const auto for_each_token = [&](const std::function<void(int64_t)>& step) {
+        pool.parallel_for(T, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t t = begin; t < end; ++t) step(t);
+        });
+    };
+    for_each_token([&](int64_t t) { load_elements(embedding_.data, embedding_.dtype, tokens[t] * H, H, &b.x[t * H]); });
 
     std::vector<float> cos_(static_cast<size_t>(T * hd / 2)), sin_(static_cast<size_t>(T * hd / 2));
     for (int64_t t = 0; t < T; ++t)
@@ -381,30 +382,37 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
     for (int64_t li = 0; li < s.layers; ++li) {
         Layer& l = layers_[static_cast<size_t>(li)];
         // Attention block: one quantized input shared by q, k and v.
-        b.quantize(b.x.data(), T, H, l.input_layernorm.data(), s.rms_norm_eps);
+        b.quantize(*pool_, b.x.data(), T, H, l.input_layernorm.data(), s.rms_norm_eps);
         linear({{&l.q_proj, b.q.data(), false}, {&l.k_proj, b.k.data(), false}, {&l.v_proj, b.v.data(), false}},
                b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
-        for (int64_t t = 0; t < T; ++t) {
+        for_each_token([&](int64_t t) {
             for (int64_t h = 0; h < s.heads; ++h)
                 apply_rope(&b.q[t * q_width + h * hd], hd, &cos_[t * hd / 2], &sin_[t * hd / 2]);
             for (int64_t h = 0; h < s.kv_heads; ++h)
                 apply_rope(&b.k[t * kv_width + h * hd], hd, &cos_[t * hd / 2], &sin_[t * hd / 2]);
             places[t].cache->store(li, places[t].pos, &b.k[t * kv_width], &b.v[t * kv_width], active_kernels().f16_store);
-        }
+        });
         attention(places, li, b.q.data(), b.attn.data());
-        b.quantize(b.attn.data(), T, q_width, s.sub_norms ? l.attn_sub_norm.data() : nullptr, s.rms_norm_eps);
+        b.quantize(*pool_, b.attn.data(), T, q_width, s.sub_norms ? l.attn_sub_norm.data() : nullptr, s.rms_norm_eps);
         linear({{&l.o_proj, b.x.data(), true}}, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
 
         // Feed-forward block: one quantized input shared by gate and up.
-        b.quantize(b.x.data(), T, H, l.post_attention_layernorm.data(), s.rms_norm_eps);
+        b.quantize(*pool_, b.x.data(), T, H, l.post_attention_layernorm.data(), s.rms_norm_eps);
         linear({{&l.gate_proj, b.gate.data(), false}, {&l.up_proj, b.up.data(), false}},
                b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
-        for (int64_t i = 0; i < T * I; ++i) {
-            const float g = b.gate[i];
-            const float act = s.relu2 ? (g > 0.0f ? g * g : 0.0f) : g / (1.0f + std::exp(-g));
-            b.gate[i] = act * b.up[i];
-        }
-        b.quantize(b.gate.data(), T, I, s.sub_norms ? l.ffn_sub_norm.data() : nullptr, s.rms_norm_eps);
+        for_each_token([&](int64_t t) {
+            float* gate = b.gate.data() + t * I;
+            const float* up = b.up.data() + t * I;
+            if (s.relu2) {
+                for (int64_t i = 0; i < I; ++i) {
+                    const float positive = gate[i] > 0.0f ? gate[i] : 0.0f;
+                    gate[i] = positive * positive * up[i];
+                }
+            } else {
+                for (int64_t i = 0; i < I; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+            }
+        });
+        b.quantize(*pool_, b.gate.data(), T, I, s.sub_norms ? l.ffn_sub_norm.data() : nullptr, s.rms_norm_eps);
         linear({{&l.down_proj, b.x.data(), true}}, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
     }
 
@@ -420,10 +428,10 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
         rms_norm(&b.x[outputs[t] * H], final_norm_.data(), H, s.rms_norm_eps, &b.normed[t * H]);
     if (head_format_ != HeadFormat::Dense) {
         // Quantized heads meet the final hidden state quantized like a BitLinear input.
+        const KernelSet& kernels = active_kernels();
         const int64_t padded = padded_cols(H);
         for (int64_t t = 0; t < rows; ++t)
-            b.act_scale[t] = quantize_row_int8(&b.normed[t * H], H, b.xq.data() + t * padded, &b.xq_sums[t]);
-        const KernelSet& kernels = active_kernels();
+            b.act_scale[t] = kernels.quantize_row(&b.normed[t * H], H, b.xq.data() + t * padded, &b.xq_sums[t]);
         if (head_format_ == HeadFormat::Int8) {
             const Int8RowsView view{reinterpret_cast<const int8_t*>(head_q_.data()), s.vocab, H};
             std::vector<int32_t> acc(static_cast<size_t>(rows * s.vocab));

@@ -1,6 +1,8 @@
-// One persistent pool of worker threads; the calling thread works too. Between jobs, workers spin
-// briefly before sleeping: a decode step hands out a few hundred small jobs, and waking a sleeping
-// thread costs more than many of them.
+// One persistent pool of worker threads; the calling thread works too. A job is cut into a few
+// chunks per thread that threads claim one at a time, so a thread the OS has descheduled (another
+// process on its core) delays nobody: the others take its chunks, and the caller never waits for a
+// worker that has not started. Between jobs, workers spin briefly before sleeping: a decode step
+// hands out a few hundred small jobs, and waking a sleeping thread costs more than many of them.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -21,21 +23,27 @@ public:
 
     int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-    // Splits [0, n) into size() contiguous ranges and runs fn(begin, end) on each, in parallel.
-    // Ranges are multiples of `grain` except the last. Returns when all are done.
+    // Runs fn(begin, end) over contiguous ranges covering [0, n), in parallel, and returns when all
+    // are done. Ranges are multiples of `grain` except the last; which thread runs which range is
+    // not fixed. One caller at a time.
     void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
 private:
-    void worker_loop(int index);
-    void run_share(int index);
+    // One parallel_for. Two slots, alternating by generation: a worker that wakes late reads the
+    // slot of its generation, which the caller rewrites only two jobs later, and its claim (a
+    // compare-exchange on ticket_) fails if that has happened.
+    struct Job {
+        std::atomic<const std::function<void(int64_t, int64_t)>*> fn{nullptr};
+        std::atomic<int64_t> n{0}, chunk{1}, chunks{0}, done{0};
+    };
+    bool run_chunk(uint32_t generation);  // claims and runs one chunk; false when none is left
+    void worker_loop();
 
     std::vector<std::thread> workers_;
     std::mutex mutex_;
-    std::condition_variable wake_, done_;
-    const std::function<void(int64_t, int64_t)>* job_ = nullptr;  // written before generation_ moves
-    int64_t job_n_ = 0, job_grain_ = 1;
-    std::atomic<uint64_t> generation_{0};  // one more per job
-    std::atomic<int> pending_{0};          // workers still busy with the current job
+    std::condition_variable wake_, finished_;
+    Job jobs_[2];
+    std::atomic<uint64_t> ticket_{0};  // generation << 32 | next unclaimed chunk
     std::atomic<bool> stopping_{false};
 };
 

@@ -42,30 +42,36 @@ def test_extreme_activations_do_not_overflow(kernel, tokens, value):
     assert np.all(got == value * 6912)
 
 
-@pytest.mark.parametrize("cols", [1, 7, 128, 333])
-def test_activation_quantization_matches_reference(cols):
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("cols", [1, 7, 32, 128, 333, 2560])
+def test_activation_quantization_matches_reference(kernel, cols):
     rng = np.random.default_rng(cols)
     x = (rng.standard_normal((9, cols)) * rng.uniform(0.01, 50, size=(9, 1))).astype(np.float32)
     x[0] = 0.0                          # all zeros: the 1e-5 clamp
     x[1, 0] = 1e30 if cols > 1 else 1.0  # one huge value
     x[2] = (np.arange(cols) % 7 - 3).astype(np.float32) / 2  # many exact .5 ties
-    xq, a = _core.quantize_activations(x)
+    x[3, -1] = -x[3].max() * 4           # the largest magnitude in the scalar tail
+    xq, a, sums = _core.quantize_activations(x, kernel)
     ref_xq, ref_a = reference.quantize_activations(x)
-    assert np.array_equal(xq, ref_xq)
+    assert np.array_equal(xq[:, :cols], ref_xq)
+    assert not xq[:, cols:].any()        # the padding the kernels read is zero
     assert np.array_equal(a, ref_a[:, 0])
+    assert np.array_equal(sums, ref_xq.sum(axis=1, dtype=np.int64))
 
 
-def test_absmax_quantization_never_produces_minus_128():
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+def test_absmax_quantization_never_produces_minus_128(kernel):
     """The int8 head kernel relies on it (it negates activations)."""
     x = np.array([[-1.0, 0.5, 1.0], [-3.0, 2.9999998, 1e-8]], dtype=np.float32)
-    xq, _ = _core.quantize_activations(x)
+    xq, _, _ = _core.quantize_activations(np.tile(x, 13), kernel)
     assert xq.min() == -127
 
 
-def test_quantization_rounds_half_to_even():
-    x = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5]], dtype=np.float32)  # a = 1
-    xq, _ = _core.quantize_activations(x)
-    assert xq.tolist() == [[127, 0, 2, 2, 0, -2]]
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+def test_quantization_rounds_half_to_even(kernel):
+    x = np.tile(np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 3.5, -2.5]], dtype=np.float32), 5)  # a = 1
+    xq, _, _ = _core.quantize_activations(x, kernel)
+    assert xq[0, :40].tolist() == [127, 0, 2, 2, 0, -2, 4, -2] * 5
 
 
 def test_hf_packing_against_transformers():
@@ -171,3 +177,33 @@ def test_q4_head_matches_numpy(kernel, tokens, cols, rows):
     weight_error = np.abs(d).repeat(32, -1).reshape(rows, padded)[:, :cols] / 2
     bound = np.abs(x) @ weight_error.T + (np.abs(head).sum(1)[None, :] + weight_error.sum(1)[None, :]) / (2 * a)
     assert np.all(np.abs(got - exact) <= bound * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("heads,head_dim,count,width,column",
+                         [(1, 8, 1, 8, 0), (4, 128, 37, 640, 256), (3, 24, 2, 48, 24), (5, 20, 9, 40, 20),
+                          (2, 7, 5, 21, 14), (8, 64, 130, 64, 0)])
+def test_f16_attention_matches_numpy(kernel, heads, head_dim, count, width, column):
+    """Grouped-query attention over an f16 cache against float64 NumPy: heads not a multiple of the
+    variant's group, head dims with scalar tails, a single position, keys strided inside wider rows,
+    and scores far apart (so most weights underflow and the softmax must not)."""
+    rng = np.random.default_rng(heads * 1000 + count)
+    q = (rng.standard_normal((heads, head_dim)) * 3).astype(np.float32)
+    keys = (rng.standard_normal((count, width)) * 3).astype(np.float16)
+    values = rng.standard_normal((count, width)).astype(np.float16)
+    scale = 1 / np.sqrt(head_dim)
+    got = _core.f16_attention(q, keys.view(np.uint16), values.view(np.uint16), column, scale, kernel)
+
+    k = keys[:, column:column + head_dim].astype(np.float64)
+    v = values[:, column:column + head_dim].astype(np.float64)
+    scores = q.astype(np.float64) @ k.T * scale
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+    expected = weights / weights.sum(axis=1, keepdims=True) @ v
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_f16_attention_rejects_bad_shapes():
+    q = np.zeros((2, 8), dtype=np.float32)
+    keys = np.zeros((3, 8), dtype=np.uint16)
+    with pytest.raises(ValueError, match="head inside width"):
+        _core.f16_attention(q, keys, keys, 4, 1.0)
