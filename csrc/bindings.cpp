@@ -170,7 +170,7 @@ NB_MODULE(_core, m) {
             {
                 nb::gil_scoped_release release;
                 std::vector<uint8_t> q(static_cast<size_t>(rows * padded / 2));
-                std::vector<float> scales(static_cast<size_t>(rows * padded / kQ4Group));
+                std::vector<uint16_t> scales(static_cast<size_t>(rows * padded / kQ4Group));
                 for (int64_t r = 0; r < rows; ++r)
                     quantize_row_q4(head.data() + r * cols, cols, &q[r * padded / 2], &scales[r * padded / kQ4Group]);
                 std::vector<int8_t> xq(static_cast<size_t>(T * padded));
@@ -186,6 +186,22 @@ NB_MODULE(_core, m) {
             return out;
         },
         "head"_a, "x"_a, "kernel"_a = "", "q4-quantized head [rows, cols] times int8-quantized x [T, cols] (tests).");
+
+    m.def(
+        "q4_quantize",
+        [](Array<const float, nb::ndim<2>> head) {
+            const int64_t rows = head.shape(0), cols = head.shape(1), padded = padded_cols(cols);
+            auto q = owned_array<uint8_t>({size_t(rows), size_t(padded / 2)});
+            auto scales = owned_array<uint16_t>({size_t(rows), size_t(padded / kQ4Group)});
+            {
+                nb::gil_scoped_release release;
+                for (int64_t r = 0; r < rows; ++r)
+                    quantize_row_q4(head.data() + r * cols, cols, q.data() + r * padded / 2,
+                                    scales.data() + r * padded / kQ4Group);
+            }
+            return nb::make_tuple(q, scales);
+        },
+        "head"_a, "The q4 head format of rows [rows, cols]: (nibbles uint8 [rows, padded / 2], f16 scales uint16 [rows, padded / 32]).");
 
     nb::class_<KVCache>(m, "KVCache")
         .def(nb::init<const ModelShape&, int64_t, bool>(), "shape"_a, "n_ctx"_a, "f16"_a = true)
@@ -325,20 +341,23 @@ NB_MODULE(_core, m) {
         .def(
             "forward_batch",
             [](PyModel& p, const std::vector<KVCache*>& caches, Array<const int32_t, nb::ndim<1>> tokens,
-               const std::vector<int64_t>& lengths, const std::vector<int64_t>& start_positions, bool all_logits) {
-                if (lengths.size() != caches.size() || start_positions.size() != caches.size())
-                    throw std::invalid_argument("forward_batch needs one length and one start position per cache");
+               const std::vector<int64_t>& lengths, const std::vector<int64_t>& start_positions,
+               const std::vector<bool>& logits_for, bool all_logits) {
+                if (lengths.size() != caches.size() || start_positions.size() != caches.size() ||
+                    logits_for.size() != caches.size())
+                    throw std::invalid_argument("forward_batch needs one length, start position and logits flag per cache");
                 std::vector<Segment> segments;
                 int64_t offset = 0;
+                size_t rows = 0;
                 for (size_t i = 0; i < caches.size(); ++i) {
                     if (lengths[i] <= 0 || offset + lengths[i] > static_cast<int64_t>(tokens.shape(0)))
                         throw std::invalid_argument("forward_batch: lengths do not add up to the tokens given");
-                    segments.push_back({caches[i], tokens.data() + offset, lengths[i], start_positions[i]});
+                    segments.push_back({caches[i], tokens.data() + offset, lengths[i], start_positions[i], logits_for[i]});
                     offset += lengths[i];
+                    if (logits_for[i]) rows += all_logits ? static_cast<size_t>(lengths[i]) : 1;
                 }
                 if (offset != static_cast<int64_t>(tokens.shape(0)))
                     throw std::invalid_argument("forward_batch: lengths do not add up to the tokens given");
-                const size_t rows = all_logits ? static_cast<size_t>(offset) : caches.size();
                 auto logits = owned_array<float>({rows, size_t(p.model->shape().vocab)});
                 {
                     nb::gil_scoped_release release;
@@ -346,7 +365,8 @@ NB_MODULE(_core, m) {
                 }
                 return logits;
             },
-            "caches"_a, "tokens"_a, "lengths"_a, "start_positions"_a, "all_logits"_a = false,
-            "One step over several sequences: tokens holds each sequence's tokens one after another. "
-            "Returns logits [sequences, vocab] for each one's last token (all tokens' with all_logits).");
+            "caches"_a, "tokens"_a, "lengths"_a, "start_positions"_a, "logits_for"_a, "all_logits"_a = false,
+            "One step over several sequences: tokens holds each sequence's tokens one after another. Returns "
+            "logits [rows, vocab] for the last token (every token with all_logits) of each sequence whose "
+            "logits_for flag is set, in order.");
 }

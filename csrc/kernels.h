@@ -69,15 +69,15 @@ void int8_gemv_ref(const Int8RowsView& m, int64_t row_begin, int64_t row_end, co
 // Symmetric quantization of a float row into q [padded_cols(cols)]: returns the scale max|row| / 127.
 float quantize_row_symmetric(const float* row, int64_t cols, int8_t* q);
 
-// The 4-bit head format: groups of 32 weights along a row (padded to padded_cols), each with a
-// float scale d: weight ~= (q - 8) * d, q in [0, 15]. Byte j of a group's 16 bytes holds weight j
-// in its low nibble and weight 16 + j in its high nibble, so one 16-byte load unpacks to 32
-// weights in order.
+// The 4-bit head format is llama.cpp's Q4_0 with the scales kept apart: groups of 32 weights along
+// a row (padded to padded_cols), each with an f16 scale d: weight ~= (q - 8) * d, q in [0, 15].
+// Byte j of a group's 16 bytes holds weight j in its low nibble and weight 16 + j in its high
+// nibble, so one 16-byte load unpacks to 32 weights in order.
 constexpr int kQ4Group = 32;
 
 struct Q4RowsView {
-    const uint8_t* q;      // rows * padded_cols(cols) / 2
-    const float* scales;   // rows * padded_cols(cols) / 32
+    const uint8_t* q;         // rows * padded_cols(cols) / 2
+    const uint16_t* scales;   // rows * padded_cols(cols) / 32, f16
     int64_t rows, cols;
 };
 
@@ -89,9 +89,12 @@ using Q4GemvFn = void (*)(const Q4RowsView& m, int64_t row_begin, int64_t row_en
 void q4_gemv_ref(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
                  float* out, int64_t out_stride);
 
-// Quantizes a float row into q [padded_cols(cols) / 2] and scales [padded_cols(cols) / 32]: per group,
-// d = m / -8 where m is the value of largest magnitude (as llama.cpp's Q4_0), so m itself is exact.
-void quantize_row_q4(const float* row, int64_t cols, uint8_t* q, float* scales);
+// Quantizes a float row into q [padded_cols(cols) / 2] and f16 scales [padded_cols(cols) / 32] with
+// the steps and roundings of llama.cpp's Q4_0: per group d = m / -8, where m is the value of largest
+// magnitude, q = min(15, trunc(x / d + 8.5)), and d stored as f16.
+void quantize_row_q4(const float* row, int64_t cols, uint8_t* q, uint16_t* scales);
+
+float f16_to_f32(uint16_t h);
 
 // The f16 KV cache: rounding to f16 (to nearest, ties to even, as F16C and NumPy do).
 using F16StoreFn = void (*)(const float* x, int64_t n, uint16_t* out);

@@ -328,7 +328,7 @@ void q4_gemv_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const
     const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
     for (int64_t r = row_begin; r < row_end; ++r) {
         const uint8_t* row = m.q + r * padded / 2;
-        const float* scales = m.scales + r * groups;
+        const uint16_t* scales = m.scales + r * groups;
         for (int64_t t = 0; t < tokens; ++t) {
             const int8_t* x = xq + t * padded;
             __m256 acc = _mm256_setzero_ps();
@@ -339,7 +339,7 @@ void q4_gemv_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const
                     eight);
                 const __m256i xg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + g * kQ4Group));
                 const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xg, q)), ones);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(scales[g]), _mm256_cvtepi32_ps(dot), acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(scales[g])), _mm256_cvtepi32_ps(dot), acc);
             }
             out[t * out_stride + r] = horizontal_sum(acc);
         }

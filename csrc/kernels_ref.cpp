@@ -53,7 +53,7 @@ void ternary_gemm_ref(const TernaryView& w, int64_t row_begin, int64_t row_end, 
     }
 }
 
-static float f16_to_f32(uint16_t h) {
+float f16_to_f32(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
     const uint32_t exponent = (h >> 10) & 0x1f;
     const uint32_t mantissa = h & 0x3ff;
@@ -202,7 +202,7 @@ void q4_gemv_ref(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const 
     const int64_t padded = padded_cols(m.cols), groups = padded / kQ4Group;
     for (int64_t r = row_begin; r < row_end; ++r) {
         const uint8_t* row = m.q + r * padded / 2;
-        const float* scales = m.scales + r * groups;
+        const uint16_t* scales = m.scales + r * groups;
         for (int64_t t = 0; t < tokens; ++t) {
             const int8_t* x = xq + t * padded;
             float sum = 0.0f;
@@ -212,27 +212,27 @@ void q4_gemv_ref(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const 
                     const uint8_t byte = row[g * kQ4Group / 2 + j];
                     dot += ((byte & 15) - 8) * x[g * kQ4Group + j] + ((byte >> 4) - 8) * x[g * kQ4Group + 16 + j];
                 }
-                sum += scales[g] * static_cast<float>(dot);
+                sum += f16_to_f32(scales[g]) * static_cast<float>(dot);
             }
             out[t * out_stride + r] = sum;
         }
     }
 }
 
-void quantize_row_q4(const float* row, int64_t cols, uint8_t* q, float* scales) {
+void quantize_row_q4(const float* row, int64_t cols, uint8_t* q, uint16_t* scales) {
     const int64_t padded = padded_cols(cols);
     for (int64_t g = 0; g < padded / kQ4Group; ++g) {
         float extreme = 0.0f;
         for (int64_t k = g * kQ4Group; k < std::min<int64_t>(cols, (g + 1) * kQ4Group); ++k)
             if (std::fabs(row[k]) > std::fabs(extreme)) extreme = row[k];
         const float d = extreme / -8.0f, inverse = d != 0.0f ? 1.0f / d : 0.0f;
-        scales[g] = d;
+        scales[g] = f32_to_f16(d);
         for (int j = 0; j < kQ4Group / 2; ++j) {
             uint8_t nibbles[2];
             for (int half = 0; half < 2; ++half) {
                 const int64_t k = g * kQ4Group + half * 16 + j;
-                const float v = k < cols ? std::nearbyint(row[k] * inverse) + 8.0f : 8.0f;
-                nibbles[half] = static_cast<uint8_t>(std::min(15.0f, std::max(0.0f, v)));
+                const float x = k < cols ? row[k] * inverse : 0.0f;  // within [-8, 8]
+                nibbles[half] = static_cast<uint8_t>(std::min(15, static_cast<int>(x + 8.5f)));
             }
             q[g * kQ4Group / 2 + j] = static_cast<uint8_t>(nibbles[0] | (nibbles[1] << 4));
         }

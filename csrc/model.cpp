@@ -187,10 +187,11 @@ void Model::quantize_head(HeadFormat format, int64_t begin, int64_t end) {
     if (begin < 0 || end > shape_.vocab || begin >= end) throw shape_error("head rows out of range");
     const int64_t H = shape_.hidden, padded = padded_cols(H);
     const int64_t row_bytes = format == HeadFormat::Int8 ? padded : padded / 2;
-    const int64_t row_scales = format == HeadFormat::Int8 ? 1 : padded / kQ4Group;
+    const int64_t row_scales = padded / kQ4Group;
     if (begin == 0) {
         head_q_.assign(static_cast<size_t>(shape_.vocab * row_bytes), 0);
-        head_scales_.assign(static_cast<size_t>(shape_.vocab * row_scales), 0.0f);
+        head_scales_.assign(format == HeadFormat::Int8 ? static_cast<size_t>(shape_.vocab) : 0, 0.0f);
+        head_q4_scales_.assign(format == HeadFormat::Q4 ? static_cast<size_t>(shape_.vocab * row_scales) : 0, 0);
     }
     pool_->parallel_for(end - begin, 256, [&](int64_t first, int64_t last) {
         std::vector<float> row(static_cast<size_t>(H));
@@ -199,14 +200,15 @@ void Model::quantize_head(HeadFormat format, int64_t begin, int64_t end) {
             if (format == HeadFormat::Int8)
                 head_scales_[r] = quantize_row_symmetric(row.data(), H, reinterpret_cast<int8_t*>(&head_q_[r * row_bytes]));
             else
-                quantize_row_q4(row.data(), H, &head_q_[r * row_bytes], &head_scales_[r * row_scales]);
+                quantize_row_q4(row.data(), H, &head_q_[r * row_bytes], &head_q4_scales_[r * row_scales]);
         }
     });
     if (end == shape_.vocab) head_format_ = format;
 }
 
 int64_t Model::head_bytes() const {
-    if (head_format_ != HeadFormat::Dense) return static_cast<int64_t>(head_q_.size() + 4 * head_scales_.size());
+    if (head_format_ != HeadFormat::Dense)
+        return static_cast<int64_t>(head_q_.size() + 4 * head_scales_.size() + 2 * head_q4_scales_.size());
     const DenseMatrix& head = head_.data ? head_ : embedding_;
     return head.rows * head.cols * (head.dtype == DType::F32 ? 4 : 2);
 }
@@ -272,25 +274,26 @@ void Model::linear(std::initializer_list<LinearOutput> outputs, const int8_t* xq
     // the threads together, which saves a synchronisation per matrix.
     int64_t total_rows = 0;
     for (const LinearOutput& o : outputs) total_rows += o.w->rows;
-    const std::unique_ptr<int32_t[]> acc(new int32_t[static_cast<size_t>(T * total_rows)]);  // every entry is written
     pool_->parallel_for(total_rows, 8, [&](int64_t begin, int64_t end) {
+        // Integer sums for this range of rows only: [T, rows of the range].
+        std::vector<int32_t> products(static_cast<size_t>(T * (end - begin)));
         int64_t first_row = 0;  // of the current matrix, in the joint row space
         for (const LinearOutput& o : outputs) {
             const TernaryMatrix& w = *o.w;
             const int64_t lo = std::max(begin, first_row) - first_row;
-            const int64_t hi = std::min(end, first_row + w.rows) - first_row;
-            int32_t* w_acc = acc.get() + T * first_row;
+            const int64_t hi = std::min(end, first_row + w.rows) - first_row, n = hi - lo;
             first_row += w.rows;
-            if (lo >= hi) continue;
-            active_kernels().ternary_gemm(w.view(), lo, hi, xq, sums, T, w_acc, w.rows);
+            if (n <= 0) continue;
+            const TernaryView rows{w.bytes.data() + lo * (padded_cols(w.cols) / 4), n, w.cols};
+            active_kernels().ternary_gemm(rows, 0, n, xq, sums, T, products.data(), n);
             for (int64_t t = 0; t < T; ++t) {
                 const float scale = w.scale / act_scale[t];
-                const int32_t* products = w_acc + t * w.rows;
-                float* out = o.out + t * w.rows;
+                const int32_t* sums_t = products.data() + t * n;
+                float* out = o.out + t * w.rows + lo;
                 if (o.accumulate) {
-                    for (int64_t r = lo; r < hi; ++r) out[r] += static_cast<float>(products[r]) * scale;
+                    for (int64_t r = 0; r < n; ++r) out[r] += static_cast<float>(sums_t[r]) * scale;
                 } else {
-                    for (int64_t r = lo; r < hi; ++r) out[r] = static_cast<float>(products[r]) * scale;
+                    for (int64_t r = 0; r < n; ++r) out[r] = static_cast<float>(sums_t[r]) * scale;
                 }
             }
         }
@@ -420,10 +423,12 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
     std::vector<int64_t> outputs;
     int64_t end = 0;
     for (const Segment& seg : segments) {
-        for (int64_t t = all_logits ? 0 : seg.T - 1; t < seg.T; ++t) outputs.push_back(end + t);
+        if (seg.logits)
+            for (int64_t t = all_logits ? 0 : seg.T - 1; t < seg.T; ++t) outputs.push_back(end + t);
         end += seg.T;
     }
     const int64_t rows = static_cast<int64_t>(outputs.size());
+    if (rows == 0) return;
     for (int64_t t = 0; t < rows; ++t)
         rms_norm(&b.x[outputs[t] * H], final_norm_.data(), H, s.rms_norm_eps, &b.normed[t * H]);
     if (head_format_ != HeadFormat::Dense) {
@@ -442,7 +447,7 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
                         logits[t * s.vocab + r] = static_cast<float>(acc[t * s.vocab + r]) * (head_scales_[r] / b.act_scale[t]);
             });
         } else {
-            const Q4RowsView view{head_q_.data(), head_scales_.data(), s.vocab, H};
+            const Q4RowsView view{head_q_.data(), head_q4_scales_.data(), s.vocab, H};
             pool_->parallel_for(s.vocab, 256, [&](int64_t begin, int64_t end) {
                 kernels.q4_gemv(view, begin, end, b.xq.data(), rows, logits, s.vocab);
                 for (int64_t t = 0; t < rows; ++t)

@@ -69,6 +69,7 @@ struct Segment {
     KVCache* cache;
     const int32_t* tokens;
     int64_t T, start_pos;
+    bool logits = true;  // whether the step returns this sequence's logits (a prompt chunk that does not end it needs none)
 };
 
 class Model {
@@ -134,8 +135,9 @@ private:
     std::vector<float> final_norm_;
     DenseMatrix embedding_, head_;
     HeadFormat head_format_ = HeadFormat::Dense;
-    std::vector<uint8_t> head_q_;    // int8: [vocab, padded_cols(hidden)]; q4: half that
-    std::vector<float> head_scales_; // int8: one per row; q4: one per 32-weight group
+    std::vector<uint8_t> head_q_;          // int8: [vocab, padded_cols(hidden)]; q4: half that
+    std::vector<float> head_scales_;       // int8: one per row
+    std::vector<uint16_t> head_q4_scales_; // q4: one f16 per 32-weight group
     std::unique_ptr<ThreadPool> pool_;
 };
 

@@ -151,30 +151,54 @@ def test_f16_rounding_matches_numpy(kernel):
     assert np.array_equal(got, expected)
 
 
+def _q4_0_blocks(head, padded):
+    """gguf-py's Q4_0 quantization of the zero-padded rows: uint8 [rows, groups, 18], each block an
+    f16 scale then 16 bytes of nibbles."""
+    from gguf import GGMLQuantizationType, quants
+
+    rows, cols = head.shape
+    padded_head = np.zeros((rows, padded), dtype=np.float32)
+    padded_head[:, :cols] = head
+    return quants.quantize(padded_head, GGMLQuantizationType.Q4_0).reshape(rows, padded // 32, 18)
+
+
+@pytest.mark.parametrize("cols", [32, 100, 2560])
+def test_q4_format_is_llama_cpp_q4_0(cols):
+    """Our q4 head is llama.cpp's Q4_0 with the scales kept apart: the same bytes as gguf-py's
+    quantizer, ties, zero groups and padding included."""
+    rng = np.random.default_rng(cols)
+    head = rng.standard_normal((9, cols)).astype(np.float32)
+    head[0] = 0.0
+    head[1, :8] = head[1, 8:16] = 3.0                             # equal magnitudes: the first wins
+    head[2] = np.round(head[2] * 4) / 4                            # many values that land on .5
+    q, scales = _core.q4_quantize(head)
+    blocks = _q4_0_blocks(head, q.shape[1] * 2)
+    assert np.array_equal(scales, blocks[..., :2].copy().view(np.uint16)[..., 0])
+    assert np.array_equal(q.reshape(9, -1, 16), blocks[..., 2:])
+
+
 @pytest.mark.parametrize("kernel", _core.available_kernels())
 @pytest.mark.parametrize("tokens,cols,rows", [(1, 32, 3), (2, 100, 7), (3, 2560, 11)])
 def test_q4_head_matches_numpy(kernel, tokens, cols, rows):
-    """The 4-bit head against NumPy's own Q4_0-style quantization and float64 products."""
+    """The 4-bit head against gguf-py's Q4_0 quantization and float64 products."""
     rng = np.random.default_rng(cols)
     head = rng.standard_normal((rows, cols)).astype(np.float32)
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
     got = _core.q4_head_logits(head, x, kernel)
 
     padded = -(-cols // 128) * 128
-    groups = np.zeros((rows, padded), dtype=np.float32)
-    groups[:, :cols] = head
-    groups = groups.reshape(rows, -1, 32)
-    extreme = np.take_along_axis(groups, np.abs(groups).argmax(-1)[..., None], -1)  # signed, largest magnitude
-    d = (extreme / np.float32(-8)).astype(np.float32)
-    inverse = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
-    q = np.clip(np.round(groups * inverse) + 8, 0, 15)
+    blocks = _q4_0_blocks(head, padded)
+    d = blocks[..., :2].copy().view(np.float16).astype(np.float32)  # [rows, groups, 1]
+    qs = blocks[..., 2:]
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.float32)
     dequantized = ((q - 8) * d).reshape(rows, padded)[:, :cols].astype(np.float64)
     xq, a = reference.quantize_activations(x)
     expected = (xq.astype(np.float64) @ dequantized.T) / a.astype(np.float64)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
-    # and within the rounding bounds of the exact product: |w error| <= |d| / 2, |x error| <= 1 / (2a)
+    # and within the rounding bounds of the exact product: |w error| <= |d| / 2 plus 8 |d| times f16's
+    # relative rounding of d (2^-11), |x error| <= 1 / (2a)
     exact = x.astype(np.float64) @ head.T.astype(np.float64)
-    weight_error = np.abs(d).repeat(32, -1).reshape(rows, padded)[:, :cols] / 2
+    weight_error = np.abs(d).repeat(32, -1).reshape(rows, padded)[:, :cols] * (0.5 + 8 * 2.0**-11)
     bound = np.abs(x) @ weight_error.T + (np.abs(head).sum(1)[None, :] + weight_error.sum(1)[None, :]) / (2 * a)
     assert np.all(np.abs(got - exact) <= bound * (1 + 1e-5))
 

@@ -115,7 +115,9 @@ def test_batched_step_equals_each_sequence_alone(tmp_path, tiny_tokenizer_json):
 
     engine = ternlm.load(directory, kv_cache="f32").engine  # as the reference's
     caches = [engine.new_cache(32) for _ in prompts]
-    engine.forward_batch([(c, p[:-1], 0) for c, p in zip(caches, prompts)])
+    first = engine.forward_batch([(c, p[:-1], 0) for c, p in zip(caches, prompts)], logits_for=[False, True, False])
+    assert first.shape == (1, 320)  # only the sequence that asked for logits
+    assert np.array_equal(first[0], engine.forward(engine.new_cache(32), prompts[1][:-1], 0)[-1])
     together = engine.forward_batch([(c, p[-1:], len(p) - 1) for c, p in zip(caches, prompts)])
     assert together.shape == (3, 320)
     assert np.array_equal(together, alone(engine))

@@ -61,13 +61,13 @@ class GatedEngine:
             self._steps_allowed = None
             self._changed.notify_all()
 
-    def forward_batch(self, segments):
+    def forward_batch(self, segments, logits_for=None):
         with self._changed:
             if not self._changed.wait_for(lambda: self._steps_allowed is None or self._steps_allowed > 0, timeout=60):
                 raise TimeoutError("the test never released the engine")
             if self._steps_allowed is not None:
                 self._steps_allowed -= 1
-        return self._engine.forward_batch(segments)
+        return self._engine.forward_batch(segments, logits_for)
 
 
 @contextmanager

@@ -131,13 +131,16 @@ class NativeEngine:
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         return self._model.forward(cache, tokens, start_pos, all_logits)
 
-    def forward_batch(self, segments) -> np.ndarray:
+    def forward_batch(self, segments, logits_for=None) -> np.ndarray:
         """One step over several sequences, each (cache, tokens, start_pos) with its own cache:
-        their tokens go through every matrix together. Returns each one's last-token logits."""
+        their tokens go through every matrix together. Returns the last-token logits of each
+        sequence whose `logits_for` flag is true (all by default), in order: a prompt chunk that
+        does not finish its prompt can skip the head."""
         arrays = [np.asarray(tokens, dtype=np.int32).reshape(-1) for _, tokens, _ in segments]
+        flags = [True] * len(segments) if logits_for is None else [bool(f) for f in logits_for]
         return self._model.forward_batch([cache for cache, _, _ in segments],
                                          np.concatenate(arrays) if arrays else np.zeros(0, np.int32),
-                                         [len(a) for a in arrays], [pos for _, _, pos in segments])
+                                         [len(a) for a in arrays], [pos for _, _, pos in segments], flags)
 
 
 def convert_dense(tensor: DenseTensor, dtype: str) -> DenseTensor:

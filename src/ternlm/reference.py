@@ -111,9 +111,12 @@ class ReferenceModel:
     def new_cache(self, n_ctx: int) -> ReferenceCache:
         return ReferenceCache(self.config, n_ctx)
 
-    def forward_batch(self, segments) -> np.ndarray:
+    def forward_batch(self, segments, logits_for=None) -> np.ndarray:
         """Each (cache, tokens, start_pos) on its own: the oracle for the native batched step."""
-        return np.stack([self.forward(cache, tokens, pos)[-1] for cache, tokens, pos in segments])
+        flags = [True] * len(segments) if logits_for is None else logits_for
+        rows = [self.forward(cache, tokens, pos)[-1] for (cache, tokens, pos), wanted in zip(segments, flags)]
+        return np.stack([row for row, wanted in zip(rows, flags) if wanted]) if any(flags) \
+            else np.zeros((0, self.config.vocab_size), np.float32)
 
     def forward(self, cache: ReferenceCache, tokens: np.ndarray, start_pos: int,
                 all_logits: bool = False) -> np.ndarray:

@@ -235,14 +235,16 @@ class Scheduler:
         segments = self._plan()
         generated = 0
         try:
-            logits = self.model.engine.forward_batch([(s.sequence.cache, s.tokens, s.start) for s in segments])
-            for segment, row in zip(segments, logits):
+            # A prompt chunk that does not finish its prompt samples nothing: it skips the head.
+            ends = [not s.prefill or s.start + len(s.tokens) == len(s.sequence.prompt) for s in segments]
+            logits = iter(self.model.engine.forward_batch([(s.sequence.cache, s.tokens, s.start) for s in segments],
+                                                          logits_for=ends))
+            for segment, samples in zip(segments, ends):
                 sequence = segment.sequence
                 if segment.prefill:
                     sequence.prefilled += len(segment.tokens)
-                    if sequence.prefilled < len(sequence.prompt):
-                        continue
-                generated += self._advance(sequence, row)
+                if samples:
+                    generated += self._advance(sequence, next(logits))
         except Exception as e:  # whatever failed, the step's requests end with an error and the server goes on
             for sequence in {s.sequence for s in segments if s.sequence in self.running}:
                 sequence.send(Update(error=f"generation failed: {e}"))
