@@ -113,6 +113,9 @@ def main() -> None:
     parser.add_argument("-n", "--n-gen", type=int, default=64)
     parser.add_argument("-r", "--repetitions", type=int, default=7)
     parser.add_argument("--head", choices=sorted(HEAD_MATCH), default="q8_0", help="llama.cpp's head type")
+    parser.add_argument("--also-head", default="q4", choices=("q4", "int8", "float16", "none"),
+                        help="one more ternlm head format to run alone, e.g. the 4-bit head for its peak RSS "
+                             "(default q4; none skips it)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ternlm-side-by-side"))
     parser.add_argument("--worker", nargs=5, metavar=("GGUF", "THREADS", "PROMPT", "GEN", "REPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,15 +137,20 @@ def main() -> None:
         convert_to_gguf(hf_dir, gguf, ternary="tq2_0", head=args.head)
 
     threads = [int(t) for t in args.threads.split(",")]
-    rows = []
-    for t in threads:
-        ours = run_json_lines([sys.executable, "-m", "ternlm.cli", "bench", "-m", str(hf_dir), "--head",
-                               HEAD_MATCH[args.head], "-t", str(t), "-p", str(args.n_prompt), "-n", str(args.n_gen),
+
+    def ternlm_bench(head: str, t: int) -> list[dict]:
+        return run_json_lines([sys.executable, "-m", "ternlm.cli", "bench", "-m", str(hf_dir), "--head", head,
+                               "-t", str(t), "-p", str(args.n_prompt), "-n", str(args.n_gen),
                                "-r", str(args.repetitions), "-o", "json"])
+
+    rows, alone = [], []
+    for t in threads:
+        ours = ternlm_bench(HEAD_MATCH[args.head], t)
         theirs = run_json_lines([sys.executable, __file__, "--worker", str(gguf), str(t), str(args.n_prompt),
                                  str(args.n_gen), str(args.repetitions)])
-        for mine, other in zip(ours, theirs):
-            rows.append((mine, other))
+        rows.extend(zip(ours, theirs))
+        if args.also_head != "none":
+            alone.extend(ternlm_bench(args.also_head, t))
     bandwidth = {t: _core.measure_read_bandwidth(512 << 20, t, 5) for t in threads}
 
     print(f"{time.strftime('%Y-%m-%d')} | {cpu_model()} | kernels {_core.kernel_name()} | synthetic 2B4T shapes | "
@@ -158,6 +166,15 @@ def main() -> None:
         print(f"| {mine['test']} | {mine['threads']} | {mine['t_s_median']:.2f} | {other['t_s_median']:.2f} | "
               f"{mine['t_s_median'] / other['t_s_median']:.2f}x | {gb} | {pct} | "
               f"{mine['peak_rss_mb'] / 1000:.2f} / {other['peak_rss_mb'] / 1000:.2f} GB |")
+    if alone:
+        print(f"\nternlm alone with the {args.also_head} head, same run:\n")
+        print("| test | threads | ternlm t/s | ternlm GB/s | % of bound | peak RSS |")
+        print("|---|---|---|---|---|---|")
+        for mine in alone:
+            gb = f"{mine['gb_s']:.1f}" if mine["gb_s"] else ""
+            pct = f"{100 * mine['gb_s'] / bandwidth[mine['threads']]:.0f} %" if mine["gb_s"] else ""
+            print(f"| {mine['test']} | {mine['threads']} | {mine['t_s_median']:.2f} | {gb} | {pct} | "
+                  f"{mine['peak_rss_mb'] / 1000:.2f} GB |")
 
 
 if __name__ == "__main__":

@@ -104,33 +104,46 @@ void dense_gemv_typed(const DenseMatrix& m, int64_t row_begin, int64_t row_end, 
 // requesting bytes ahead keeps more of them in flight than the hardware prefetcher alone.
 constexpr int64_t kHeadPrefetchAhead = 4096;
 
-// s8 x s8 with pmaddubsw, which wants one unsigned operand: |q| times x with q's sign moved onto x.
-// |q| <= 127 and |x| <= 128, so a pair sums to at most 32512: no saturation.
+namespace {
+
+// One int8 row against NT tokens: s8 x s8 with pmaddubsw, which wants one unsigned operand, so
+// |q| (computed once for all NT tokens) times x with q's sign moved onto x. |q| <= 127 and
+// |x| <= 127, so a pair sums to at most 32258: no saturation, but two pairs could, hence one
+// pmaddwd per product.
+template <int NT>
+inline void int8_row_tile(const int8_t* row, int64_t padded, const int8_t* x, int32_t* sums) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < padded; k += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k + kHeadPrefetchAhead), _MM_HINT_T0);
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+        const __m256i magnitude = _mm256_abs_epi8(q);
+        for (int t = 0; t < NT; ++t) {
+            const __m256i xt = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t * padded + k));
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xt, q)), ones));
+        }
+    }
+    for (int t = 0; t < NT; ++t) sums[t] = horizontal_sum(acc[t]);
+}
+
+}  // namespace
+
 void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                     int64_t tokens, int32_t* acc, int64_t out_stride) {
     const int64_t padded = padded_cols(m.cols);
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t r = row_begin; r < row_end; ++r) {
         const int8_t* row = m.q + r * padded;
-        for (int64_t t = 0; t < tokens; ++t) {
-            const int8_t* x = xq + t * padded;
-            __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
-            int64_t k = 0;
-            for (; k + 64 <= padded; k += 64) {
-                _mm_prefetch(reinterpret_cast<const char*>(row + k + kHeadPrefetchAhead), _MM_HINT_T0);
-                const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-                const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32));
-                const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
-                const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k + 32));
-                sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q0), _mm256_sign_epi8(x0, q0)), ones));
-                sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q1), _mm256_sign_epi8(x1, q1)), ones));
+        for (int64_t t0 = 0; t0 < tokens; t0 += 4) {
+            int32_t sums[4];
+            const int8_t* x = xq + t0 * padded;
+            switch (std::min<int64_t>(tokens - t0, 4)) {
+                case 1: int8_row_tile<1>(row, padded, x, sums); break;
+                case 2: int8_row_tile<2>(row, padded, x, sums); break;
+                case 3: int8_row_tile<3>(row, padded, x, sums); break;
+                default: int8_row_tile<4>(row, padded, x, sums); break;
             }
-            for (; k < padded; k += 32) {
-                const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-                const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
-                sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q0), _mm256_sign_epi8(x0, q0)), ones));
-            }
-            acc[t * out_stride + r] = horizontal_sum(_mm256_add_epi32(sum0, sum1));
+            for (int64_t t = t0; t < std::min<int64_t>(tokens, t0 + 4); ++t) acc[t * out_stride + r] = sums[t - t0];
         }
     }
 }

@@ -121,12 +121,27 @@ def format_json(results: list[BenchResult]) -> str:
     return json.dumps([asdict(r) for r in results], indent=1)
 
 
+# AMD (family, first model, last model) -> core generation, for CPUs (often VMs) whose model name
+# says only "AMD EPYC".
+AMD_CORES = [(23, 0x00, 0x2F, "Zen/Zen+"), (23, 0x30, 0xFF, "Zen 2"), (25, 0x00, 0x0F, "Zen 3"),
+             (25, 0x10, 0x1F, "Zen 4"), (25, 0x20, 0x5F, "Zen 3"), (25, 0x60, 0xAF, "Zen 4"), (26, 0x00, 0xFF, "Zen 5")]
+
+
 def cpu_model() -> str:
+    """The CPU's model name, with AMD's family, model and core generation when the name is vague."""
+    fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith(("model name", "Model")):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or fields.get("Model")
+    if not name:
+        return platform.processor() or platform.machine()
+    if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family", "").isdigit() and fields.get("model", "").isdigit():
+        family, model = int(fields["cpu family"]), int(fields["model"])
+        core = next((c for f, lo, hi, c in AMD_CORES if f == family and lo <= model <= hi), None)
+        name += f" (family {family}, model {model}{', ' + core if core else ''})"
+    return name
