@@ -28,6 +28,7 @@ import numpy as np
 class StreamResult:
     ttft: float    # seconds from sending to the first text chunk
     tokens: int    # generated tokens (usage.completion_tokens)
+    replica: str | None = None  # the X-Ternlm-Replica header (ternlm serve --ray)
 
 
 async def one_stream(client: httpx.AsyncClient, model_id: str, prompt: str, max_tokens: int) -> StreamResult:
@@ -44,7 +45,8 @@ async def one_stream(client: httpx.AsyncClient, model_id: str, prompt: str, max_
                 ttft = time.perf_counter() - start
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return StreamResult(ttft if ttft is not None else time.perf_counter() - start, tokens)
+    return StreamResult(ttft if ttft is not None else time.perf_counter() - start, tokens,
+                        response.headers.get("x-ternlm-replica"))
 
 
 async def load_level(url: str, model_id: str, prompts: list[str], max_tokens: int) -> tuple[float, list[StreamResult]]:

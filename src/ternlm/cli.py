@@ -363,11 +363,19 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def served_model_id(model_arg: str | None, model) -> str:
-    """The name clients send as `model`: what -m named (a repo id as given, a path by its last part)."""
+def served_model_id(model_arg: str | None, path: Path) -> str:
+    """The name clients send as `model`: what -m named (a repo id as given, a path by its last part);
+    `path` is where the model was found."""
     if model_arg is None:
         return "ternlm-default"
-    return model.path.resolve().name if Path(model_arg).expanduser().exists() else model_arg
+    return path.resolve().name if Path(model_arg).expanduser().exists() else model_arg
+
+
+def _autoscale(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition(":")
+    if not (sep and low.isdigit() and high.isdigit() and int(low) <= int(high) and int(high) >= 1):
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX replicas with 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return int(low), int(high)
 
 
 def cmd_serve(args) -> int:
@@ -376,14 +384,36 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise ValueError(f"ternlm serve needs the serve extra: pip install 'ternlm[serve]' ({e})") from None
     api_key = args.api_key or os.environ.get("TERNLM_API_KEY") or None
-    model = _load(args)
-    model_id = served_model_id(args.model, model)
     options = ServerOptions(api_key=api_key, max_batch=args.max_batch, max_waiting=args.max_queue,
                             kv_budget_bytes=args.kv_memory * 2**20 if args.kv_memory else None,
                             prefill_chunk=args.prefill_chunk, cors_origins=args.cors_origin)
+    if args.ray:
+        return _serve_on_ray(args, options)
+    if any(flag is not None for flag in (args.address, args.replicas, args.autoscale, args.threads_per_replica)):
+        raise ValueError("--address, --replicas, --autoscale and --threads-per-replica go with --ray")
+    model = _load(args)
+    model_id = served_model_id(args.model, model.path)
     print(f"ternlm: serving {model_id!r} at http://{args.host}:{args.port}/ (chat page) and /v1 (OpenAI API)"
           f"{'; API key required' if api_key else ''}", file=sys.stderr)
     serve(model, model_id, options, args.host, args.port, access_log=args.verbose)
+    return 0
+
+
+def _serve_on_ray(args, options) -> int:
+    from .api import resolve_model_path
+    from .server.ray_deploy import RayOptions, serve_on_ray
+
+    if args.threads is not None:
+        raise ValueError("with --ray, give each replica's threads with --threads-per-replica")
+    # Each replica loads the model itself, in a process whose working directory is not ours: a local
+    # path goes to the replicas made absolute, a repo id as given (each node finds it in its own HF cache).
+    path = resolve_model_path(args.model)  # a clear error now if the model is not here either
+    local = args.model is not None and Path(args.model).expanduser().exists()
+    model = str(path.resolve()) if local else args.model
+    ray_options = RayOptions(address=args.address, replicas=args.replicas or 1, autoscale=args.autoscale,
+                             threads_per_replica=args.threads_per_replica or 1)
+    load_options = dict(backend=args.backend, n_ctx=args.ctx, head=args.head, kv_cache=args.kv_cache)
+    serve_on_ray(model, served_model_id(args.model, path), load_options, options, ray_options, args.host, args.port)
     return 0
 
 
@@ -391,7 +421,11 @@ SERVE_DESCRIPTION = """\
 Serve the model over HTTP: OpenAI's API (GET /v1/models, POST /v1/chat/completions and
 /v1/completions, streaming or not), GET /health, GET /metrics (Prometheus), and a chat page at /.
 Requests are batched continuously: each engine step runs every active sequence together.
-Needs the serve extra: pip install "ternlm[serve]"."""
+Needs the serve extra: pip install "ternlm[serve]".
+
+With --ray the same app runs as a Ray Serve deployment: each replica loads the model and batches its
+own requests, and Ray's proxy at --host:--port spreads requests over them (pip install "ternlm[ray]";
+docs/scale-out.md)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -447,6 +481,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API; repeatable "
                         "(default: none, CORS off)")
+    g = p.add_argument_group("scale-out on Ray Serve")
+    g.add_argument("--ray", action="store_true",
+                   help="serve as a Ray Serve deployment of one or more replicas, each with its own engine")
+    g.add_argument("--address", default=None, metavar="ADDR",
+                   help="the Ray cluster to join, as `ray start --head` printed it (default: start Ray here)")
+    scaling = g.add_mutually_exclusive_group()
+    scaling.add_argument("--replicas", type=_positive_int, default=None, metavar="N", help="replicas (default 1)")
+    scaling.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN:MAX",
+                         help="let Ray Serve scale between MIN and MAX replicas with the load")
+    g.add_argument("--threads-per-replica", type=_positive_int, default=None, metavar="T",
+                   help="engine threads of each replica, which reserves T CPUs for it in Ray (default 1)")
     p.set_defaults(func=cmd_serve)
 
     # listed for --help; main() hands `ternlm train ...` to ternlm.train, which parses its own options

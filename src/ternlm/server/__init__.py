@@ -5,6 +5,7 @@
     scheduler.py  continuous batching over the engine's batched step
     metrics.py    what /metrics reports
     middleware.py request body limit, response counts
+    ray_deploy.py `ternlm serve --ray`: the same app as Ray Serve replicas (the `ray` extra)
     static/       the chat page (plain HTML, CSS and JavaScript)
 
 Needs the `serve` extra: pip install "ternlm[serve]".

@@ -3,6 +3,8 @@
     python -m ternlm.train --data texts/ --preset small --steps 2000 --out-dir runs/mine
     torchrun --nproc-per-node 2 -m ternlm.train --data texts/ ...
     python -m ternlm.train --out-dir runs/mine --resume
+    torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m ternlm.train --auto-resume ...   # on each machine; docs/scale-out.md
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
 
     try:
-        args = C.build_parser().parse_args(argv)
-        saved = None
-        if args.resume:
-            from .loop import CHECKPOINT, load_checkpoint
+        from .loop import CHECKPOINT, load_checkpoint
 
-            out_dir = args.out_dir or C.TrainConfig.out_dir
-            saved = load_checkpoint(Path(out_dir) / CHECKPOINT)["train_config"]
+        args = C.build_parser().parse_args(argv)
+        checkpoint = Path(args.out_dir or C.TrainConfig.out_dir) / CHECKPOINT
+        resume = bool(args.resume) or (args.auto_resume and checkpoint.exists())
+        saved = load_checkpoint(checkpoint)["train_config"] if resume else None
         config = C.from_args(argv, saved)
+        config.resume = config.resume or resume
         config.validate()
         from .loop import train
 

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plain linears instead of BitLinear (the fp32 baseline)")
     parser.add_argument("--resume", action="store_true", default=None,
                         help="continue from OUT_DIR/checkpoint.pt")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="continue from OUT_DIR/checkpoint.pt if there is one, else start: one command "
+                             "for the first start and every start after a failure (docs/scale-out.md)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("model", "init_from", "resume", "quantize"):
             continue
