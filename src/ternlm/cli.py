@@ -19,7 +19,8 @@ MODEL_HELP = "model: an HF directory, a GGUF file, or an HF repo id already down
 def _add_model_args(p: argparse.ArgumentParser, ctx_help: str = "context length (default: the model's maximum)",
                     verbose_help: str | None = "print timings (tokens/s) to stderr") -> None:
     p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
-    p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: all cores)")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="worker threads (default: all cores; one for models too small to gain from more)")
     p.add_argument("--backend", choices=("native", "reference"), default="native",
                    help="native: the C++ engine; reference: the slow NumPy oracle")
     p.add_argument("--ctx", type=int, default=None, help=ctx_help)
@@ -135,7 +136,7 @@ def cmd_info(args) -> int:
     table.add_row("CPU features", " ".join(_core.cpu_features()) or "(none detected)")
     table.add_row("kernels", f"{_core.kernel_name()} (available: {', '.join(_core.available_kernels())}; "
                              f"TERNLM_KERNELS overrides)")
-    table.add_row("threads", f"{_core.default_threads()} by default")
+    table.add_row("threads", f"{_core.default_threads()} by default (one for very small models)")
     try:
         model = _load(args)
     except FormatError as e:

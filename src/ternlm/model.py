@@ -60,7 +60,7 @@ class NativeEngine:
         head_dtype = head if head in HEAD_DTYPES else None
         config = self.config = checkpoint.config
         self.shape = model_shape(config)
-        self._model = _core.Model(self.shape, threads or _core.default_threads())
+        self._model = _core.Model(self.shape, threads or default_threads(config))
         for i in range(config.num_hidden_layers):
             for proj in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
                 name, (rows, cols) = linear_name(i, proj), linear_shape(config, proj)
@@ -150,6 +150,17 @@ def convert_dense(tensor: DenseTensor, dtype: str) -> DenseTensor:
         rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
         return DenseTensor((rounded >> np.uint32(16)).astype(np.uint16), "bfloat16")
     return DenseTensor(values.astype(dtype), dtype)
+
+
+# Below about a million weights per matrix, a layer's products take less time than handing them
+# to other threads (a few microseconds a job), so small models run on one thread unless told.
+SMALL_MATRIX = 1 << 20
+
+
+def default_threads(config: BitNetConfig) -> int:
+    if config.hidden_size * config.intermediate_size < SMALL_MATRIX:
+        return 1
+    return _core.default_threads()
 
 
 def build_engine(checkpoint: Checkpoint, backend: str = "native", threads: int | None = None, progress=None,
