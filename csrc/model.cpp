@@ -275,8 +275,8 @@ void Model::linear(std::initializer_list<LinearOutput> outputs, const int8_t* xq
     int64_t total_rows = 0;
     for (const LinearOutput& o : outputs) total_rows += o.w->rows;
     pool_->parallel_for(total_rows, 8, [&](int64_t begin, int64_t end) {
-        // Integer sums for this range of rows only: [T, rows of the range].
-        std::vector<int32_t> products(static_cast<size_t>(T * (end - begin)));
+        // Integer sums for this range of rows only: [T, rows of the range], every entry written.
+        const std::unique_ptr<int32_t[]> products(new int32_t[static_cast<size_t>(T * (end - begin))]);
         int64_t first_row = 0;  // of the current matrix, in the joint row space
         for (const LinearOutput& o : outputs) {
             const TernaryMatrix& w = *o.w;
@@ -285,10 +285,10 @@ void Model::linear(std::initializer_list<LinearOutput> outputs, const int8_t* xq
             first_row += w.rows;
             if (n <= 0) continue;
             const TernaryView rows{w.bytes.data() + lo * (padded_cols(w.cols) / 4), n, w.cols};
-            active_kernels().ternary_gemm(rows, 0, n, xq, sums, T, products.data(), n);
+            active_kernels().ternary_gemm(rows, 0, n, xq, sums, T, products.get(), n);
             for (int64_t t = 0; t < T; ++t) {
                 const float scale = w.scale / act_scale[t];
-                const int32_t* sums_t = products.data() + t * n;
+                const int32_t* sums_t = products.get() + t * n;
                 float* out = o.out + t * w.rows + lo;
                 if (o.accumulate) {
                     for (int64_t r = 0; r < n; ++r) out[r] += static_cast<float>(sums_t[r]) * scale;
