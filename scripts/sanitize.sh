@@ -18,13 +18,11 @@ OUT=build/sanitize
 TESTS=(tests/test_kernels.py tests/test_model.py tests/test_loading.py tests/test_hostile_files.py tests/test_fuzz.py
        -k "not short_fuzz_run")
 
-if [ ! -x "$OUT/venv/bin/python" ]; then
-  "$PYTHON" -m venv "$OUT/venv"
-  # the calling Python's packages, after the venv's own (a path added by a .pth file has its own
-  # .pth files ignored, so an editable ternlm there does not shadow the sanitized one)
-  "$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
-    > "$("$OUT/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/outer.pth"
-fi
+[ -x "$OUT/venv/bin/python" ] || "$PYTHON" -m venv "$OUT/venv"
+# the calling Python's packages, after the venv's own (a path added by a .pth file has its own .pth
+# files ignored, so an editable ternlm there does not shadow the sanitized one)
+"$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+  > "$("$OUT/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/outer.pth"
 "$OUT/venv/bin/python" -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.4"
 command -v cmake >/dev/null || "$OUT/venv/bin/python" -m pip install -q "cmake>=3.18"
 CMAKE_BUILD_PARALLEL_LEVEL=2 "$OUT/venv/bin/python" -m pip install -q --no-deps --no-build-isolation --force-reinstall \

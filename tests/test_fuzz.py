@@ -4,16 +4,12 @@ inputs under atheris (fuzz/run.py runs them for minutes; docs/reliability.md has
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fuzz import targets
 
-ROOT = Path(__file__).resolve().parent.parent
 REGRESSIONS = Path(__file__).resolve().parent / "data" / "fuzz"
 QUICK_RUNS = 150
 
