@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 
 #include "dispatch.h"
@@ -28,6 +29,13 @@ void apply_rope(float* head, int64_t head_dim, const float* cos_, const float* s
 }
 
 std::invalid_argument shape_error(const std::string& what) { return std::invalid_argument(what); }
+
+// Checked before any buffer is sized from the shape.
+const ModelShape& positive_dimensions(const ModelShape& s) {
+    for (int64_t d : {s.vocab, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim})
+        if (d <= 0) throw shape_error("every model dimension must be positive");
+    return s;
+}
 
 }  // namespace
 
@@ -59,8 +67,11 @@ TernaryMatrix TernaryMatrix::from_ternary(const int8_t* ternary, int64_t rows, i
 }
 
 KVCache::KVCache(const ModelShape& shape, int64_t n_ctx, bool f16)
-    : n_ctx_(n_ctx), layers_(shape.layers), width_(shape.kv_heads * shape.head_dim), f16_(f16), element_(f16 ? 2 : 4) {
+    : n_ctx_(n_ctx), layers_(positive_dimensions(shape).layers), width_(shape.kv_heads * shape.head_dim), f16_(f16),
+      element_(f16 ? 2 : 4) {
     if (n_ctx <= 0) throw shape_error("context length must be positive");
+    if (n_ctx > std::numeric_limits<int64_t>::max() / 4 / (layers_ * width_))
+        throw shape_error("context length " + std::to_string(n_ctx) + " is too large for a KV cache");
     const size_t n = static_cast<size_t>(shape.layers * n_ctx * width_) * element_;
     k_.assign(n, 0);
     v_.assign(n, 0);
@@ -77,7 +88,8 @@ void KVCache::store(int64_t layer, int64_t pos, const float* k, const float* v, 
 }
 
 Model::Model(ModelShape shape, int threads)
-    : shape_(std::move(shape)), layers_(static_cast<size_t>(shape_.layers)), pool_(std::make_unique<ThreadPool>(threads)) {
+    : shape_(positive_dimensions(shape)), layers_(static_cast<size_t>(shape_.layers)),
+      pool_(std::make_unique<ThreadPool>(threads)) {
     if (shape_.heads % shape_.kv_heads != 0) throw shape_error("heads must be a multiple of kv_heads");
     if (static_cast<int64_t>(shape_.rope_inv_freq.size()) != shape_.head_dim / 2)
         throw shape_error("rope_inv_freq must have head_dim / 2 entries");

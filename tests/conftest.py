@@ -13,7 +13,6 @@ import pytest
 
 from ternlm.weights.packing import pack_ternary_hf
 
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 CORPUS = [
     "To be, or not to be, that is the question:",
     "Whether 'tis nobler in the mind to suffer",
@@ -27,16 +26,10 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tiny_tokenizer_json(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer with LLaMA-3's special tokens, trained on a few lines."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from fuzz.make_seeds import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
-    tok.save(str(path))
+    train_tokenizer(CORPUS, path)
     return path
 
 

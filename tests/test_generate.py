@@ -124,6 +124,17 @@ def test_sampling_filters():
     assert penalised == 1
 
 
+def test_extreme_sampling_parameters_stay_finite():
+    """The smallest positive temperature and penalty the API accepts (found by tests/test_api_schema.py)
+    once made logits infinite and probabilities NaN: now they are greedy over the penalised logits."""
+    logits = np.array([3.0, 2.0, -1.0, 2.5], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for penalty, history, greedy in [(1.0, [], 0), (5e-324, [3], 3), (10.0, [0], 3)]:
+        params = SamplingParams(temperature=5e-324, repetition_penalty=penalty)
+        assert sample(logits, params, rng, history) == greedy
+        assert sample(logits, SamplingParams(temperature=0, repetition_penalty=penalty), rng, history) == greedy
+
+
 def run_cli(*args, input_text=None):
     return subprocess.run([sys.executable, "-m", "ternlm.cli", *args], capture_output=True, text=True,
                           input=input_text, timeout=120)

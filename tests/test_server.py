@@ -318,7 +318,7 @@ def test_disconnected_stream_frees_its_slot(server):
     assert served.scheduler.kv_bytes_in_use == 0
 
 
-def test_saturated_server_answers_503_and_recovers(reference):
+def test_saturated_server_answers_429_and_recovers(reference):
     with running_server(max_batch=1, max_waiting=1) as (url, served):
         results = {}
 
@@ -332,14 +332,53 @@ def test_saturated_server_answers_503_and_recovers(reference):
             wait_until(lambda: metrics(url)["ternlm_active_sequences"] == 1, "the first request to run")
             threads[1].start()
             wait_until(lambda: metrics(url)["ternlm_queue_length"] == 1, "the second request to wait")
-            with pytest.raises(openai.InternalServerError) as refused:
+            with pytest.raises(openai.RateLimitError) as refused:
                 client(url).completions.create(model=MODEL_ID, prompt="x", max_tokens=8)
-            assert refused.value.status_code == 503
+            assert refused.value.status_code == 429
             assert refused.value.response.headers["retry-after"] == "1"
-            assert refused.value.body["code"] == "server_overloaded"
+            assert refused.value.body["code"] == "queue_full"
         for t in threads:
             t.join(timeout=60)
         assert results == {i: reference.generate(PROMPTS[i], max_tokens=8) for i in range(2)}
+
+
+def test_request_timeout_ends_running_requests_and_refuses_waiting_ones(reference):
+    timeout = 0.5
+    with running_server(max_batch=1, max_waiting=4, request_timeout=timeout) as (url, served):
+        results = {}
+
+        def run(i):
+            try:
+                results[i] = client(url).completions.create(model=MODEL_ID, prompt=PROMPTS[i], max_tokens=100,
+                                                            temperature=0)
+            except openai.APIStatusError as e:
+                results[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        with served.model.engine.held(after_steps=2):  # the first request's prompt and first token, then wait
+            threads[0].start()
+            wait_until(lambda: metrics(url)["ternlm_active_sequences"] == 1, "the first request to run")
+            threads[1].start()
+            wait_until(lambda: metrics(url)["ternlm_queue_length"] == 1, "the second request to wait")
+            started = time.monotonic()
+            wait_until(lambda: time.monotonic() - started > 2 * timeout, "both requests to pass the timeout")
+        for t in threads:
+            t.join(timeout=60)
+        samples = metrics(url)
+    ended = results[0]
+    assert ended.choices[0].finish_reason == "length" and ended.usage.completion_tokens < 100
+    assert ended.choices[0].text == reference.generate(PROMPTS[0], max_tokens=ended.usage.completion_tokens)
+    assert results[1].status_code == 503 and "timeout" in results[1].message
+    assert samples['ternlm_requests_total{finish_reason="timeout"}'] == 2
+    assert samples["ternlm_active_sequences"] == samples["ternlm_queue_length"] == samples["ternlm_kv_cache_bytes"] == 0
+
+
+def test_stopped_scheduler_answers_503_at_once():
+    with running_server() as (url, served):
+        served.scheduler.stop()
+        refused = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_unavailable"
+        assert httpx.get(f"{url}/health").status_code == 503
 
 
 def test_kv_budget_makes_requests_wait_or_refuses_them(reference):
@@ -421,7 +460,7 @@ def test_openapi_document_promises_what_the_server_answers(server):
     document = httpx.get(f"{url}/openapi.json").json()
     for path in ("/v1/completions", "/v1/chat/completions"):
         responses = document["paths"][path]["post"]["responses"]
-        assert {"200", "400", "404", "413", "503"} <= set(responses) and "422" not in responses
+        assert {"200", "400", "404", "413", "429", "503"} <= set(responses) and "422" not in responses
         assert "text/event-stream" in responses["200"]["content"]
     assert "HTTPValidationError" not in document["components"]["schemas"]
 
@@ -467,7 +506,7 @@ def test_serve_help_explains_every_flag():
         assert action.help, f"{action.option_strings} has no help"
     text = serve.format_help()
     for flag in ("--host", "--port", "--api-key", "TERNLM_API_KEY", "--max-batch", "--ctx", "--max-queue",
-                 "--kv-memory", "--prefill-chunk", "--cors-origin", "127.0.0.1"):
+                 "--kv-memory", "--prefill-chunk", "--request-timeout", "--cors-origin", "127.0.0.1"):
         assert flag in text
 
 

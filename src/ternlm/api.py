@@ -144,9 +144,10 @@ def load_checkpoint(checkpoint: Checkpoint, threads: int | None = None, backend:
     """A LanguageModel from an open checkpoint (e.g. a synthetic one); the other arguments are load()'s."""
     path = Path(checkpoint.source)
     config = checkpoint.config
+    checkpoint.check_weights_fit()
     tokenizer = checkpoint.tokenizer()
-    if tokenizer.vocab_size > config.vocab_size:
-        raise FormatError(path, f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+    if tokenizer.largest_id >= config.vocab_size:
+        raise FormatError(path, f"the tokenizer has the token id {tokenizer.largest_id} but the model's "
                                 f"vocab_size is {config.vocab_size}")
     limit = config.max_position_embeddings
     if n_ctx is not None and not 0 < n_ctx <= limit:

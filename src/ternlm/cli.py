@@ -387,7 +387,8 @@ def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get("TERNLM_API_KEY") or None
     options = ServerOptions(api_key=api_key, max_batch=args.max_batch, max_waiting=args.max_queue,
                             kv_budget_bytes=args.kv_memory * 2**20 if args.kv_memory else None,
-                            prefill_chunk=args.prefill_chunk, cors_origins=args.cors_origin)
+                            prefill_chunk=args.prefill_chunk, cors_origins=args.cors_origin,
+                            request_timeout=args.request_timeout)
     if args.ray:
         return _serve_on_ray(args, options)
     if any(flag is not None for flag in (args.address, args.replicas, args.autoscale, args.threads_per_replica)):
@@ -472,13 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
                    help="most sequences generated together, one engine step for all (default 8)")
     g.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
-                   help="requests that may wait for a free slot; more are refused with 503 (default 64)")
+                   help="requests that may wait for a free slot; more are refused with 429 (default 64)")
     g.add_argument("--kv-memory", type=_positive_int, default=None, metavar="MB",
                    help="KV-cache budget of all sequences together, in MiB; a request waits until its cache fits "
                         "(default: --max-batch sequences of the full context)")
     g.add_argument("--prefill-chunk", type=_positive_int, default=64, metavar="N",
                    help="most prompt tokens processed per step, so a long prompt does not stall running streams "
                         "(default 64)")
+    g.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="most seconds a request may take from its arrival: a running one then ends with the text so "
+                        "far (finish_reason length), a waiting one is refused with 503 (default: no limit)")
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API; repeatable "
                         "(default: none, CORS off)")

@@ -7,7 +7,6 @@ from these fields, never from file or directory names.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FormatError
+from .jsonfile import read_json_object
 
 # Architectures whose decoder layers carry `attn_sub_norm` and `ffn_sub_norm` (BitNet's SubLN).
 SUB_NORM_ARCHITECTURES = ("BitNetForCausalLM", "BitnetForCausalLM")
@@ -75,6 +75,13 @@ class BitNetConfig:
             return [self.eos_token_id]
         return list(self.eos_token_id)
 
+    def weight_count(self) -> int:
+        """Weights of the embedding, the head (when untied) and every layer's matrices."""
+        q_width, kv_width = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer = self.hidden_size * (2 * q_width + 2 * kv_width + 3 * self.intermediate_size)
+        matrices = 1 if self.tie_word_embeddings else 2
+        return matrices * self.vocab_size * self.hidden_size + self.num_hidden_layers * per_layer
+
     def rope_inv_freq(self) -> np.ndarray:
         """Inverse frequencies for rotate_half RoPE over the full head_dim, float32 [head_dim/2]."""
         dim = self.head_dim
@@ -90,16 +97,19 @@ class BitNetConfig:
     def from_dict(cls, raw: dict, source: str = "config.json") -> "BitNetConfig":
         raw = dict(raw)
         rope_parameters = raw.pop("rope_parameters", None) or {}
+        if not isinstance(rope_parameters, dict):
+            raise FormatError(source, f"`rope_parameters` must be an object, got {rope_parameters!r}")
         if "rope_theta" in rope_parameters and "rope_theta" not in raw:
             raw["rope_theta"] = rope_parameters["rope_theta"]
         if rope_parameters.get("rope_type", "default") != "default" and "rope_scaling" not in raw:
             raw["rope_scaling"] = rope_parameters
-        if not raw.get("architectures") and raw.get("model_type") in MODEL_TYPES:
-            raw["architectures"] = [MODEL_TYPES[raw["model_type"]]]
+        model_type = raw.get("model_type")
+        if not raw.get("architectures") and isinstance(model_type, str) and model_type in MODEL_TYPES:
+            raw["architectures"] = [MODEL_TYPES[model_type]]
         known = {f.name for f in dataclasses.fields(cls)}
         try:
             config = cls(**{k: v for k, v in raw.items() if k in known})
-        except TypeError as e:
+        except (TypeError, ZeroDivisionError) as e:  # __post_init__ derives head_dim from the raw values
             raise FormatError(source, f"invalid config: {e}") from None
         config.validate(source)
         return config
@@ -107,15 +117,7 @@ class BitNetConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "BitNetConfig":
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FormatError(path, "file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FormatError(path, f"not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise FormatError(path, "expected a JSON object")
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_json_object(path), str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,8 +126,12 @@ class BitNetConfig:
         def fail(problem: str):
             raise FormatError(source, problem)
 
-        if not isinstance(self.architectures, list) or not self.architectures:
-            fail("`architectures` must be a non-empty list")
+        if not (isinstance(self.architectures, list) and self.architectures
+                and all(isinstance(a, str) for a in self.architectures)):
+            fail("`architectures` must be a non-empty list of names")
+        for name in ("quantization_config", "rope_scaling"):
+            if not isinstance(getattr(self, name), (dict, type(None))):
+                fail(f"`{name}` must be an object, got {getattr(self, name)!r}")
         arch = self.architecture
         if arch in PLAIN_ARCHITECTURES:
             if (self.quantization_config or {}).get("quant_method") != "bitnet":
@@ -146,9 +152,9 @@ class BitNetConfig:
             fail("head_dim must be even for RoPE")
         if self.attention_bias:
             fail("attention_bias = true is not supported (BitNet models have no biases)")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+        if not _positive_number(self.rope_theta):
             fail(f"rope_theta must be positive, got {self.rope_theta!r}")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+        if not _positive_number(self.rms_norm_eps):
             fail(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
         quant = self.quantization_config or {}
         if quant.get("use_rms_norm"):
@@ -159,9 +165,27 @@ class BitNetConfig:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind not in ("default", "llama3"):
             fail(f"unsupported rope scaling {kind!r}")
-        for token in self.eos_token_ids:
-            if not isinstance(token, int) or not 0 <= token < self.vocab_size:
-                fail(f"eos_token_id {token!r} is outside the vocabulary")
+        if kind == "llama3":
+            if "factor" not in scaling:
+                fail("llama3 rope scaling needs a `factor`")
+            for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                if key in scaling and not _positive_number(scaling[key]):
+                    fail(f"llama3 rope scaling needs a positive number `{key}`, got {scaling[key]!r}")
+            if scaling.get("high_freq_factor", 4.0) == scaling.get("low_freq_factor", 1.0):
+                fail("llama3 rope scaling needs high_freq_factor != low_freq_factor")
+        if not isinstance(self.eos_token_id, (int, list, type(None))):
+            fail(f"eos_token_id must be a token id or a list of them, got {self.eos_token_id!r}")
+        for token in self.eos_token_ids + ([] if self.bos_token_id is None else [self.bos_token_id]):
+            if not _token_id(token, self.vocab_size):
+                fail(f"token id {token!r} (bos_token_id or eos_token_id) is outside the vocabulary")
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _token_id(value, vocab_size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
 
 
 def _llama3_scaled(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:

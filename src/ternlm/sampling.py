@@ -34,10 +34,12 @@ def apply_repetition_penalty(logits: np.ndarray, recent: list[int], penalty: flo
     """Make recently seen tokens less likely: positive logits divided, negative multiplied."""
     if penalty == 1.0 or not recent:
         return logits
-    logits = logits.copy()
+    logits = logits.astype(np.float64)
     seen = np.unique(np.asarray(recent, dtype=np.int64))
     values = logits[seen]
-    logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+    # a penalty near 0 (or far above 1) must not turn a finite logit into an infinite one
+    biggest = np.finfo(np.float64).max
+    logits[seen] = np.clip(np.where(values > 0, values / penalty, values * penalty), -biggest, biggest)
     return logits
 
 
@@ -47,7 +49,8 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     logits = apply_repetition_penalty(logits, recent, params.repetition_penalty)
     if params.temperature == 0:
         return int(np.argmax(logits))
-    logits = logits.astype(np.float64) / params.temperature
+    logits = logits.astype(np.float64)
+    logits = (logits - logits.max()) / params.temperature  # <= 0 before dividing: a tiny temperature cannot overflow
     order = np.argsort(-logits, kind="stable")
     if params.top_k > 0:
         order = order[: params.top_k]

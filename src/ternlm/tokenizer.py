@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
 
 from .errors import FormatError
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(path, f"not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise FormatError(path, "expected a JSON object")
-    return data
+from .jsonfile import read_json_object
 
 
 def _token_text(value) -> str | None:
@@ -47,10 +37,11 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise FormatError(path, f"cannot read tokenizer: {e}") from None
         config_path = directory / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.exists() else {}
+        config = read_json_object(config_path) if config_path.exists() else {}
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            named = {t.get("name"): t.get("template") for t in template
+                     if isinstance(t, dict) and isinstance(t.get("name"), str)}
             template = named.get("default")
         bos = _token_text(config.get("bos_token"))
         if bos is None and bos_token_id is not None:
@@ -61,6 +52,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def largest_id(self) -> int:
+        """The largest token id: ids need not be dense, so it can exceed vocab_size - 1."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -32,7 +32,7 @@ from ..generate import ContextOverflowError
 from ..sampling import SamplingParams
 from .metrics import ServerMetrics
 from .middleware import BodySizeLimit, CountResponses
-from .scheduler import KVBudgetExceeded, Overloaded, Scheduler, Sequence, TokenLogprob, Update
+from .scheduler import KVBudgetExceeded, Overloaded, Scheduler, Sequence, TokenLogprob, Unavailable, Update
 from .schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                       ChatCompletionRequest, ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs,
                       CompletionRequest, DeltaMessage, ErrorDetail, ErrorResponse, Health, ModelCard, ModelList,
@@ -46,10 +46,11 @@ MAX_BODY_BYTES = 1 << 20  # a full 4096-token context is about 20 kB of text
 class ServerOptions:
     api_key: str | None = None        # required as "Authorization: Bearer KEY" on /v1 when set
     max_batch: int = 8                # sequences generated together
-    max_waiting: int = 64             # requests that may wait for a slot; beyond that, 503
+    max_waiting: int = 64             # requests that may wait for a slot; beyond that, 429
     kv_budget_bytes: int | None = None  # all KV caches together (default: max_batch full contexts)
     prefill_chunk: int = 64           # prompt tokens per step
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
+    request_timeout: float | None = None  # seconds from arrival: then it ends (running) or is refused (waiting)
 
 
 # ---- errors ----
@@ -104,10 +105,14 @@ ERROR_DOCS = {status: {"model": ErrorResponse, "description": what} for status, 
     (400, "bad parameters, or a prompt that does not fit the context"),
     (404, "unknown model"),
     (413, "request body too large"),
-    (503, "the server is saturated: too many requests waiting (see Retry-After)"),
+    (429, "the server is saturated: too many requests waiting (see Retry-After)"),
+    (503, "the server is shutting down, or no slot came free within its request timeout"),
 ]}
 AUTH_DOCS = {401: {"model": ErrorResponse, "description": "missing or wrong API key"}}
-EVENT_STREAM_DOCS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+# one server-sent event (OpenAPI 3.1 has `schema` of an event stream describe each event)
+SERVER_SENT_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "a chunk as JSON (or an error object), and last [DONE]"}}}
+EVENT_STREAM_DOCS = {200: {"content": {"text/event-stream": {"schema": SERVER_SENT_EVENT}},
                            "description": "JSON; with stream: true, server-sent events of chunks, then [DONE]"}}
 
 
@@ -148,8 +153,10 @@ class ServedModel:
         try:
             return self.scheduler.submit(prompt, limit or room, params, body.stop_strings(), top_logprobs)
         except Overloaded as e:
-            raise APIError(503, str(e), error_type="server_error", code="server_overloaded",
+            raise APIError(429, str(e), error_type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
+        except Unavailable as e:
+            raise APIError(503, str(e), error_type="server_error", code="server_unavailable") from None
         except KVBudgetExceeded as e:
             raise APIError(400, str(e), param="max_tokens", code="kv_cache_budget_exceeded") from None
         except ValueError as e:
@@ -323,7 +330,8 @@ async def whole_reply(reply: Reply, sequence: Sequence, request: Request) -> Bas
         text, logprobs = [], []
         async for update in sequence.updates():
             if update.error:
-                raise APIError(500, update.error, error_type="server_error")
+                raise APIError(update.error_status, update.error, error_type="server_error",
+                               headers={"Retry-After": "1"} if update.error_status == 503 else None)
             text.append(update.text)
             if update.logprob:
                 logprobs.append(update.logprob)
@@ -426,7 +434,7 @@ def create_app(model: LanguageModel, model_id: str, options: ServerOptions | Non
     options = options or ServerOptions()
     metrics = ServerMetrics()
     scheduler = Scheduler(model, options.max_batch, options.max_waiting, options.kv_budget_bytes,
-                          options.prefill_chunk, metrics)
+                          options.prefill_chunk, metrics, options.request_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

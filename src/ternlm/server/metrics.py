@@ -42,7 +42,7 @@ class ServerMetrics:
         self.responses = Counter("ternlm_http_responses", "HTTP responses by path and status", ["path", "status"],
                                  registry=r)
         self.requests = Counter("ternlm_requests", "Generation requests that ended, by how: stop, length, "
-                                "cancelled (the client left) or error", ["finish_reason"], registry=r)
+                                "cancelled (the client left), timeout (--request-timeout) or error", ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("ternlm_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generated_tokens = Counter("ternlm_generated_tokens", "Tokens generated", registry=r)
         self.batch_size = Histogram("ternlm_batch_size", "Sequences in each engine step", buckets=BATCH_BUCKETS,

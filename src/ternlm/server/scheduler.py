@@ -34,6 +34,10 @@ class Overloaded(Exception):
     """The waiting queue is full."""
 
 
+class Unavailable(Exception):
+    """The scheduler has stopped: the server is shutting down (or its scheduler thread failed)."""
+
+
 class KVBudgetExceeded(ValueError):
     """The request alone needs more KV cache than the whole budget."""
 
@@ -54,6 +58,7 @@ class Update:
     logprob: TokenLogprob | None = None
     finish_reason: str | None = None  # "stop" or "length"
     error: str | None = None
+    error_status: int = 500  # the HTTP status of `error` for a reply not yet started
 
 
 class Sequence:
@@ -112,12 +117,18 @@ class _Segment:
 
 class Scheduler:
     def __init__(self, model: LanguageModel, max_batch: int = 8, max_waiting: int = 64,
-                 kv_budget_bytes: int | None = None, prefill_chunk: int = 64, metrics: ServerMetrics | None = None):
-        """kv_budget_bytes: all KV caches together (default: max_batch sequences of the full context)."""
+                 kv_budget_bytes: int | None = None, prefill_chunk: int = 64, metrics: ServerMetrics | None = None,
+                 request_timeout: float | None = None):
+        """kv_budget_bytes: all KV caches together (default: max_batch sequences of the full context).
+        request_timeout: seconds a request may take from its arrival; then a running one ends as if
+        it had reached max_tokens, and a waiting one is refused (default: no limit but max_tokens)."""
         if min(max_batch, max_waiting, prefill_chunk) < 1:
             raise ValueError("max_batch, max_waiting and prefill_chunk must be at least 1")
+        if request_timeout is not None and not request_timeout > 0:
+            raise ValueError("request_timeout must be positive")
         self.model = model
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
+        self.request_timeout = request_timeout
         self.bytes_per_position = model.engine.new_cache(1).nbytes
         self.kv_budget = kv_budget_bytes or max_batch * model.n_ctx * self.bytes_per_position
         self.metrics = metrics or ServerMetrics()
@@ -135,7 +146,7 @@ class Scheduler:
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop: list[str],
                top_logprobs: int | None = None) -> Sequence:
         """Queues a generation. Raises ValueError (bad parameters, ContextOverflowError),
-        KVBudgetExceeded, or Overloaded when the queue is full."""
+        KVBudgetExceeded, Overloaded when the queue is full, or Unavailable once the scheduler has stopped."""
         state = GenerationState(prompt, max_tokens, params, self.model.stop_ids, self.model.n_ctx)
         needed = self._cache_bytes(state.n_positions)
         if needed > self.kv_budget:
@@ -145,6 +156,8 @@ class Scheduler:
         sequence = Sequence(prompt, state, TextStream(self.model.tokenizer, stop), top_logprobs,
                             asyncio.get_running_loop())
         with self._wakeup:
+            if self._stopping:
+                raise Unavailable("the server is shutting down")
             if len(self.waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(self.waiting)} requests are already waiting; try again later")
             self.waiting.append(sequence)
@@ -171,13 +184,23 @@ class Scheduler:
         return positions * self.bytes_per_position
 
     def _run(self) -> None:
+        try:
+            self._serve_steps()
+        finally:  # stopped, or (a bug) failed: nobody may wait for this thread any more
+            with self._wakeup:
+                self._stopping = True
+                for sequence in [*self.running, *self.waiting]:
+                    sequence.send(Update(error="the server is shutting down", error_status=503))
+
+    def _serve_steps(self) -> None:
         while True:
             with self._wakeup:
                 while not (self._stopping or self.waiting or self.running):
                     self._wakeup.wait()
                 if self._stopping:
-                    break
+                    return
                 self._drop_cancelled()
+                self._drop_expired()
                 joining = self._admit()
             for sequence in joining:  # allocating outside the lock: submit() is never kept waiting
                 try:
@@ -187,8 +210,6 @@ class Scheduler:
                     self._leave(sequence, "error")
             if self.running:
                 self._step()
-        for sequence in [*self.running, *self.waiting]:
-            sequence.send(Update(error="the server is shutting down"))
 
     def _admit(self) -> list[Sequence]:
         """Moves waiting sequences into the batch while there are free slots and KV-cache budget."""
@@ -210,6 +231,20 @@ class Scheduler:
             self.metrics.requests.labels("cancelled").inc()
         for sequence in [s for s in self.running if s.cancelled]:
             self._leave(sequence, "cancelled")
+
+    def _drop_expired(self) -> None:
+        """Past request_timeout, a waiting request is refused and a running one ends with what it has."""
+        if self.request_timeout is None:
+            return
+        deadline = time.perf_counter() - self.request_timeout
+        for sequence in [s for s in self.waiting if s.submitted_at < deadline]:
+            self.waiting.remove(sequence)
+            sequence.send(Update(error=f"no free slot within the server's request timeout of "
+                                       f"{self.request_timeout:g} s; try again later", error_status=503))
+            self.metrics.requests.labels("timeout").inc()
+        for sequence in [s for s in self.running if s.submitted_at < deadline]:
+            sequence.send(Update(text=sequence.text.flush(), finish_reason="length"))
+            self._leave(sequence, "timeout")
 
     def _leave(self, sequence: Sequence, outcome: str) -> None:
         self.running.remove(sequence)

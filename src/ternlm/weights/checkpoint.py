@@ -14,6 +14,8 @@ from ..config import BitNetConfig
 from ..errors import FormatError
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The densest layout ternlm reads, TQ1_0, stores 4.7 ternary weights in a byte.
+MAX_WEIGHTS_PER_BYTE = 5
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -69,9 +71,19 @@ class Checkpoint:
 
     config: BitNetConfig
     source: str  # the file or directory, for error messages
+    file_bytes: int | None = None  # the size of the files holding the weights (None: built in memory)
 
     def has(self, name: str) -> bool:
         raise NotImplementedError
+
+    def check_weights_fit(self) -> None:
+        """Refuses a config that claims more weights than the checkpoint's files can hold. Called
+        before a whole model is built from it (load, convert): a hostile config cannot make the
+        loader reserve memory (layer slots, RoPE tables, conversion plans) that its files do not back."""
+        claimed = self.config.weight_count()
+        if self.file_bytes is not None and claimed > MAX_WEIGHTS_PER_BYTE * self.file_bytes:
+            raise FormatError(self.source, f"the config describes {claimed} weights, but the model's files hold "
+                                           f"only {self.file_bytes} bytes")
 
     def dense(self, name: str) -> DenseTensor:
         """A float tensor, memory-mapped where the file allows."""

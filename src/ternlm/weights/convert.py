@@ -42,7 +42,9 @@ def open_source(path: Path) -> Checkpoint:
     """An HF directory, a GGUF file, or an HF repo id in the local cache."""
     from ..api import open_checkpoint, resolve_model_path
 
-    return open_checkpoint(resolve_model_path(path))
+    checkpoint = open_checkpoint(resolve_model_path(path))
+    checkpoint.check_weights_fit()
+    return checkpoint
 
 
 def _architecture(config: BitNetConfig, ternary_type: int) -> str:

@@ -379,6 +379,7 @@ class GGUFCheckpoint(Checkpoint):
             raise FormatError(self.source, f"unsupported architecture {self.arch!r}; "
                                            f"ternlm reads {', '.join(ARCHITECTURES)}")
         self.config = self._config()
+        self.file_bytes = int(self.file.data.size)
         # llama.cpp's `llama` graph pairs RoPE dimensions (2i, 2i+1), so its converter permutes the
         # q/k rows; we pair (j, j + head_dim/2) as HF does and undo that permutation.
         self._permuted_rope = self.arch == "llama"

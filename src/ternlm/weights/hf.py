@@ -7,7 +7,7 @@ the header is checked against the file before any byte is touched.
 
 from __future__ import annotations
 
-import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import BitNetConfig
 from ..errors import FormatError
+from ..jsonfile import parse_json, read_json_object
 from ..tokenizer import Tokenizer
 from .checkpoint import Checkpoint, DenseTensor, float32_of
 from .packing import quantize_ternary, unpack_ternary_hf
@@ -54,12 +55,10 @@ class SafetensorsFile:
             raise FormatError(self.path, "file not found") from None
         except IsADirectoryError:
             raise FormatError(self.path, "is a directory, expected a safetensors file") from None
-        try:
-            header = json.loads(header_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(self.path, f"safetensors header is not valid JSON: {e}") from None
+        header = parse_json(header_bytes, f"{self.path} (safetensors header)")
         if not isinstance(header, dict):
             raise FormatError(self.path, "safetensors header is not a JSON object")
+        self.size = size
         self._data_start = 8 + header_len
         data_size = size - self._data_start
         self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
@@ -86,7 +85,7 @@ class SafetensorsFile:
             fail(f"invalid data_offsets {offsets!r}")
         if end > data_size:
             fail(f"data ends at byte {end} but the file holds only {data_size} data bytes (truncated file?)")
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype][0]).itemsize
+        expected = math.prod(shape) * np.dtype(_DTYPES[dtype][0]).itemsize  # Python ints: no overflow
         if end - start != expected:
             fail(f"{end - start} bytes for shape {shape} of {dtype}, expected {expected}")
         return dtype, tuple(shape), start, end
@@ -135,17 +134,16 @@ class HFCheckpoint(Checkpoint):
         if index.exists():
             self._open_shards(index)
         elif single.exists():
-            shard = SafetensorsFile(single)
+            shard = self._files[single.name] = SafetensorsFile(single)
             self._where = {name: shard for name in shard.tensors}
         else:
             raise FormatError(self.directory, "no model.safetensors or model.safetensors.index.json")
+        self.file_bytes = sum(f.size for f in self._files.values())
 
     def _open_shards(self, index: Path) -> None:
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-            raise FormatError(index, "not a safetensors index (expected a JSON object with weight_map)") from None
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise FormatError(index, "not a safetensors index (expected a JSON object with weight_map)")
         for name, filename in weight_map.items():
             if not isinstance(filename, str) or Path(filename).name != filename:
                 raise FormatError(index, f"invalid shard file name {filename!r}")
@@ -165,11 +163,10 @@ class HFCheckpoint(Checkpoint):
         stop = super().stop_ids(tokenizer)
         path = self.directory / "generation_config.json"
         if path.exists():
-            try:
-                eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                raise FormatError(path, "not a JSON object") from None
-            stop.update(t for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int))
+            eos = read_json_object(path).get("eos_token_id")
+            vocab = self.config.vocab_size
+            stop.update(t for t in (eos if isinstance(eos, list) else [eos])
+                        if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab)
         return stop
 
     def has(self, name: str) -> bool:
