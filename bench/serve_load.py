@@ -4,7 +4,8 @@ and 16 concurrent streams, on a random model with BitNet b1.58 2B4T's exact shap
     python bench/serve_load.py --streams 1,4,8,16 -p 16 -n 32 --head int8
 
 The server runs in this process (a thread, as in the tests) on a loopback port, with --max-batch
-equal to the largest stream count. For each level, N streaming completions start at once, each with
+equal to the largest stream count; the clients run in a child process, so that parsing their
+streams does not take the server's interpreter lock between engine steps, as real clients would not. For each level, N streaming completions start at once, each with
 its own random prompt of P tokens and max_tokens N_GEN at temperature 0. Aggregate tokens/s is every
 generated token (the servers' usage counts) over the wall time from the first request to the last
 [DONE]; TTFT is per request, from sending it to its first text chunk. The ratio compares each
@@ -16,8 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -57,6 +60,11 @@ async def load_level(url: str, model_id: str, prompts: list[str], max_tokens: in
         return time.perf_counter() - start, list(results)
 
 
+def run_level(url: str, model_id: str, prompts: list[str], max_tokens: int) -> tuple[float, list[StreamResult]]:
+    """load_level, in the clients' own process."""
+    return asyncio.run(load_level(url, model_id, prompts, max_tokens))
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -92,10 +100,11 @@ def main() -> None:
         return " ".join(f"w{i}" for i in rng.integers(0, vocab, size=args.n_prompt - 1))
 
     rows = []
-    with serving_in_thread(app) as url:
-        asyncio.run(load_level(url, model_id, [prompt()], 4))  # warm-up: page the weights in
+    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))  # no fork of a threaded server
+    with clients, serving_in_thread(app) as url:
+        clients.submit(run_level, url, model_id, [prompt()], 4).result()  # warm-up: page the weights in
         for n in levels:
-            seconds, results = asyncio.run(load_level(url, model_id, [prompt() for _ in range(n)], args.n_gen))
+            seconds, results = clients.submit(run_level, url, model_id, [prompt() for _ in range(n)], args.n_gen).result()
             tokens = sum(r.tokens for r in results)
             ttfts = [r.ttft for r in results]
             rows.append((n, tokens, seconds, tokens / seconds, percentile(ttfts, 50), percentile(ttfts, 99)))
