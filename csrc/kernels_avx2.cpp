@@ -51,6 +51,12 @@ inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+inline float horizontal_max(__m256 v) {
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    return std::max(_mm_cvtss_f32(half), _mm_cvtss_f32(_mm_movehdup_ps(half)));
+}
+
 constexpr int kDenseTokenTile = 4;
 
 // One row against NT tokens. Each token gets two accumulators (even and odd groups of eight), so
@@ -188,9 +194,7 @@ float exp_minus_max(float* s, int64_t n) {
     const int64_t vec = n / 8 * 8;
     __m256 top = _mm256_set1_ps(-INFINITY);
     for (int64_t j = 0; j < vec; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + j));
-    __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
-    float max_score = std::max(_mm_cvtss_f32(half), _mm_cvtss_f32(_mm_movehdup_ps(half)));
+    float max_score = horizontal_max(top);
     for (int64_t j = vec; j < n; ++j) max_score = std::max(max_score, s[j]);
     const __m256 shift = _mm256_set1_ps(max_score);
     __m256 sum = _mm256_setzero_ps();
@@ -298,9 +302,7 @@ float quantize_row_avx2(const float* x, int64_t cols, int8_t* xq, int32_t* sum) 
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 top = _mm256_setzero_ps();
     for (int64_t k = 0; k < whole8; k += 8) top = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + k), magnitude), top);
-    __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
-    float max_abs = std::max(_mm_cvtss_f32(half), _mm_cvtss_f32(_mm_movehdup_ps(half)));
+    float max_abs = horizontal_max(top);
     for (int64_t k = whole8; k < cols; ++k) max_abs = std::max(max_abs, std::fabs(x[k]));
     const float a = 127.0f / std::max(max_abs, 1e-5f);
 
@@ -318,9 +320,7 @@ float quantize_row_avx2(const float* x, int64_t cols, int8_t* xq, int32_t* sum) 
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k),
                             _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     }
-    __m128i lanes = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
-    lanes = _mm_add_epi32(lanes, _mm_shuffle_epi32(lanes, _MM_SHUFFLE(1, 0, 3, 2)));
-    int32_t sum_q = _mm_cvtsi128_si32(_mm_add_epi32(lanes, _mm_shuffle_epi32(lanes, _MM_SHUFFLE(2, 3, 0, 1))));
+    int32_t sum_q = horizontal_sum(total);  // kernels_x86_gemm.inc's int32 one
     for (int64_t k = whole32; k < cols; ++k) {
         const int32_t v = static_cast<int32_t>(std::min(127.0f, std::max(-128.0f, std::nearbyint(x[k] * a))));
         xq[k] = static_cast<int8_t>(v);

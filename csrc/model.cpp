@@ -397,7 +397,7 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
     for (int64_t li = 0; li < s.layers; ++li) {
         Layer& l = layers_[static_cast<size_t>(li)];
         // Attention block: one quantized input shared by q, k and v.
-        b.quantize(*pool_, b.x.data(), T, H, l.input_layernorm.data(), s.rms_norm_eps);
+        b.quantize(pool, b.x.data(), T, H, l.input_layernorm.data(), s.rms_norm_eps);
         linear({{&l.q_proj, b.q.data(), false}, {&l.k_proj, b.k.data(), false}, {&l.v_proj, b.v.data(), false}},
                b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
         for_each_token([&](int64_t t) {
@@ -408,11 +408,11 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
             places[t].cache->store(li, places[t].pos, &b.k[t * kv_width], &b.v[t * kv_width], active_kernels().f16_store);
         });
         attention(places, li, b.q.data(), b.attn.data());
-        b.quantize(*pool_, b.attn.data(), T, q_width, s.sub_norms ? l.attn_sub_norm.data() : nullptr, s.rms_norm_eps);
+        b.quantize(pool, b.attn.data(), T, q_width, s.sub_norms ? l.attn_sub_norm.data() : nullptr, s.rms_norm_eps);
         linear({{&l.o_proj, b.x.data(), true}}, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
 
         // Feed-forward block: one quantized input shared by gate and up.
-        b.quantize(*pool_, b.x.data(), T, H, l.post_attention_layernorm.data(), s.rms_norm_eps);
+        b.quantize(pool, b.x.data(), T, H, l.post_attention_layernorm.data(), s.rms_norm_eps);
         linear({{&l.gate_proj, b.gate.data(), false}, {&l.up_proj, b.up.data(), false}},
                b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
         for_each_token([&](int64_t t) {
@@ -427,7 +427,7 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
                 for (int64_t i = 0; i < I; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
             }
         });
-        b.quantize(*pool_, b.gate.data(), T, I, s.sub_norms ? l.ffn_sub_norm.data() : nullptr, s.rms_norm_eps);
+        b.quantize(pool, b.gate.data(), T, I, s.sub_norms ? l.ffn_sub_norm.data() : nullptr, s.rms_norm_eps);
         linear({{&l.down_proj, b.x.data(), true}}, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
     }
 
