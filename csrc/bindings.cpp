@@ -304,6 +304,10 @@ NB_MODULE(_core, m) {
             },
             "array"_a, "dtype"_a, "owner"_a,
             "Borrow a [vocab, hidden] matrix; `owner` is kept alive as long as the model.")
+        .def("read_embedding_from", [](PyModel& p, int fd, int64_t offset) { p.model->read_embedding_from(fd, offset); },
+             "fd"_a, "offset"_a,
+             "Look embedding rows up with reads from this open file (the embedding starts at byte `offset`) "
+             "rather than through the mapping; the caller keeps the file open as long as the model.")
         .def(
             "set_head",
             [](PyModel& p, nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>> a, const std::string& dtype,

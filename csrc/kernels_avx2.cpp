@@ -13,12 +13,12 @@ namespace ternlm {
 namespace {
 constexpr int64_t kBlocksPerWiden = 16;
 
-TERNLM_INLINE __m256i block_dot(__m256i acc, __m256i c0, __m256i c1, __m256i c2, __m256i c3, const int8_t* x) {
-    const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                                         _mm256_maddubs_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
-    const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(c2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))),
-                                         _mm256_maddubs_epi16(c3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 96))));
-    return _mm256_add_epi16(acc, _mm256_add_epi16(p01, p23));
+TERNLM_INLINE __m256i lane_dot(__m256i acc, __m256i codes, __m256i x) {
+    acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, x));
+    // Keeps each accumulator in its register: left free, GCC regroups these integer sums into
+    // trees that need more registers than AVX2 has and spills them inside the loop.
+    asm("" : "+x"(acc));
+    return acc;
 }
 
 TERNLM_INLINE __m256i widen(__m256i wide, __m256i acc) {
@@ -28,7 +28,7 @@ TERNLM_INLINE __m256i widen(__m256i wide, __m256i acc) {
 }  // namespace ternlm
 
 #define TERNLM_KERNEL_NAME ternary_gemm_avx2
-#define TERNLM_TOKEN_TILE 4  // block_dot needs four temporaries
+#define TERNLM_TOKEN_TILE 4
 #include "kernels_x86_gemm.inc"
 
 // The head's kernels: float rows (f32/f16/bf16) and int8 rows.

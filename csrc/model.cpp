@@ -5,6 +5,8 @@
 #include <limits>
 #include <stdexcept>
 
+#include <unistd.h>
+
 #include "dispatch.h"
 
 namespace ternlm {
@@ -184,6 +186,29 @@ void Model::set_embedding(DenseMatrix embedding) {
     if (embedding.rows != shape_.vocab || embedding.cols != shape_.hidden)
         throw shape_error("embedding must be [vocab_size, hidden_size]");
     embedding_ = embedding;
+}
+
+void Model::read_embedding_from(int fd, int64_t offset) {
+    if (fd < 0 || offset < 0) throw std::invalid_argument("embedding file: bad descriptor or offset");
+    embedding_fd_ = fd;
+    embedding_offset_ = offset;
+}
+
+void Model::embed(int32_t token, float* out) const {
+    const int64_t H = shape_.hidden;
+    if (embedding_fd_ >= 0) {
+        const size_t row_bytes = static_cast<size_t>(H) * (embedding_.dtype == DType::F32 ? 4 : 2);
+        std::vector<unsigned char> row(row_bytes);
+        size_t done = 0;
+        while (done < row_bytes) {
+            const ssize_t n = pread(embedding_fd_, row.data() + done, row_bytes - done,
+                                    static_cast<off_t>(embedding_offset_ + int64_t{token} * static_cast<int64_t>(row_bytes) + static_cast<int64_t>(done)));
+            if (n <= 0) break;  // the mapping below still has the row
+            done += static_cast<size_t>(n);
+        }
+        if (done == row_bytes) return load_elements(row.data(), embedding_.dtype, 0, H, out);
+    }
+    load_elements(embedding_.data, embedding_.dtype, token * H, H, out);
 }
 
 void Model::set_head(DenseMatrix head) {
@@ -384,7 +409,7 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
             for (int64_t t = begin; t < end; ++t) step(t);
         });
     };
-    for_each_token([&](int64_t t) { load_elements(embedding_.data, embedding_.dtype, tokens[t] * H, H, &b.x[t * H]); });
+    for_each_token([&](int64_t t) { embed(tokens[t], &b.x[t * H]); });
 
     std::vector<float> cos_(static_cast<size_t>(T * hd / 2)), sin_(static_cast<size_t>(T * hd / 2));
     for (int64_t t = 0; t < T; ++t)

@@ -152,6 +152,31 @@ def test_int8_head_is_close_to_the_float_head(tmp_path, tiny_tokenizer_json):
         ternlm.load(directory, head="q3")
 
 
+@pytest.mark.parametrize("source", ["float32", "bfloat16", "gguf"])
+def test_embedding_rows_read_from_the_file_match_the_mapping(source, tmp_path, tiny_tokenizer_json, monkeypatch):
+    """With a quantized head the embedding is only looked up, by reads at its file offset rather than
+    through the mapping; the mapping, with the checkpoint told to hide the offset, is the oracle."""
+    from ternlm.weights.convert import convert_to_gguf
+    from ternlm.weights.gguf import GGUFCheckpoint
+    from ternlm.weights.hf import HFCheckpoint
+
+    directory = write_checkpoint(random_bitnet(seed=13, vocab_size=320), tmp_path / "hf", tiny_tokenizer_json,
+                                 dtype="bfloat16" if source == "bfloat16" else "float32")
+    path = convert_to_gguf(directory, tmp_path / "m.gguf", ternary="i2_s", head="f16") if source == "gguf" else directory
+    prompts = [PROMPT, [319, 0, 318, 1, 160]]  # the last rows of the file too
+    read = ternlm.load(path, head="int8")
+    assert read.engine._embedding_file is not None
+    with monkeypatch.context() as patch:
+        for reader in (HFCheckpoint, GGUFCheckpoint):
+            patch.setattr(reader, "file_extent", lambda self, name: None)
+        mapped = ternlm.load(path, head="int8")
+    assert mapped.engine._embedding_file is None
+    for prompt in prompts:
+        assert np.array_equal(read.logits(prompt), mapped.logits(prompt))
+    # the head as stored is the embedding itself, read whole every step: it stays mapped
+    assert ternlm.load(path).engine._embedding_file is None
+
+
 def test_f16_kv_cache_is_close_to_f32(tmp_path, tiny_tokenizer_json):
     directory = write_checkpoint(random_bitnet(seed=10), tmp_path, tiny_tokenizer_json)
     f32 = ternlm.load(directory, kv_cache="f32")

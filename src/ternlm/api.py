@@ -17,7 +17,6 @@ from .model import build_engine
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights.checkpoint import Checkpoint
-from .weights.gguf import GGUFCheckpoint
 from .weights.hf import HFCheckpoint
 
 
@@ -47,6 +46,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
+        from .weights.gguf import GGUFCheckpoint  # here: the gguf package adds 6 MB to every process's RSS
+
         return GGUFCheckpoint(path)
     raise FormatError(path, "not a model directory (expected config.json and safetensors files) or GGUF file")
 

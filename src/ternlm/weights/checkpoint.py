@@ -6,7 +6,9 @@ two full copies of the weights.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +27,20 @@ class DenseTensor:
 
     array: np.ndarray
     dtype: str  # "float32" | "float16" | "bfloat16" | "float64"
+
+
+def drop_pages(mapping: mmap.mmap | None, start: int, end: int) -> None:
+    """Drops the whole pages of bytes [start, end) of a file mapping from this process's resident
+    set, once the caller holds its own copy of them (the kernel keeps them in its page cache).
+    What is read there again afterwards is sparse (an embedding row per looked-up token), so
+    those pages also lose the readahead that would bring back 32 pages around each row."""
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+        mapping.madvise(mmap.MADV_RANDOM, first, last - first)
 
 
 def float32_of(t: DenseTensor) -> np.ndarray:
@@ -101,6 +117,12 @@ class Checkpoint:
     def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
         """A hint that the caller has its own copy of the tensor (or of rows [first_row, end_row)):
         memory-mapped readers drop those pages from the resident set."""
+
+    def file_extent(self, name: str) -> tuple[Path, int] | None:
+        """Where a float tensor's values lie exactly as dense() gives them: (file, byte offset of
+        the first value), so that a few rows can be read without mapping the file; None when they
+        do not lie whole in one file."""
+        return None
 
     def tokenizer(self):
         """The model's ternlm.tokenizer.Tokenizer (with its chat template, if any)."""

@@ -19,7 +19,6 @@ nonzero weight must carry the same scale (all-zero blocks may carry any, llama.c
 
 from __future__ import annotations
 
-import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from ..chat import BITNET_2B4T_TEMPLATE, ChatTemplate
 from ..config import BitNetConfig
 from ..errors import FormatError
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint, DenseTensor, float32_of
+from .checkpoint import Checkpoint, DenseTensor, drop_pages, float32_of
 from .names import gguf_name, unpermute_rope_rows
 from .packing import quantize_ternary
 
@@ -353,17 +352,11 @@ class GGUFFile:
         """Drop a tensor's pages (or those of rows [first_row, end_row)) from this process's
         resident set once the caller has its own copy, so the file and the runtime layout do not
         both count (as SafetensorsFile.release). Rows are whole blocks in every ggml type."""
-        mapping = getattr(self.data, "_mmap", None)  # the mmap object under np.memmap
-        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
         rows = info.shape[0] if len(info.shape) > 1 else 1
         row_bytes = info.nbytes // rows
         start = info.offset + first_row * row_bytes
         end = info.offset + (rows if end_row is None else end_row) * row_bytes
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
-        last = end // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
-            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+        drop_pages(getattr(self.data, "_mmap", None), start, end)  # the mmap object under np.memmap
 
     def bytes_of(self, info: TensorInfo) -> np.ndarray:
         return self.data[info.offset: info.offset + info.nbytes]
@@ -492,6 +485,10 @@ class GGUFCheckpoint(Checkpoint):
             heads = self.config.num_attention_heads if projection == "q_proj" else self.config.num_key_value_heads
             ternary = unpermute_rope_rows(ternary, heads)
         return ternary, scale
+
+    def file_extent(self, name: str) -> tuple[Path, int] | None:
+        info = self._info(name)
+        return (self.file.path, info.offset) if info.type_id in DENSE_TYPES else None
 
     def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
         self.file.release(self._info(name), first_row, end_row)

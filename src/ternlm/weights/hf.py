@@ -18,7 +18,7 @@ from ..config import BitNetConfig
 from ..errors import FormatError
 from ..jsonfile import parse_json, read_json_object
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint, DenseTensor, float32_of
+from .checkpoint import Checkpoint, DenseTensor, drop_pages, float32_of
 from .packing import quantize_ternary, unpack_ternary_hf
 
 # safetensors dtype -> (NumPy storage dtype, our dtype label)
@@ -100,16 +100,15 @@ class SafetensorsFile:
         """Drop the pages of the tensor (or of its rows [first_row, end_row)) from this process's
         resident set once a copy has been made (the kernel keeps them in its page cache): otherwise
         the file and the runtime layout would both count in RSS. Reading again faults them back in."""
-        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
         dtype, shape, start, end = self.tensors[name]
         if end_row is not None or first_row:
             row_bytes = (end - start) // max(shape[0], 1)
             start, end = start + first_row * row_bytes, start + (shape[0] if end_row is None else end_row) * row_bytes
-        first = -(-(self._data_start + start) // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
-        last = (self._data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
-            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+        drop_pages(self._map, self._data_start + start, self._data_start + end)
+
+    def offset(self, name: str) -> int:
+        """The byte in the file where the tensor's data starts."""
+        return self._data_start + self.tensors[name][2]
 
     def get(self, name: str) -> np.ndarray:
         """A read-only view into the mapped file (bf16 comes back as uint16 bit patterns)."""
@@ -184,6 +183,12 @@ class HFCheckpoint(Checkpoint):
         if dtype not in ("float32", "float16", "bfloat16"):
             raise FormatError(f.path, f"tensor {name!r} has dtype {dtype}, expected a float type")
         return DenseTensor(f.get(name), dtype)
+
+    def file_extent(self, name: str) -> tuple[Path, int] | None:
+        f = self._file(name)
+        if f.dtype(name) not in ("float32", "float16", "bfloat16"):
+            return None
+        return f.path, f.offset(name)
 
     def ternary(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float]:
         f = self._file(name)
