@@ -39,61 +39,68 @@ alignas(64) uint8_t weights[64];
 #define UNPACK(SHIFT) "vpsrlw $" #SHIFT ", %%ymm15, %%ymm14\n\t vpand %%ymm13, %%ymm14, %%ymm14\n\t"
 #define UNPACK_LAST "vpand %%ymm13, %%ymm15, %%ymm14\n\t"
 
-double multiplies_alone(long blocks) {  // 16 independent vpmaddubsw
+template <class Loop>
+double seconds(Loop loop) {
     const auto start = std::chrono::steady_clock::now();
-    asm volatile(
-        "1:\n\t"
-        "vpmaddubsw %%ymm4, %%ymm14, %%ymm0\n\t vpmaddubsw %%ymm5, %%ymm14, %%ymm1\n\t"
-        "vpmaddubsw %%ymm6, %%ymm14, %%ymm2\n\t vpmaddubsw %%ymm7, %%ymm14, %%ymm3\n\t"
-        "vpmaddubsw %%ymm4, %%ymm14, %%ymm8\n\t vpmaddubsw %%ymm5, %%ymm14, %%ymm9\n\t"
-        "vpmaddubsw %%ymm6, %%ymm14, %%ymm10\n\t vpmaddubsw %%ymm7, %%ymm14, %%ymm11\n\t"
-        "vpmaddubsw %%ymm4, %%ymm14, %%ymm0\n\t vpmaddubsw %%ymm5, %%ymm14, %%ymm1\n\t"
-        "vpmaddubsw %%ymm6, %%ymm14, %%ymm2\n\t vpmaddubsw %%ymm7, %%ymm14, %%ymm3\n\t"
-        "vpmaddubsw %%ymm4, %%ymm14, %%ymm8\n\t vpmaddubsw %%ymm5, %%ymm14, %%ymm9\n\t"
-        "vpmaddubsw %%ymm6, %%ymm14, %%ymm10\n\t vpmaddubsw %%ymm7, %%ymm14, %%ymm11\n\t"
-        "dec %[n]\n\t jnz 1b"
-        : [n] "+r"(blocks)
-        :
-        : CLOBBERS);
+    loop();
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+double multiplies_alone(long blocks) {  // 16 independent vpmaddubsw
+    return seconds([&] {
+        asm volatile(
+            "1:\n\t"
+            "vpmaddubsw %%ymm4, %%ymm14, %%ymm0\n\t vpmaddubsw %%ymm5, %%ymm14, %%ymm1\n\t"
+            "vpmaddubsw %%ymm6, %%ymm14, %%ymm2\n\t vpmaddubsw %%ymm7, %%ymm14, %%ymm3\n\t"
+            "vpmaddubsw %%ymm4, %%ymm14, %%ymm8\n\t vpmaddubsw %%ymm5, %%ymm14, %%ymm9\n\t"
+            "vpmaddubsw %%ymm6, %%ymm14, %%ymm10\n\t vpmaddubsw %%ymm7, %%ymm14, %%ymm11\n\t"
+            "vpmaddubsw %%ymm4, %%ymm14, %%ymm0\n\t vpmaddubsw %%ymm5, %%ymm14, %%ymm1\n\t"
+            "vpmaddubsw %%ymm6, %%ymm14, %%ymm2\n\t vpmaddubsw %%ymm7, %%ymm14, %%ymm3\n\t"
+            "vpmaddubsw %%ymm4, %%ymm14, %%ymm8\n\t vpmaddubsw %%ymm5, %%ymm14, %%ymm9\n\t"
+            "vpmaddubsw %%ymm6, %%ymm14, %%ymm10\n\t vpmaddubsw %%ymm7, %%ymm14, %%ymm11\n\t"
+            "dec %[n]\n\t jnz 1b"
+            : [n] "+r"(blocks)
+            :
+            : CLOBBERS);
+    });
 }
 
 double with_adds(long blocks) {
-    const auto start = std::chrono::steady_clock::now();
-    asm volatile("1:\n\t" PRODUCTS_FROM_REGISTERS PRODUCTS_FROM_REGISTERS PRODUCTS_FROM_REGISTERS PRODUCTS_FROM_REGISTERS
-                 "dec %[n]\n\t jnz 1b"
-                 : [n] "+r"(blocks)
-                 :
-                 : CLOBBERS);
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return seconds([&] {
+        asm volatile("1:\n\t" PRODUCTS_FROM_REGISTERS PRODUCTS_FROM_REGISTERS PRODUCTS_FROM_REGISTERS PRODUCTS_FROM_REGISTERS
+                     "dec %[n]\n\t jnz 1b"
+                     : [n] "+r"(blocks)
+                     :
+                     : CLOBBERS);
+    });
 }
 
 double with_loads(long blocks) {
-    const auto start = std::chrono::steady_clock::now();
-    asm volatile("1:\n\t" PRODUCTS_FROM_MEMORY(0) PRODUCTS_FROM_MEMORY(32) PRODUCTS_FROM_MEMORY(64)
-                     PRODUCTS_FROM_MEMORY(96) "dec %[n]\n\t jnz 1b"
-                 : [n] "+r"(blocks)
-                 : [x] "r"(activations)
-                 : CLOBBERS);
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return seconds([&] {
+        asm volatile("1:\n\t" PRODUCTS_FROM_MEMORY(0) PRODUCTS_FROM_MEMORY(32) PRODUCTS_FROM_MEMORY(64)
+                         PRODUCTS_FROM_MEMORY(96) "dec %[n]\n\t jnz 1b"
+                     : [n] "+r"(blocks)
+                     : [x] "r"(activations)
+                     : CLOBBERS);
+    });
 }
 
 double whole_tile(long blocks) {  // + loading and unpacking the block's codes: the kernel's full mix
-    const auto start = std::chrono::steady_clock::now();
-    asm volatile("1:\n\t vmovdqu (%[w]), %%ymm15\n\t" UNPACK(6) PRODUCTS_FROM_MEMORY(0) UNPACK(4) PRODUCTS_FROM_MEMORY(32)
-                     UNPACK(2) PRODUCTS_FROM_MEMORY(64) UNPACK_LAST PRODUCTS_FROM_MEMORY(96) "dec %[n]\n\t jnz 1b"
-                 : [n] "+r"(blocks)
-                 : [x] "r"(activations), [w] "r"(weights)
-                 : CLOBBERS);
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return seconds([&] {
+        asm volatile("1:\n\t vmovdqu (%[w]), %%ymm15\n\t" UNPACK(6) PRODUCTS_FROM_MEMORY(0) UNPACK(4) PRODUCTS_FROM_MEMORY(32)
+                         UNPACK(2) PRODUCTS_FROM_MEMORY(64) UNPACK_LAST PRODUCTS_FROM_MEMORY(96) "dec %[n]\n\t jnz 1b"
+                     : [n] "+r"(blocks)
+                     : [x] "r"(activations), [w] "r"(weights)
+                     : CLOBBERS);
+    });
 }
 
 double clock_hz() {  // four dependent adds per iteration: one per cycle
     const long iterations = 200000000;
     long value = 0;
-    const auto start = std::chrono::steady_clock::now();
-    for (long i = 0; i < iterations; ++i) asm volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(value));
-    return 4.0 * iterations / std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return 4.0 * iterations / seconds([&] {
+        for (long i = 0; i < iterations; ++i) asm volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(value));
+    });
 }
 
 double median(std::vector<double> values) {
