@@ -342,6 +342,34 @@ def test_saturated_server_answers_429_and_recovers(reference):
         assert results == {i: reference.generate(PROMPTS[i], max_tokens=8) for i in range(2)}
 
 
+def test_requests_beyond_the_limit_get_a_json_503(monkeypatch):
+    """Requests the scheduler has not queued yet count too: here bodies still arriving. Past
+    --max-batch + --max-queue + EXTRA_REQUESTS of them the server answers 503 in OpenAI's shape, not
+    uvicorn's plain text, still answers /health, and serves again once they are gone."""
+    import ternlm.server.app as app_module
+
+    monkeypatch.setattr(app_module, "EXTRA_REQUESTS", 0)
+    with running_server(max_batch=1, max_waiting=1) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        trickling = []
+        for _ in range(2):  # the limit: 1 + 1 + 0
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"model\": ")
+            trickling.append(sock)
+        try:
+            wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 503, "the limit to be reached")
+            refused = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 1})
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "server_overloaded"
+            assert httpx.get(f"{url}/health").status_code == 200
+        finally:
+            for sock in trickling:
+                sock.close()
+        wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 200, "the server to serve again")
+
+
 def test_request_timeout_ends_running_requests_and_refuses_waiting_ones(reference):
     timeout = 0.5
     with running_server(max_batch=1, max_waiting=4, request_timeout=timeout) as (url, served):

@@ -30,10 +30,7 @@ def serve(model: LanguageModel, model_id: str, options: ServerOptions, host: str
     """Runs until interrupted."""
     import uvicorn
 
-    # A backstop on open connections beyond what the scheduler admits and queues (it answers 429 itself).
-    connections = options.max_batch + options.max_waiting + 64
-    uvicorn.run(create_app(model, model_id, options), host=host, port=port, access_log=access_log,
-                limit_concurrency=connections, log_level="info")
+    uvicorn.run(create_app(model, model_id, options), host=host, port=port, access_log=access_log, log_level="info")
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from ..api import LanguageModel
 from ..generate import ContextOverflowError
 from ..sampling import SamplingParams
 from .metrics import ServerMetrics
-from .middleware import BodySizeLimit, CountResponses
+from .middleware import BodySizeLimit, CountResponses, RequestLimit
 from .scheduler import KVBudgetExceeded, Overloaded, Scheduler, Sequence, TokenLogprob, Unavailable, Update
 from .schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                       ChatCompletionRequest, ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs,
@@ -40,6 +40,7 @@ from .schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatComplet
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20  # a full 4096-token context is about 20 kB of text
+EXTRA_REQUESTS = 64  # in progress beyond --max-batch + --max-queue before a 503 (see RequestLimit)
 
 
 @dataclass
@@ -457,11 +458,14 @@ def create_app(model: LanguageModel, model_id: str, options: ServerOptions | Non
                            (StarletteHTTPException, _http_error), (Exception, _internal_error)]:
         app.add_exception_handler(error, handler)
     _openapi_without_422(app)
-    # the last added runs first: count every response, then CORS, then the size limit
+    # the last added runs first: count every response, then the request limit, CORS, the size limit
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     if options.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=options.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    # A backstop beyond what the scheduler admits and queues (it answers 429 itself): requests that
+    # are not yet queued, such as bodies still arriving, and those for the page and /v1/models.
+    app.add_middleware(RequestLimit, max_requests=options.max_batch + options.max_waiting + EXTRA_REQUESTS)
     paths = {route.path for router in (v1, other) for route in router.routes}
     app.add_middleware(CountResponses, metrics=metrics, paths=paths)
     return app

@@ -42,13 +42,40 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send):
-        body = ErrorResponse(error=ErrorDetail(message=f"the request body is larger than {self.max_bytes} bytes",
-                                               type="invalid_request_error", code="request_too_large"))
-        body = body.model_dump_json().encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"the request body is larger than {self.max_bytes} bytes", "invalid_request_error",
+                         "request_too_large", [(b"connection", b"close")])
+
+
+class RequestLimit:
+    """Answers 503 (OpenAI's error JSON, with Retry-After) to a request arriving while `max_requests`
+    others are in progress, /health and /metrics excepted so that a saturated server can still be
+    watched. It stands where uvicorn's own limit would, whose 503 is plain text."""
+
+    UNLIMITED = frozenset({"/health", "/metrics"})
+
+    def __init__(self, app, max_requests: int):
+        self.app, self.max_requests, self.in_progress = app, max_requests, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.UNLIMITED:
+            return await self.app(scope, receive, send)
+        if self.in_progress >= self.max_requests:
+            return await send_error(send, 503, f"the server has {self.in_progress} requests in progress, its limit; "
+                                               "retry later", "server_error", "server_overloaded",
+                                    [(b"retry-after", b"1")])
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+
+
+async def send_error(send, status: int, message: str, error_type: str, code: str, headers: list) -> None:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=error_type, code=code)).model_dump_json().encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class CountResponses:
