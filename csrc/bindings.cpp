@@ -307,7 +307,7 @@ NB_MODULE(_core, m) {
         .def("read_embedding_from", [](PyModel& p, int fd, int64_t offset) { p.model->read_embedding_from(fd, offset); },
              "fd"_a, "offset"_a,
              "Look embedding rows up with reads from this open file (the embedding starts at byte `offset`) "
-             "rather than through the mapping; the caller keeps the file open as long as the model.")
+             "rather than through the mapping; the model keeps a duplicate of the descriptor.")
         .def(
             "set_head",
             [](PyModel& p, nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>> a, const std::string& dtype,

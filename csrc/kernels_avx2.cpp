@@ -28,7 +28,7 @@ TERNLM_INLINE __m256i widen(__m256i wide, __m256i acc) {
 }  // namespace ternlm
 
 #define TERNLM_KERNEL_NAME ternary_gemm_avx2
-#define TERNLM_TOKEN_TILE 4
+#define TERNLM_TOKEN_TILE 4  // each token takes two accumulators (int16 and int32): 8 of the 16 registers
 #include "kernels_x86_gemm.inc"
 
 // The head's kernels: float rows (f32/f16/bf16) and int8 rows.

@@ -1,9 +1,12 @@
 #include "model.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <string>
 
 #include <unistd.h>
 
@@ -188,27 +191,42 @@ void Model::set_embedding(DenseMatrix embedding) {
     embedding_ = embedding;
 }
 
+Model::OwnedFile::~OwnedFile() {
+    if (fd >= 0) close(fd);
+}
+
 void Model::read_embedding_from(int fd, int64_t offset) {
-    if (fd < 0 || offset < 0) throw std::invalid_argument("embedding file: bad descriptor or offset");
-    embedding_fd_ = fd;
+    static_assert(sizeof(off_t) == 8, "file offsets must be 64-bit");
+    if (!embedding_.data) throw shape_error("set the embedding before reading it from a file");
+    if (offset < 0) throw std::invalid_argument("embedding file: negative offset");
+    const int own = dup(fd);
+    if (own < 0) throw std::invalid_argument(std::string("embedding file: ") + std::strerror(errno));
+    if (embedding_file_.fd >= 0) close(embedding_file_.fd);
+    embedding_file_.fd = own;
     embedding_offset_ = offset;
 }
 
-void Model::embed(int32_t token, float* out) const {
+// In the calling thread, so that a failed read can throw (the pool's workers cannot).
+void Model::read_embedding_rows(const std::vector<int32_t>& tokens, float* x) const {
     const int64_t H = shape_.hidden;
-    if (embedding_fd_ >= 0) {
-        const size_t row_bytes = static_cast<size_t>(H) * (embedding_.dtype == DType::F32 ? 4 : 2);
-        std::vector<unsigned char> row(row_bytes);
-        size_t done = 0;
+    const int64_t row_bytes = H * (embedding_.dtype == DType::F32 ? 4 : 2);
+    std::vector<unsigned char> row(static_cast<size_t>(row_bytes));
+    for (size_t t = 0; t < tokens.size(); ++t) {
+        const int64_t start = embedding_offset_ + int64_t{tokens[t]} * row_bytes;
+        int64_t done = 0;
         while (done < row_bytes) {
-            const ssize_t n = pread(embedding_fd_, row.data() + done, row_bytes - done,
-                                    static_cast<off_t>(embedding_offset_ + int64_t{token} * static_cast<int64_t>(row_bytes) + static_cast<int64_t>(done)));
-            if (n <= 0) break;  // the mapping below still has the row
-            done += static_cast<size_t>(n);
+            const ssize_t n = pread(embedding_file_.fd, row.data() + done, static_cast<size_t>(row_bytes - done),
+                                    static_cast<off_t>(start + done));
+            const int error = errno;
+            if (n < 0 && error == EINTR) continue;
+            if (n <= 0)
+                throw std::runtime_error("reading the embedding row of token " + std::to_string(tokens[t]) + " from "
+                                         "the model file failed: " + (n < 0 ? std::strerror(error) : "the file is "
+                                         "shorter than when it was loaded"));
+            done += n;
         }
-        if (done == row_bytes) return load_elements(row.data(), embedding_.dtype, 0, H, out);
+        load_elements(row.data(), embedding_.dtype, 0, H, x + static_cast<int64_t>(t) * H);
     }
-    load_elements(embedding_.data, embedding_.dtype, token * H, H, out);
 }
 
 void Model::set_head(DenseMatrix head) {
@@ -409,7 +427,10 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
             for (int64_t t = begin; t < end; ++t) step(t);
         });
     };
-    for_each_token([&](int64_t t) { embed(tokens[t], &b.x[t * H]); });
+    if (embedding_file_.fd >= 0)
+        read_embedding_rows(tokens, b.x.data());
+    else
+        for_each_token([&](int64_t t) { load_elements(embedding_.data, embedding_.dtype, tokens[t] * H, H, &b.x[t * H]); });
 
     std::vector<float> cos_(static_cast<size_t>(T * hd / 2)), sin_(static_cast<size_t>(T * hd / 2));
     for (int64_t t = 0; t < T; ++t)

@@ -90,10 +90,11 @@ public:
                            int64_t cols, float scale);
     void set_final_norm(const float* values, int64_t n);
     void set_embedding(DenseMatrix embedding);
-    // Lookups read each embedding row from this open file (whose embedding bytes start at
-    // `offset`, stored as set_embedding's dtype) instead of through the memory mapping. A page
-    // fault on a mapped file brings in the whole large folio around the row (256 KB measured on
-    // ext4), so a prompt of random tokens would add tens of MB to RSS; a read adds nothing.
+    // Lookups read each embedding row from this open file (the model keeps its own duplicate of
+    // `fd`; the embedding's bytes start at `offset`, stored as set_embedding's dtype) instead of
+    // through the memory mapping. A page fault on a mapped file brings in the whole large folio
+    // around the row (256 KB measured on ext4), so a prompt of random tokens would add tens of MB
+    // to RSS; a read adds nothing.
     void read_embedding_from(int fd, int64_t offset);
     void set_head(DenseMatrix head);  // untied output matrix; without it the head is the embedding
     // Converts rows [begin, end) of the float head to `format` (callers go in chunks, so the float
@@ -131,7 +132,7 @@ private:
         int64_t pos;
     };
     void attention(const std::vector<RowPlace>& rows, int64_t layer, const float* q, float* out);
-    void embed(int32_t token, float* out) const;
+    void read_embedding_rows(const std::vector<int32_t>& tokens, float* x) const;
     Layer& layer_at(int64_t layer);
     std::vector<float>* norm_slot(Layer& layer, const std::string& name, int64_t* expected);
     TernaryMatrix* linear_slot(Layer& layer, const std::string& name, int64_t* rows, int64_t* cols);
@@ -140,7 +141,14 @@ private:
     std::vector<Layer> layers_;
     std::vector<float> final_norm_;
     DenseMatrix embedding_, head_;
-    int embedding_fd_ = -1;
+    struct OwnedFile {  // a file descriptor closed with the model
+        int fd = -1;
+        OwnedFile() = default;
+        OwnedFile(const OwnedFile&) = delete;
+        OwnedFile& operator=(const OwnedFile&) = delete;
+        ~OwnedFile();
+    };
+    OwnedFile embedding_file_;
     int64_t embedding_offset_ = 0;
     HeadFormat head_format_ = HeadFormat::Dense;
     std::vector<uint8_t> head_q_;          // int8: [vocab, padded_cols(hidden)]; q4: half that

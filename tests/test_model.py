@@ -152,29 +152,49 @@ def test_int8_head_is_close_to_the_float_head(tmp_path, tiny_tokenizer_json):
         ternlm.load(directory, head="q3")
 
 
-@pytest.mark.parametrize("source", ["float32", "bfloat16", "gguf"])
+@pytest.mark.parametrize("source", ["float32", "bfloat16", "gguf", "untied"])
 def test_embedding_rows_read_from_the_file_match_the_mapping(source, tmp_path, tiny_tokenizer_json, monkeypatch):
-    """With a quantized head the embedding is only looked up, by reads at its file offset rather than
-    through the mapping; the mapping, with the checkpoint told to hide the offset, is the oracle."""
+    """When the embedding is only looked up (a quantized head, or an untied head) its rows are read
+    at their file offset rather than through the mapping. The oracle is the mapping, with the reader
+    told to hide the location; a location in a copy whose embedding is changed must change the
+    logits (the reads really come from the file), and one in a truncated copy must raise."""
     from ternlm.weights.convert import convert_to_gguf
     from ternlm.weights.gguf import GGUFCheckpoint
     from ternlm.weights.hf import HFCheckpoint
 
-    directory = write_checkpoint(random_bitnet(seed=13, vocab_size=320), tmp_path / "hf", tiny_tokenizer_json,
+    model = random_bitnet(seed=13, vocab_size=320, tie=source != "untied")
+    directory = write_checkpoint(model, tmp_path / "hf", tiny_tokenizer_json,
                                  dtype="bfloat16" if source == "bfloat16" else "float32")
     path = convert_to_gguf(directory, tmp_path / "m.gguf", ternary="i2_s", head="f16") if source == "gguf" else directory
+    head = None if source == "untied" else "int8"
     prompts = [PROMPT, [319, 0, 318, 1, 160]]  # the last rows of the file too
-    read = ternlm.load(path, head="int8")
-    assert read.engine._embedding_file is not None
+    read = ternlm.load(path, head=head)
+    assert read.engine.embedding_read_from_file
     with monkeypatch.context() as patch:
         for reader in (HFCheckpoint, GGUFCheckpoint):
-            patch.setattr(reader, "file_extent", lambda self, name: None)
-        mapped = ternlm.load(path, head="int8")
-    assert mapped.engine._embedding_file is None
+            patch.setattr(reader, "file_location", lambda self, name: None)
+        mapped = ternlm.load(path, head=head)
+    assert not mapped.engine.embedding_read_from_file
     for prompt in prompts:
         assert np.array_equal(read.logits(prompt), mapped.logits(prompt))
-    # the head as stored is the embedding itself, read whole every step: it stays mapped
-    assert ternlm.load(path).engine._embedding_file is None
+
+    reader = GGUFCheckpoint if source == "gguf" else HFCheckpoint
+    _, offset = reader(path).file_location("model.embed_tokens.weight")
+    data = (path if source == "gguf" else directory / "model.safetensors").read_bytes()
+    (tmp_path / "changed").write_bytes(data[:offset] + bytes(64) + data[offset + 64:])  # row 0 starts with zeros
+    (tmp_path / "truncated").write_bytes(data[:offset + 64])
+    copies = {}
+    for name in ("changed", "truncated"):
+        with open(tmp_path / name, "rb") as copy, monkeypatch.context() as patch:
+            patch.setattr(reader, "file_location", lambda self, tensor: (copy.fileno(), offset))
+            copies[name] = ternlm.load(path, head=head)
+    # both copies are closed by now: the models read through descriptors of their own
+    assert not np.array_equal(copies["changed"].logits([0, 1]), mapped.logits([0, 1]))
+    with pytest.raises(RuntimeError, match="embedding row of token 0 .* shorter than when it was loaded"):
+        copies["truncated"].logits([0, 1])
+    # the head as stored is the tied embedding itself, read whole every step: it stays mapped
+    if source != "untied":
+        assert not ternlm.load(path).engine.embedding_read_from_file
 
 
 def test_f16_kv_cache_is_close_to_f32(tmp_path, tiny_tokenizer_json):

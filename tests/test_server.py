@@ -349,7 +349,8 @@ def test_requests_beyond_the_limit_get_a_json_503(monkeypatch):
     import ternlm.server.app as app_module
 
     monkeypatch.setattr(app_module, "EXTRA_REQUESTS", 0)
-    with running_server(max_batch=1, max_waiting=1) as (url, _):
+    page = "http://page.example"
+    with running_server(max_batch=1, max_waiting=1, cors_origins=[page]) as (url, _):
         host, port = url.removeprefix("http://").split(":")
         trickling = []
         for _ in range(2):  # the limit: 1 + 1 + 0
@@ -359,10 +360,15 @@ def test_requests_beyond_the_limit_get_a_json_503(monkeypatch):
             trickling.append(sock)
         try:
             wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 503, "the limit to be reached")
-            refused = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 1})
+            refused = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 1},
+                                 headers={"Origin": page})
             assert refused.status_code == 503
             assert refused.headers["retry-after"] == "1"
+            assert refused.headers["access-control-allow-origin"] == page  # a browser page can read why
             assert refused.json()["error"]["code"] == "server_overloaded"
+            preflight = httpx.options(f"{url}/v1/completions", headers={
+                "Origin": page, "Access-Control-Request-Method": "POST"})
+            assert preflight.status_code == 200
             assert httpx.get(f"{url}/health").status_code == 200
         finally:
             for sock in trickling:

@@ -46,7 +46,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        from .weights.gguf import GGUFCheckpoint  # here: the gguf package adds 6 MB to every process's RSS
+        from .weights.gguf import GGUFCheckpoint  # here: the gguf package adds a few MB to a process's RSS
 
         return GGUFCheckpoint(path)
     raise FormatError(path, "not a model directory (expected config.json and safetensors files) or GGUF file")

@@ -40,7 +40,7 @@ def model_shape(config: BitNetConfig) -> _core.ModelShape:
 HEAD_DTYPES = ("float16", "bfloat16", "float32")
 HEADS = HEAD_DTYPES + ("int8", "q4")
 KV_CACHES = ("f16", "f32")
-HEAD_CHUNK_ROWS = 2048  # 10 MB of a 2B4T f16 embedding mapped at a time
+HEAD_CHUNK_ROWS = 2048  # 10 MB of a 2B4T f16 embedding resident at a time while quantizing: a lower peak RSS
 
 
 class NativeEngine:
@@ -93,11 +93,10 @@ class NativeEngine:
         # looked up, a row per token: those rows are read from the file, never mapped (see
         # Model.read_embedding_from).
         looked_up_only = head in ("int8", "q4") or checkpoint.head_name() != "model.embed_tokens.weight"
-        extent = checkpoint.file_extent("model.embed_tokens.weight")
-        self._embedding_file = None
-        if looked_up_only and head_dtype is None and extent:
-            self._embedding_file = open(extent[0], "rb", buffering=0)
-            self._model.read_embedding_from(self._embedding_file.fileno(), extent[1])
+        location = checkpoint.file_location("model.embed_tokens.weight")
+        self.embedding_read_from_file = bool(looked_up_only and head_dtype is None and location)
+        if self.embedding_read_from_file:
+            self._model.read_embedding_from(*location)
             checkpoint.release("model.embed_tokens.weight")
         self._model.check_complete()
 

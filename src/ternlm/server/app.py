@@ -458,14 +458,15 @@ def create_app(model: LanguageModel, model_id: str, options: ServerOptions | Non
                            (StarletteHTTPException, _http_error), (Exception, _internal_error)]:
         app.add_exception_handler(error, handler)
     _openapi_without_422(app)
-    # the last added runs first: count every response, then the request limit, CORS, the size limit
+    # the last added runs first: count every response, then CORS (so that refusals carry its
+    # headers and preflights are answered before any limit), the request limit, the size limit
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
-    if options.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=options.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
     # A backstop beyond what the scheduler admits and queues (it answers 429 itself): requests that
     # are not yet queued, such as bodies still arriving, and those for the page and /v1/models.
     app.add_middleware(RequestLimit, max_requests=options.max_batch + options.max_waiting + EXTRA_REQUESTS)
+    if options.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=options.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     paths = {route.path for router in (v1, other) for route in router.routes}
     app.add_middleware(CountResponses, metrics=metrics, paths=paths)
     return app

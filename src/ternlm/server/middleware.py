@@ -49,7 +49,8 @@ class BodySizeLimit:
 class RequestLimit:
     """Answers 503 (OpenAI's error JSON, with Retry-After) to a request arriving while `max_requests`
     others are in progress, /health and /metrics excepted so that a saturated server can still be
-    watched. It stands where uvicorn's own limit would, whose 503 is plain text."""
+    watched. It stands where uvicorn's own limit would, whose 503 is plain text, and like it counts
+    requests before any API key is checked."""
 
     UNLIMITED = frozenset({"/health", "/metrics"})
 
@@ -62,7 +63,7 @@ class RequestLimit:
         if self.in_progress >= self.max_requests:
             return await send_error(send, 503, f"the server has {self.in_progress} requests in progress, its limit; "
                                                "retry later", "server_error", "server_overloaded",
-                                    [(b"retry-after", b"1")])
+                                    [(b"retry-after", b"1"), (b"connection", b"close")])
         self.in_progress += 1
         try:
             await self.app(scope, receive, send)

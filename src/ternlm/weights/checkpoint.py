@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -32,8 +31,7 @@ class DenseTensor:
 def drop_pages(mapping: mmap.mmap | None, start: int, end: int) -> None:
     """Drops the whole pages of bytes [start, end) of a file mapping from this process's resident
     set, once the caller holds its own copy of them (the kernel keeps them in its page cache).
-    What is read there again afterwards is sparse (an embedding row per looked-up token), so
-    those pages also lose the readahead that would bring back 32 pages around each row."""
+    Nothing is read there again, or only sparse rows, so those pages also lose readahead."""
     if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -118,10 +116,10 @@ class Checkpoint:
         """A hint that the caller has its own copy of the tensor (or of rows [first_row, end_row)):
         memory-mapped readers drop those pages from the resident set."""
 
-    def file_extent(self, name: str) -> tuple[Path, int] | None:
-        """Where a float tensor's values lie exactly as dense() gives them: (file, byte offset of
-        the first value), so that a few rows can be read without mapping the file; None when they
-        do not lie whole in one file."""
+    def file_location(self, name: str) -> tuple[int, int] | None:
+        """Where a float tensor's values lie exactly as dense() gives them: (descriptor of the open
+        file they are mapped from, byte offset of the first value), so that a few rows can be read
+        without mapping them; None when they do not lie whole in one file."""
         return None
 
     def tokenizer(self):

@@ -263,7 +263,8 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._reader = _BoundedReader(self.path)
+            self._handle = open(self.path, "rb")  # open as long as the mapping: file_location hands out its descriptor
+            self._reader = _BoundedReader(self._handle)
         except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
             raise FormatError(self.path, f"cannot open: {e.strerror}") from None
         except (ValueError, KeyError, IndexError, OverflowError, TypeError, _PastEnd) as e:
@@ -357,6 +358,9 @@ class GGUFFile:
         start = info.offset + first_row * row_bytes
         end = info.offset + (rows if end_row is None else end_row) * row_bytes
         drop_pages(getattr(self.data, "_mmap", None), start, end)  # the mmap object under np.memmap
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
 
     def bytes_of(self, info: TensorInfo) -> np.ndarray:
         return self.data[info.offset: info.offset + info.nbytes]
@@ -486,9 +490,9 @@ class GGUFCheckpoint(Checkpoint):
             ternary = unpermute_rope_rows(ternary, heads)
         return ternary, scale
 
-    def file_extent(self, name: str) -> tuple[Path, int] | None:
+    def file_location(self, name: str) -> tuple[int, int] | None:
         info = self._info(name)
-        return (self.file.path, info.offset) if info.type_id in DENSE_TYPES else None
+        return (self.file.fileno(), info.offset) if info.type_id in DENSE_TYPES else None
 
     def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
         self.file.release(self._info(name), first_row, end_row)

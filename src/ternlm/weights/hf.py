@@ -41,20 +41,21 @@ class SafetensorsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
-                size = f.seek(0, 2)
-                if size < 8:
-                    raise FormatError(self.path, "truncated safetensors file (no header length)")
-                f.seek(0)
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                if header_len > min(size - 8, _MAX_HEADER_BYTES):
-                    raise FormatError(self.path, f"safetensors header length {header_len} exceeds the file")
-                header_bytes = f.read(header_len)
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            f = open(self.path, "rb")
         except FileNotFoundError:
             raise FormatError(self.path, "file not found") from None
         except IsADirectoryError:
             raise FormatError(self.path, "is a directory, expected a safetensors file") from None
+        self._handle = f  # open as long as the mapping: file_location hands out its descriptor
+        size = f.seek(0, 2)
+        if size < 8:
+            raise FormatError(self.path, "truncated safetensors file (no header length)")
+        f.seek(0)
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise FormatError(self.path, f"safetensors header length {header_len} exceeds the file")
+        header_bytes = f.read(header_len)
+        self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         header = parse_json(header_bytes, f"{self.path} (safetensors header)")
         if not isinstance(header, dict):
             raise FormatError(self.path, "safetensors header is not a JSON object")
@@ -105,6 +106,9 @@ class SafetensorsFile:
             row_bytes = (end - start) // max(shape[0], 1)
             start, end = start + first_row * row_bytes, start + (shape[0] if end_row is None else end_row) * row_bytes
         drop_pages(self._map, self._data_start + start, self._data_start + end)
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
 
     def offset(self, name: str) -> int:
         """The byte in the file where the tensor's data starts."""
@@ -184,11 +188,11 @@ class HFCheckpoint(Checkpoint):
             raise FormatError(f.path, f"tensor {name!r} has dtype {dtype}, expected a float type")
         return DenseTensor(f.get(name), dtype)
 
-    def file_extent(self, name: str) -> tuple[Path, int] | None:
+    def file_location(self, name: str) -> tuple[int, int] | None:
         f = self._file(name)
         if f.dtype(name) not in ("float32", "float16", "bfloat16"):
             return None
-        return f.path, f.offset(name)
+        return f.fileno(), f.offset(name)
 
     def ternary(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float]:
         f = self._file(name)
