@@ -34,8 +34,7 @@ static DType parse_dtype(const std::string& name) {
 static DenseMatrix dense_view(nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>> a,
                               const std::string& dtype) {
     const DType d = parse_dtype(dtype);
-    const size_t item = d == DType::F32 ? 4 : 2;
-    if (a.itemsize() != item) throw std::invalid_argument("array item size does not match " + dtype);
+    if (static_cast<int64_t>(a.itemsize()) != dtype_bytes(d)) throw std::invalid_argument("array item size does not match " + dtype);
     return {a.data(), d, static_cast<int64_t>(a.shape(0)), static_cast<int64_t>(a.shape(1))};
 }
 

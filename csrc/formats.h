@@ -31,4 +31,6 @@ static inline int code_shift(int index_in_block) {  // bit position of weight `i
 // Floating-point storage of dense tensors (embeddings, untied heads) as they come from the file.
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
+static inline int64_t dtype_bytes(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
+
 }  // namespace ternlm

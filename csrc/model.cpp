@@ -209,7 +209,7 @@ void Model::read_embedding_from(int fd, int64_t offset) {
 // In the calling thread, so that a failed read can throw (the pool's workers cannot).
 void Model::read_embedding_rows(const std::vector<int32_t>& tokens, float* x) const {
     const int64_t H = shape_.hidden;
-    const int64_t row_bytes = H * (embedding_.dtype == DType::F32 ? 4 : 2);
+    const int64_t row_bytes = H * dtype_bytes(embedding_.dtype);
     std::vector<unsigned char> row(static_cast<size_t>(row_bytes));
     for (size_t t = 0; t < tokens.size(); ++t) {
         const int64_t start = embedding_offset_ + int64_t{tokens[t]} * row_bytes;
@@ -265,7 +265,7 @@ int64_t Model::head_bytes() const {
     if (head_format_ != HeadFormat::Dense)
         return static_cast<int64_t>(head_q_.size() + 4 * head_scales_.size() + 2 * head_q4_scales_.size());
     const DenseMatrix& head = head_.data ? head_ : embedding_;
-    return head.rows * head.cols * (head.dtype == DType::F32 ? 4 : 2);
+    return head.rows * head.cols * dtype_bytes(head.dtype);
 }
 
 void Model::check_complete() const {

@@ -80,7 +80,8 @@ class NativeEngine:
                 progress(i + 1, config.num_hidden_layers)
         self._model.set_final_norm(checkpoint.norm("model.norm.weight", config.hidden_size))
         self.head = self._set_dense(checkpoint, "model.embed_tokens.weight", self._model.set_embedding, head_dtype)
-        if checkpoint.head_name() != "model.embed_tokens.weight":
+        tied = checkpoint.head_name() == "model.embed_tokens.weight"
+        if not tied:
             self.head = self._set_dense(checkpoint, checkpoint.head_name(), self._model.set_head, head_dtype)
         if head in ("int8", "q4"):
             # in chunks, dropping each chunk's mapped pages: only looked-up embedding rows are read again
@@ -92,7 +93,7 @@ class NativeEngine:
         # Unless it is also the head as stored (read whole every step), the embedding is only
         # looked up, a row per token: those rows are read from the file, never mapped (see
         # Model.read_embedding_from).
-        looked_up_only = head in ("int8", "q4") or checkpoint.head_name() != "model.embed_tokens.weight"
+        looked_up_only = head in ("int8", "q4") or not tied
         location = checkpoint.file_location("model.embed_tokens.weight")
         self.embedding_read_from_file = bool(looked_up_only and head_dtype is None and location)
         if self.embedding_read_from_file:
