@@ -16,6 +16,24 @@ namespace ternlm {
 
 namespace {
 
+// When many tokens meet the head (every position of a perplexity window, a long prompt's chunk),
+// a block of rows stays in cache while every tile of tokens passes over it, so the head is read
+// from memory once. Left to themselves, the float kernel goes over all its rows once per tile of
+// tokens, and the int8 and q4 kernels keep every token's activations in play for each row, which
+// past a few tokens no longer fit in cache. (256 positions of the 2B4T shape: 6-7 % faster.)
+constexpr int64_t kHeadBlockBytes = 64 * 1024;
+constexpr int64_t kHeadTokenTile = 8;
+
+// Calls kernel(row_begin, row_end, first_token, tokens) over [begin, end) x [0, tokens).
+template <typename Kernel>
+void over_head_blocks(int64_t begin, int64_t end, int64_t tokens, int64_t row_bytes, const Kernel& kernel) {
+    if (tokens <= kHeadTokenTile) return kernel(begin, end, int64_t{0}, tokens);
+    const int64_t block = std::max<int64_t>(1, kHeadBlockBytes / row_bytes);
+    for (int64_t r0 = begin; r0 < end; r0 += block)
+        for (int64_t t0 = 0; t0 < tokens; t0 += kHeadTokenTile)
+            kernel(r0, std::min(end, r0 + block), t0, std::min(kHeadTokenTile, tokens - t0));
+}
+
 void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* out) {
     double sum_sq = 0.0;
     for (int64_t i = 0; i < n; ++i) sum_sq += static_cast<double>(x[i]) * x[i];
@@ -499,7 +517,9 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
             const Int8RowsView view{reinterpret_cast<const int8_t*>(head_q_.data()), s.vocab, H};
             std::vector<int32_t> acc(static_cast<size_t>(rows * s.vocab));
             pool_->parallel_for(s.vocab, 256, [&](int64_t begin, int64_t end) {
-                kernels.int8_gemv(view, begin, end, b.xq.data(), rows, acc.data(), s.vocab);
+                over_head_blocks(begin, end, rows, padded, [&](int64_t r0, int64_t r1, int64_t t0, int64_t n) {
+                    kernels.int8_gemv(view, r0, r1, b.xq.data() + t0 * padded, n, acc.data() + t0 * s.vocab, s.vocab);
+                });
                 for (int64_t t = 0; t < rows; ++t)
                     for (int64_t r = begin; r < end; ++r)
                         logits[t * s.vocab + r] = static_cast<float>(acc[t * s.vocab + r]) * (head_scales_[r] / b.act_scale[t]);
@@ -507,7 +527,9 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
         } else {
             const Q4RowsView view{head_q_.data(), head_q4_scales_.data(), s.vocab, H};
             pool_->parallel_for(s.vocab, 256, [&](int64_t begin, int64_t end) {
-                kernels.q4_gemv(view, begin, end, b.xq.data(), rows, logits, s.vocab);
+                over_head_blocks(begin, end, rows, padded / 2, [&](int64_t r0, int64_t r1, int64_t t0, int64_t n) {
+                    kernels.q4_gemv(view, r0, r1, b.xq.data() + t0 * padded, n, logits + t0 * s.vocab, s.vocab);
+                });
                 for (int64_t t = 0; t < rows; ++t)
                     for (int64_t r = begin; r < end; ++r) logits[t * s.vocab + r] /= b.act_scale[t];
             });
@@ -517,7 +539,9 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
     const DenseMatrix& head = head_.data ? head_ : embedding_;
     const DenseGemvFn gemv = active_kernels().dense_gemv;
     pool_->parallel_for(s.vocab, 64, [&](int64_t begin, int64_t end) {
-        gemv(head, begin, end, b.normed.data(), rows, logits, s.vocab);
+        over_head_blocks(begin, end, rows, H * dtype_bytes(head.dtype), [&](int64_t r0, int64_t r1, int64_t t0, int64_t n) {
+            gemv(head, r0, r1, b.normed.data() + t0 * H, n, logits + t0 * s.vocab, s.vocab);
+        });
     });
 }
 
