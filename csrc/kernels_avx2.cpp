@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 namespace ternlm {
 namespace {
@@ -31,9 +32,23 @@ TERNLM_INLINE __m256i widen(__m256i wide, __m256i acc) {
 #define TERNLM_TOKEN_TILE 4  // each token takes two accumulators (int16 and int32): 8 of the 16 registers
 #include "kernels_x86_gemm.inc"
 
-// The head's kernels: float rows (f32/f16/bf16) and int8 rows.
+// The head's kernels: float rows (f32/f16/bf16), int8 rows and q4 rows.
 namespace ternlm {
 namespace {
+
+// Calls work(std::integral_constant<int, N>{}, first) over [0, count) in pieces of N = 4 (the last
+// one shorter): kernels keep one accumulator per token (or head) of a piece, so N is a constant.
+template <typename Work>
+inline void in_fours(int64_t count, const Work& work) {
+    for (int64_t first = 0; first < count; first += 4) {
+        switch (std::min<int64_t>(count - first, 4)) {
+            case 1: work(std::integral_constant<int, 1>{}, first); break;
+            case 2: work(std::integral_constant<int, 2>{}, first); break;
+            case 3: work(std::integral_constant<int, 3>{}, first); break;
+            default: work(std::integral_constant<int, 4>{}, first); break;
+        }
+    }
+}
 
 // Eight matrix elements as float32, whatever their storage (F16C for f16, a shift for bf16).
 template <DType D>
@@ -57,52 +72,56 @@ inline float horizontal_max(__m256 v) {
     return std::max(_mm_cvtss_f32(half), _mm_cvtss_f32(_mm_movehdup_ps(half)));
 }
 
-constexpr int kDenseTokenTile = 4;
-
-// One row against NT tokens. Each token gets two accumulators (even and odd groups of eight), so
-// consecutive FMAs do not wait on each other even for a single token.
-template <DType D, int NT>
-inline void dense_row_tile(const DenseMatrix& m, int64_t r, const float* x, float sums[NT]) {
-    const int64_t cols = m.cols, pairs = cols / 16 * 16, whole = cols / 8 * 8, first = r * cols;
-    __m256 even[NT], odd[NT];
-    for (int t = 0; t < NT; ++t) even[t] = odd[t] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k < pairs; k += 16) {
-        const __m256 w0 = load8<D>(m.data, first + k), w1 = load8<D>(m.data, first + k + 8);
+// NR consecutive rows against NT tokens, an accumulator for each pair: at 4 x 2, eight independent
+// FMA chains, each weight vector converted once for both tokens and each activation vector loaded
+// once for the four rows. (The activations of more tokens would not stay in L1: 2560 floats are
+// 10 KB. Measured on 2B4T's f16 head, one thread: against one row x 4 tokens, 8 tokens 28 % faster,
+// 2 tokens 31 %, 1 token 12 %.)
+// With `prefetch`, it also requests the next NR rows, a cache line per row every 32 columns.
+template <DType D, int NR, int NT>
+inline void dense_tile(const DenseMatrix& m, int64_t r, const float* x, float* out, int64_t out_stride, bool prefetch) {
+    const int64_t cols = m.cols, whole = cols / 8 * 8, element = dtype_bytes(D);
+    const char* next = static_cast<const char*>(m.data) + (r + NR) * cols * element;
+    __m256 acc[NR][NT];
+    for (int i = 0; i < NR; ++i)
+        for (int t = 0; t < NT; ++t) acc[i][t] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < whole; k += 8) {
+        if (prefetch && k % 32 == 0)
+            for (int i = 0; i < NR; ++i) _mm_prefetch(next + (i * cols + k) * element, _MM_HINT_T0);
+        __m256 w[NR];
+        for (int i = 0; i < NR; ++i) w[i] = load8<D>(m.data, (r + i) * cols + k);
         for (int t = 0; t < NT; ++t) {
-            even[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * cols + k), even[t]);
-            odd[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * cols + k + 8), odd[t]);
+            const __m256 xv = _mm256_loadu_ps(x + t * cols + k);
+            for (int i = 0; i < NR; ++i) acc[i][t] = _mm256_fmadd_ps(w[i], xv, acc[i][t]);
         }
     }
-    for (; k < whole; k += 8) {
-        const __m256 w = load8<D>(m.data, first + k);
-        for (int t = 0; t < NT; ++t) even[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * cols + k), even[t]);
-    }
     float tail[8];
-    if (whole < cols) load_elements(m.data, D, first + whole, cols - whole, tail);
-    for (int t = 0; t < NT; ++t) {
-        sums[t] = horizontal_sum(_mm256_add_ps(even[t], odd[t]));
-        for (int64_t j = whole; j < cols; ++j) sums[t] += tail[j - whole] * x[t * cols + j];
+    for (int i = 0; i < NR; ++i) {
+        if (whole < cols) load_elements(m.data, D, (r + i) * cols + whole, cols - whole, tail);
+        for (int t = 0; t < NT; ++t) {
+            float sum = horizontal_sum(acc[i][t]);
+            for (int64_t j = whole; j < cols; ++j) sum += tail[j - whole] * x[t * cols + j];
+            out[t * out_stride + r + i] = sum;
+        }
     }
 }
 
+// Rows outer, so that a group of rows is read from memory once and meets every token from L1. The
+// first pass over a group requests the next group: the hardware prefetcher alone keeps too few
+// of the head's bytes in flight (8 tokens of 2B4T's f16 head, one thread: another 15 % faster).
 template <DType D>
 void dense_gemv_typed(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
                       int64_t tokens, float* out, int64_t out_stride) {
-    for (int64_t t0 = 0; t0 < tokens; t0 += kDenseTokenTile) {
-        const int nt = static_cast<int>(tokens - t0 < kDenseTokenTile ? tokens - t0 : kDenseTokenTile);
-        const float* xt = x + t0 * m.cols;
-        for (int64_t r = row_begin; r < row_end; ++r) {
-            float sums[kDenseTokenTile];
-            switch (nt) {
-                case 1: dense_row_tile<D, 1>(m, r, xt, sums); break;
-                case 2: dense_row_tile<D, 2>(m, r, xt, sums); break;
-                case 3: dense_row_tile<D, 3>(m, r, xt, sums); break;
-                default: dense_row_tile<D, 4>(m, r, xt, sums); break;
-            }
-            for (int t = 0; t < nt; ++t) out[(t0 + t) * out_stride + r] = sums[t];
+    const auto rows_against_tokens = [&](auto group, int64_t r) {
+        constexpr int NR = decltype(group)::value;
+        for (int64_t t = 0; t < tokens; t += 2) {
+            if (t + 2 <= tokens) dense_tile<D, NR, 2>(m, r, x + t * m.cols, out + t * out_stride, out_stride, t == 0);
+            else dense_tile<D, NR, 1>(m, r, x + t * m.cols, out + t * out_stride, out_stride, t == 0);
         }
-    }
+    };
+    int64_t r = row_begin;
+    for (; r + 4 <= row_end; r += 4) rows_against_tokens(std::integral_constant<int, 4>{}, r);
+    for (; r < row_end; ++r) rows_against_tokens(std::integral_constant<int, 1>{}, r);
 }
 }  // namespace
 
@@ -138,20 +157,13 @@ inline void int8_row_tile(const int8_t* row, int64_t padded, const int8_t* x, in
 void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                     int64_t tokens, int32_t* acc, int64_t out_stride) {
     const int64_t padded = padded_cols(m.cols);
-    for (int64_t r = row_begin; r < row_end; ++r) {
-        const int8_t* row = m.q + r * padded;
-        for (int64_t t0 = 0; t0 < tokens; t0 += 4) {
-            int32_t sums[4];
-            const int8_t* x = xq + t0 * padded;
-            switch (std::min<int64_t>(tokens - t0, 4)) {
-                case 1: int8_row_tile<1>(row, padded, x, sums); break;
-                case 2: int8_row_tile<2>(row, padded, x, sums); break;
-                case 3: int8_row_tile<3>(row, padded, x, sums); break;
-                default: int8_row_tile<4>(row, padded, x, sums); break;
-            }
-            for (int64_t t = t0; t < std::min<int64_t>(tokens, t0 + 4); ++t) acc[t * out_stride + r] = sums[t - t0];
-        }
-    }
+    for (int64_t r = row_begin; r < row_end; ++r)
+        in_fours(tokens, [&](auto tile, int64_t t0) {
+            constexpr int NT = decltype(tile)::value;
+            int32_t sums[NT];
+            int8_row_tile<NT>(m.q + r * padded, padded, xq + t0 * padded, sums);
+            for (int t = 0; t < NT; ++t) acc[(t0 + t) * out_stride + r] = sums[t];
+        });
 }
 
 void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
@@ -282,17 +294,10 @@ void attention_group(const float* q, int64_t head_dim, const uint16_t* keys, con
 void f16_attention_avx2(const float* q, int64_t heads, int64_t head_dim, const uint16_t* keys,
                         const uint16_t* values, int64_t stride, int64_t count, float scale, float* scratch,
                         float* out) {
-    for (int64_t h = 0; h < heads; h += 4) {
-        const float* qh = q + h * head_dim;
-        float* scores = scratch + h * count;
-        float* oh = out + h * head_dim;
-        switch (std::min<int64_t>(heads - h, 4)) {
-            case 1: attention_group<1>(qh, head_dim, keys, values, stride, count, scale, scores, oh); break;
-            case 2: attention_group<2>(qh, head_dim, keys, values, stride, count, scale, scores, oh); break;
-            case 3: attention_group<3>(qh, head_dim, keys, values, stride, count, scale, scores, oh); break;
-            default: attention_group<4>(qh, head_dim, keys, values, stride, count, scale, scores, oh); break;
-        }
-    }
+    in_fours(heads, [&](auto group, int64_t h) {
+        attention_group<decltype(group)::value>(q + h * head_dim, head_dim, keys, values, stride, count, scale,
+                                                scratch + h * count, out + h * head_dim);
+    });
 }
 
 // The reference's steps on eight floats at a time, each rounding the same way: the same product
@@ -332,31 +337,46 @@ float quantize_row_avx2(const float* x, int64_t cols, int8_t* xq, int32_t* sum) 
     return a;
 }
 
-// Per group: 16 bytes -> 32 nibbles in weight order, minus 8, then the same sign trick as the int8
-// head (|q - 8| <= 8, so pmaddubsw pairs stay within 2032); one FMA by the group's scale.
+namespace {
+
+// One q4 row against NT tokens. Per group: 16 bytes -> 32 nibbles in weight order, minus 8 (once
+// for all NT tokens), then the same sign trick as the int8 head (|q - 8| <= 8, so pmaddubsw pairs
+// stay within 2032); one FMA per token by the group's scale.
+template <int NT>
+inline void q4_row_tile(const uint8_t* row, const uint16_t* scales, int64_t groups, int64_t padded, const int8_t* x,
+                        float sums[NT]) {
+    const __m128i low_nibbles = _mm_set1_epi8(15);
+    const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+    __m256 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * kQ4Group / 2));
+        const __m256i q = _mm256_sub_epi8(
+            _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles), _mm_and_si128(bytes, low_nibbles)),
+            eight);
+        const __m256i magnitude = _mm256_abs_epi8(q);
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(scales[g]));
+        for (int t = 0; t < NT; ++t) {
+            const __m256i xg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t * padded + g * kQ4Group));
+            const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xg, q)), ones);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; ++t) sums[t] = horizontal_sum(acc[t]);
+}
+
+}  // namespace
+
 void q4_gemv_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
                   float* out, int64_t out_stride) {
     const int64_t padded = padded_cols(m.cols), groups = padded / kQ4Group;
-    const __m128i low_nibbles = _mm_set1_epi8(15);
-    const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
-    for (int64_t r = row_begin; r < row_end; ++r) {
-        const uint8_t* row = m.q + r * padded / 2;
-        const uint16_t* scales = m.scales + r * groups;
-        for (int64_t t = 0; t < tokens; ++t) {
-            const int8_t* x = xq + t * padded;
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t g = 0; g < groups; ++g) {
-                const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * kQ4Group / 2));
-                const __m256i q = _mm256_sub_epi8(
-                    _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles), _mm_and_si128(bytes, low_nibbles)),
-                    eight);
-                const __m256i xg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + g * kQ4Group));
-                const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xg, q)), ones);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(scales[g])), _mm256_cvtepi32_ps(dot), acc);
-            }
-            out[t * out_stride + r] = horizontal_sum(acc);
-        }
-    }
+    for (int64_t r = row_begin; r < row_end; ++r)
+        in_fours(tokens, [&](auto tile, int64_t t0) {
+            constexpr int NT = decltype(tile)::value;
+            float sums[NT];
+            q4_row_tile<NT>(m.q + r * padded / 2, m.scales + r * groups, groups, padded, xq + t0 * padded, sums);
+            for (int t = 0; t < NT; ++t) out[(t0 + t) * out_stride + r] = sums[t];
+        });
 }
 
 }  // namespace ternlm

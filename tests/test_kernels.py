@@ -178,7 +178,7 @@ def test_q4_format_is_llama_cpp_q4_0(cols):
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
-@pytest.mark.parametrize("tokens,cols,rows", [(1, 32, 3), (2, 100, 7), (3, 2560, 11)])
+@pytest.mark.parametrize("tokens,cols,rows", [(1, 32, 3), (2, 100, 7), (3, 2560, 11), (6, 300, 9)])
 def test_q4_head_matches_numpy(kernel, tokens, cols, rows):
     """The 4-bit head against gguf-py's Q4_0 quantization and float64 products."""
     rng = np.random.default_rng(cols)
