@@ -1,7 +1,7 @@
 """Load on `ternlm serve`: aggregate generated tokens/s and time to first token (TTFT) with 1, 4, 8
 and 16 concurrent streams, on a random model with BitNet b1.58 2B4T's exact shapes.
 
-    python bench/serve_load.py --streams 1,4,8,16 -p 16 -n 32 --head int8
+    python bench/serve_load.py --streams 1,4,8,16 -p 16 -n 32 [--head int8]
 
 The server runs in this process (a thread, as in the tests) on a loopback port, with --max-batch
 equal to the largest stream count; the clients run in a child process, so that parsing their
@@ -77,7 +77,9 @@ def main() -> None:
     parser.add_argument("-p", "--n-prompt", type=int, default=16, help="prompt tokens per stream (default 16)")
     parser.add_argument("-n", "--n-gen", type=int, default=32, help="tokens generated per stream (default 32)")
     parser.add_argument("-t", "--threads", type=int, default=None, help="engine threads (default: all cores)")
-    parser.add_argument("--head", default="int8", help="output matrix format (default int8)")
+    parser.add_argument("--head", default="stored",
+                        help="output matrix format: stored (as in the file, f16 here: `ternlm serve`'s default), "
+                             "int8, q4, float16, bfloat16 or float32 (default stored)")
     parser.add_argument("--prefill-chunk", type=int, default=64, help="the server's --prefill-chunk (default 64)")
     parser.add_argument("--shape", default="2b4t", choices=("2b4t", "tiny"), help="synthetic shape (default 2b4t)")
     parser.add_argument("-r", "--repeat", type=int, default=3,
@@ -92,7 +94,8 @@ def main() -> None:
     from ternlm.weights.synthetic import SyntheticCheckpoint
 
     print(f"building the synthetic {args.shape} model ...", flush=True)
-    model = load_checkpoint(SyntheticCheckpoint(args.shape), threads=args.threads, head=args.head)
+    model = load_checkpoint(SyntheticCheckpoint(args.shape), threads=args.threads,
+                            head=None if args.head == "stored" else args.head)
     model.stop_ids = set()  # a random model may hit an end-of-text id: every stream runs its full length
     model_id = f"synthetic-{args.shape}"
     app = create_app(model, model_id, ServerOptions(max_batch=max(levels), max_waiting=max(levels),

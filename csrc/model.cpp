@@ -16,11 +16,11 @@ namespace ternlm {
 
 namespace {
 
-// When many tokens meet the head (every position of a perplexity window, a long prompt's chunk),
+// When many tokens meet the head (every position of a perplexity window, a step of many sequences),
 // a block of rows stays in cache while every tile of tokens passes over it, so the head is read
-// from memory once. Left to themselves, the float kernel goes over all its rows once per tile of
-// tokens, and the int8 and q4 kernels keep every token's activations in play for each row, which
-// past a few tokens no longer fit in cache. (256 positions of the 2B4T shape: 6-7 % faster.)
+// from memory once. Left to themselves, the kernels take every token for each row (or group of
+// rows), and past a few tokens those activations no longer fit in cache. (256 positions of the
+// 2B4T shape: 6-7 % faster.)
 constexpr int64_t kHeadBlockBytes = 64 * 1024;
 constexpr int64_t kHeadTokenTile = 8;
 
