@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -86,6 +85,8 @@ def main() -> None:
                         help="rounds over all the levels; each level reports its median round (default 3)")
     args = parser.parse_args()
     levels = [int(n) for n in args.streams.split(",")]
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     from ternlm import _core
     from ternlm.api import load_checkpoint
@@ -119,7 +120,7 @@ def main() -> None:
 
     rows = []
     for n in levels:
-        tokens, seconds, _ = sorted(runs[n], key=lambda run: run[0] / run[1])[len(runs[n]) // 2]
+        tokens, seconds, _ = sorted(runs[n], key=lambda run: run[0] / run[1])[(len(runs[n]) - 1) // 2]  # lower median
         ttfts = [t for _, _, level_ttfts in runs[n] for t in level_ttfts]
         rows.append((n, tokens, seconds, tokens / seconds, percentile(ttfts, 50), percentile(ttfts, 99)))
     single = next((rate for n, _, _, rate, _, _ in rows if n == 1), None)
@@ -131,7 +132,7 @@ def main() -> None:
     for n, tokens, seconds, rate, p50, p99 in rows:
         ratio = f"{rate / single:.2f}x" if single else ""
         print(f"| {n} | {tokens} | {seconds:.1f} | {rate:.2f} | {ratio} | {p50:.2f} | {p99:.2f} |")
-    print(f"\n(wall s and tokens/s: each level's median round; TTFTs: over every stream of every round)")
+    print("\n(wall s and tokens/s: each level's median round; TTFTs: over every stream of every round)")
 
 
 if __name__ == "__main__":

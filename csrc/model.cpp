@@ -28,7 +28,7 @@ constexpr int64_t kHeadTokenTile = 8;
 template <typename Kernel>
 void over_head_blocks(int64_t begin, int64_t end, int64_t tokens, int64_t row_bytes, const Kernel& kernel) {
     if (tokens <= kHeadTokenTile) return kernel(begin, end, int64_t{0}, tokens);
-    const int64_t block = std::max<int64_t>(1, kHeadBlockBytes / row_bytes);
+    const int64_t block = std::max<int64_t>(4, kHeadBlockBytes / row_bytes / 4 * 4);  // whole groups of the float kernel's 4 rows
     for (int64_t r0 = begin; r0 < end; r0 += block)
         for (int64_t t0 = 0; t0 < tokens; t0 += kHeadTokenTile)
             kernel(r0, std::min(end, r0 + block), t0, std::min(kHeadTokenTile, tokens - t0));
