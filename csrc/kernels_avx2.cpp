@@ -131,13 +131,17 @@ constexpr int64_t kHeadPrefetchAhead = 4096;
 
 namespace {
 
-// One int8 row against NT tokens: s8 x s8 with pmaddubsw, which wants one unsigned operand, so
-// |q| (computed once for all NT tokens) times x with q's sign moved onto x. |q| <= 127 and
-// |x| <= 127, so a pair sums to at most 32258: no saturation, but two pairs could, hence one
-// pmaddwd per product.
+// Products of 32 s8 weights q with 32 s8 activations x, summed four by four into eight int32.
+// pmaddubsw wants one unsigned operand, so |q| (`magnitude`, computed once for all the tokens) times
+// x with q's sign moved onto x. |q| <= 127 and |x| <= 127, so a pair sums to at most 32258: no
+// saturation, but two pairs could, hence the pmaddwd at once.
+TERNLM_INLINE __m256i signed_dot(__m256i magnitude, __m256i q, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, q)), _mm256_set1_epi16(1));
+}
+
+// One int8 row against NT tokens.
 template <int NT>
 inline void int8_row_tile(const int8_t* row, int64_t padded, const int8_t* x, int32_t* sums) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
     for (int64_t k = 0; k < padded; k += 32) {
@@ -146,7 +150,7 @@ inline void int8_row_tile(const int8_t* row, int64_t padded, const int8_t* x, in
         const __m256i magnitude = _mm256_abs_epi8(q);
         for (int t = 0; t < NT; ++t) {
             const __m256i xt = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t * padded + k));
-            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xt, q)), ones));
+            acc[t] = _mm256_add_epi32(acc[t], signed_dot(magnitude, q, xt));
         }
     }
     for (int t = 0; t < NT; ++t) sums[t] = horizontal_sum(acc[t]);
@@ -340,13 +344,13 @@ float quantize_row_avx2(const float* x, int64_t cols, int8_t* xq, int32_t* sum) 
 namespace {
 
 // One q4 row against NT tokens. Per group: 16 bytes -> 32 nibbles in weight order, minus 8 (once
-// for all NT tokens), then the same sign trick as the int8 head (|q - 8| <= 8, so pmaddubsw pairs
-// stay within 2032); one FMA per token by the group's scale.
+// for all NT tokens), then signed_dot as for the int8 head (|q - 8| <= 8); one FMA per token by the
+// group's scale.
 template <int NT>
 inline void q4_row_tile(const uint8_t* row, const uint16_t* scales, int64_t groups, int64_t padded, const int8_t* x,
                         float sums[NT]) {
     const __m128i low_nibbles = _mm_set1_epi8(15);
-    const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+    const __m256i eight = _mm256_set1_epi8(8);
     __m256 acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
@@ -358,8 +362,7 @@ inline void q4_row_tile(const uint8_t* row, const uint16_t* scales, int64_t grou
         const __m256 d = _mm256_set1_ps(_cvtsh_ss(scales[g]));
         for (int t = 0; t < NT; ++t) {
             const __m256i xg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t * padded + g * kQ4Group));
-            const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xg, q)), ones);
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(signed_dot(magnitude, q, xg)), acc[t]);
         }
     }
     for (int t = 0; t < NT; ++t) sums[t] = horizontal_sum(acc[t]);
