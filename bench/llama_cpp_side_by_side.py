@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -65,14 +66,39 @@ def write_synthetic_hf(directory: Path) -> None:
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
 
 
-def llama_cpp_worker(gguf: str, threads: int, prompt: int, generate: int, repetitions: int) -> None:
+def load_llama_cpp(gguf: str, repack: bool = True, **kwargs):
+    """A llama_cpp.Llama for the file. repack=False keeps the weights in plain CPU buffers (llama.cpp's
+    `use_extra_bufts = false`, llama-server's `--no-repack`), so no repacking backend runs: AMX is
+    one, and its matmul has crashed on a small Q6_K model. Call it in a child process only: a crash
+    inside llama.cpp ends the process that loaded it."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low_level
+
+    if repack:
+        return llama_cpp.Llama(gguf, **kwargs)
+    default_params = low_level.llama_model_default_params
+
+    def plain_cpu_buffers():
+        params = default_params()
+        if "use_extra_bufts" not in dict(params._fields_):  # a plain attribute would be set and ignored
+            raise RuntimeError("this llama-cpp-python has no llama_model_params.use_extra_bufts")
+        params.use_extra_bufts = False
+        return params
+
+    # Llama takes its model parameters from this function and has no argument for the field
+    low_level.llama_model_default_params = plain_cpu_buffers
+    try:
+        return llama_cpp.Llama(gguf, **kwargs)
+    finally:
+        low_level.llama_model_default_params = default_params
+
+
+def llama_cpp_worker(gguf: str, repack: bool, threads: int, prompt: int, generate: int, repetitions: int) -> None:
     """Runs in its own process: prints one JSON object per test."""
     import resource
 
-    import llama_cpp
-
-    llm = llama_cpp.Llama(gguf, n_threads=threads, n_threads_batch=threads, n_ctx=max(prompt, generate) + 8,
-                          n_batch=max(prompt, 1), verbose=False)
+    llm = load_llama_cpp(gguf, repack, n_threads=threads, n_threads_batch=threads, n_ctx=max(prompt, generate) + 8,
+                         n_batch=max(prompt, 1), verbose=False)
     tokens = np.random.default_rng(0).integers(0, 128000, size=max(prompt, generate)).tolist()
 
     def time_prompt():
@@ -100,6 +126,10 @@ def llama_cpp_worker(gguf: str, threads: int, prompt: int, generate: int, repeti
 
 def run_json_lines(command: list[str]) -> list[dict]:
     result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode < 0:
+        hint = "" if "--no-repack" in command else " (if llama.cpp crashed in a repacking backend such as AMX, try --no-repack)"
+        sys.exit(f"failed: {' '.join(command)} was killed by {signal.Signals(-result.returncode).name}{hint}\n"
+                 f"{result.stderr}")
     if result.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{result.stderr}")
     text = result.stdout.strip()
@@ -116,12 +146,15 @@ def main() -> None:
     parser.add_argument("--also-head", default="q4", choices=("q4", "int8", "float16", "none"),
                         help="one more ternlm head format to run alone, e.g. the 4-bit head for its peak RSS "
                              "(default q4; none skips it)")
+    parser.add_argument("--no-repack", action="store_true",
+                        help="llama.cpp keeps its weights in plain CPU buffers (no AMX or other repacked layouts), "
+                             "as llama-server's --no-repack")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ternlm-side-by-side"))
     parser.add_argument("--worker", nargs=5, metavar=("GGUF", "THREADS", "PROMPT", "GEN", "REPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         gguf, *numbers = args.worker
-        llama_cpp_worker(gguf, *map(int, numbers))
+        llama_cpp_worker(gguf, not args.no_repack, *map(int, numbers))
         return
 
     from ternlm import _core
@@ -147,7 +180,7 @@ def main() -> None:
     for t in threads:
         ours = ternlm_bench(HEAD_MATCH[args.head], t)
         theirs = run_json_lines([sys.executable, __file__, "--worker", str(gguf), str(t), str(args.n_prompt),
-                                 str(args.n_gen), str(args.repetitions)])
+                                 str(args.n_gen), str(args.repetitions)] + (["--no-repack"] if args.no_repack else []))
         rows.extend(zip(ours, theirs))
         if args.also_head != "none":
             alone.extend(ternlm_bench(args.also_head, t))

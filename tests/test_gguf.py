@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from gguf import quants as gguf_quants
 
 import ternlm
 from conftest import CORPUS, random_bitnet, ternarize, transformers_logits, write_checkpoint
+from llama_cpp_oracle import llama_cpp_greedy
 from test_model import PROMPT, assert_matches_oracle
 from test_tokenizer import TEXTS
 from ternlm.chat import BITNET_2B4T_TEMPLATE, ChatTemplate
@@ -417,14 +420,7 @@ def test_differing_block_scales_are_not_bitnet(good_gguf, tmp_path):
         ternlm.load(corrupt(good_gguf, tmp_path, info.offset + 64, np.float16(0.123).tobytes()))
 
 
-# -- side by side with upstream llama.cpp -----------------------------------------------------
-def llama_cpp_logits(path: Path, ids: list[int]):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python")
-    model = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
-    model.eval(ids)
-    return model, np.array(model.scores[: len(ids)])
-
-
+# -- side by side with upstream llama.cpp (in a child process: llama_cpp_oracle.py) ------------
 @pytest.mark.parametrize("arch, head", [("bitnet", "f16"), ("llama", "q6_k")])
 def test_llama_cpp_agrees(arch, head, tmp_path, tiny_tokenizer_json):
     """llama.cpp computes the same model: SiLU `bitnet` (its BitNet graph) and a ternary `llama`
@@ -434,13 +430,9 @@ def test_llama_cpp_agrees(arch, head, tmp_path, tiny_tokenizer_json):
     hf = write_checkpoint(wide_random_model(arch=arch, hidden_act="silu", seed=7), tmp_path / "hf", tiny_tokenizer_json)
     path = convert_to_gguf(hf, tmp_path / "m.gguf", ternary="tq2_0", head=head)
     ours = ternlm.load(path)
-    theirs, their_logits = llama_cpp_logits(path, PROMPT)
+    their_logits, their_tokens = llama_cpp_greedy(path, PROMPT, continuation=16)
     our_logits = ours.logits(PROMPT)
     assert np.abs(our_logits - their_logits).max() < 1.5e-2 * np.ptp(our_logits)
-    their_tokens = []  # greedy continuation, one token at a time through llama.cpp's KV cache
-    for _ in range(16):
-        their_tokens.append(int(np.argmax(theirs.scores[theirs.n_tokens - 1])))
-        theirs.eval([their_tokens[-1]])
     ours.stop_ids = set()
     assert list(ours.stream_tokens(PROMPT, max_tokens=16)) == their_tokens
 
@@ -450,9 +442,37 @@ def test_llama_cpp_computes_silu_for_bitnet(tmp_path, tiny_tokenizer_json):
     range on this model), while ternlm follows the file's ternlm.hidden_act and matches transformers."""
     hf = write_checkpoint(wide_random_model(hidden_act="relu2", seed=7), tmp_path / "hf", tiny_tokenizer_json)
     path = convert_to_gguf(hf, tmp_path / "m.gguf", ternary="tq2_0", head="f16")
-    _, their_logits = llama_cpp_logits(path, PROMPT)
+    their_logits, _ = llama_cpp_greedy(path, PROMPT)
     our_logits = ternlm.load(path).logits(PROMPT)
     assert np.abs(our_logits - their_logits).max() > 5e-2 * np.ptp(our_logits)
+
+
+ISOLATION_TESTS = """
+import signal, sys
+sys.path.insert(0, {tests!r})
+from llama_cpp_oracle import llama_cpp_greedy
+
+def test_oracle_crashes():
+    llama_cpp_greedy({gguf!r}, [0, 1, 2], crash_with=signal.SIGSEGV)
+
+def test_after_the_crash():
+    assert llama_cpp_greedy({gguf!r}, [0, 1, 2])[0].shape[0] == 3
+"""
+
+
+def test_a_crashing_llama_cpp_fails_one_test_and_the_run_goes_on(tmp_path, tiny_tokenizer_json):
+    """Issue #17: llama.cpp's AMX matmul segfaulted inside a test and took pytest down with it. A
+    pytest run whose llama.cpp child dies of SIGSEGV reports that test as failed, naming the oracle
+    and the signal, and still runs and passes the next test."""
+    pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python")
+    hf = write_checkpoint(wide_random_model(seed=3), tmp_path / "hf", tiny_tokenizer_json)
+    gguf = convert_to_gguf(hf, tmp_path / "m.gguf", ternary="tq2_0", head="f16")
+    tests = tmp_path / "test_isolation.py"
+    tests.write_text(ISOLATION_TESTS.format(tests=str(Path(__file__).parent), gguf=str(gguf)))
+    run = subprocess.run([sys.executable, "-m", "pytest", str(tests), "-q", "-p", "no:cacheprovider",
+                          "--rootdir", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert "1 failed, 1 passed" in run.stdout, run.stdout + run.stderr
+    assert "llama.cpp oracle (llama-cpp-python) was killed by SIGSEGV (signal 11)" in run.stdout
 
 
 def test_i2_s_bytes_used_in_place_are_still_checked(tmp_path, tiny_tokenizer_json, monkeypatch):
