@@ -212,6 +212,23 @@ def test_learning_rate_schedule():
     assert learning_rate(110, c) == pytest.approx(0.1)
 
 
+def test_a_warmup_longer_than_the_run_is_capped_and_the_rate_decays(capsys):
+    """The default warmup (100) on a 60-step run rose for all 60 steps and never decayed."""
+    c = from_args(["--data", "x", "--preset", "tiny", "--steps", "60"])
+    assert c.warmup == 6 and "warming up for 6 steps" in capsys.readouterr().err
+    rates = [learning_rate(step, c) for step in range(60)]
+    assert max(rates) == pytest.approx(c.lr) and rates.index(max(rates)) == 5
+    assert rates[-1] < 0.01 * c.lr + c.min_lr
+    assert from_args(["--data", "x", "--steps", "60", "--warmup", "5"]).warmup == 5
+
+
+def test_train_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "linear warmup steps (default: 100)" in text and "peak learning rate (default: 0.002)" in text
+
+
 # -- the loop -------------------------------------------------------------------------------
 def test_training_lowers_the_loss_and_writes_everything(tmp_path, corpus):
     config = tiny_config(corpus, tmp_path / "run", steps=30, eval_every=15)

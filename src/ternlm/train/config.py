@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +123,9 @@ def _parse_value(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ternlm train", description="Quantization-aware training of a ternary BitNet.")
+    parser = argparse.ArgumentParser(prog="ternlm train", description="Quantization-aware training of a ternary "
+                                     "BitNet. Settings come from the preset, then a TOML file, then these flags; the "
+                                     "defaults shown are the built-in ones, which a preset or file may change.")
     parser.add_argument("config", nargs="?", help="a TOML file (training fields, [model] table)")
     parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model field (HF config.json name)")
@@ -143,8 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs="+", default=None, help=f.metadata["help"])
         else:
             kind = str if f.type in ("str", "str | None") else _parse_value
-            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, default=None, help=_with_default(f))
     return parser
+
+
+def _with_default(f: dataclasses.Field) -> str:
+    """The field's help with its built-in default (flags default to None so that presets and files can
+    set them: argparse cannot show the default itself)."""
+    help = f.metadata["help"]
+    if f.default is None or "default" in help:
+        return help
+    return f"{help} (default: {f.default})" if help else f"default: {f.default}"
+
+
+def cap_warmup(config: TrainConfig) -> None:
+    """A warmup as long as the run would leave the learning rate rising at its last step and never
+    decaying (e.g. the default 100 steps with --steps 60): it is cut to a tenth of the run, with a note."""
+    if config.warmup >= config.steps:
+        capped = config.steps // 10
+        print(f"note: a warmup of {config.warmup} steps does not fit a run of {config.steps}; warming up for "
+              f"{capped} steps (a tenth of the run) instead", file=sys.stderr)
+        config.warmup = capped
 
 
 def from_args(argv: list[str] | None, saved: dict | None = None) -> TrainConfig:
@@ -169,4 +191,5 @@ def from_args(argv: list[str] | None, saved: dict | None = None) -> TrainConfig:
         if not sep:
             raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
         config.model[key] = _parse_value(value)
+    cap_warmup(config)
     return config
