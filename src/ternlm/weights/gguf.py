@@ -6,7 +6,7 @@ file's worth of steps, and the tensor data is left to us, because GGUFReader wou
 upstream ggml's meanings while bitnet.cpp uses them for its own types (36 = I2_S, 39 = TL2 vs
 upstream's MXFP4). We accept id 36 only as I2_S, and only where its size proves it; 37-39 are errors.
 
-Ternary layouts (DESIGN.md §2), each unpacked to int8 {-1, 0, 1} [rows, cols] plus one scale:
+Ternary layouts (docs/design.md §2), each unpacked to int8 {-1, 0, 1} [rows, cols] plus one scale:
 - I2_S (36): the whole tensor in blocks of 128 weights -> 32 bytes; byte j of a block holds weights
   j, 32+j, 64+j, 96+j in bits 7:6, 5:4, 3:2, 1:0 as codes 0,1,2 = -1,0,+1; after the n/4 code bytes
   a 32-byte tail whose first 4 bytes are the f32 scale.
