@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, TokenType
 from gguf import quants as gguf_quants
 
 import ternlm
@@ -19,13 +19,15 @@ from conftest import CORPUS, random_bitnet, ternarize, transformers_logits, writ
 from llama_cpp_oracle import llama_cpp_greedy
 from test_model import PROMPT, assert_matches_oracle
 from test_tokenizer import TEXTS
-from ternlm.chat import BITNET_2B4T_TEMPLATE, ChatTemplate
+from ternlm.chat import BITNET_2B4T_TEMPLATE, ChatTemplate, usable_template
 from ternlm.cli import main as cli_main
 from ternlm.weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, DenseTensor, float32_of, linear_name,
                                        linear_shape)
 from ternlm.weights.convert import convert_to_gguf, convert_to_hf, quantize_q6_k
-from ternlm.weights.gguf import (GGUFCheckpoint, GGUFFile, _BoundedReader, _ternary_of_float, gguf_tokenizer, pack_i2_s,
-                                 pack_tq1_0, pack_tq2_0, tensor_scale, unpack_i2_s, unpack_tq1_0, unpack_tq2_0)
+from ternlm.weights.gguf import GGUFCheckpoint, GGUFFile, _ternary_of_float
+from ternlm.weights.gguf_ternary import (pack_i2_s, pack_tq1_0, pack_tq2_0, tensor_scale, unpack_i2_s, unpack_tq1_0,
+                                         unpack_tq2_0)
+from ternlm.weights.gguf_tokenizer import gguf_tokenizer
 from ternlm.weights.hf import HFCheckpoint
 
 FORMATS = ("i2_s", "tq2_0", "tq1_0")
@@ -268,7 +270,10 @@ def test_chat_template_from_metadata(tiny_tokenizer_json, tmp_path):
     for template, expected in ((broken, None), (custom, custom), (None, None), (official, official)):
         extra = {"tokenizer__chat_template": template} if template else {}
         path = write_gguf(tmp_path / "t.gguf", **tokenizer_metadata(tok, **extra))
-        assert gguf_tokenizer(GGUFFile(path)).chat_template == expected
+        ours = gguf_tokenizer(GGUFFile(path))
+        assert ours.chat_template == template  # the reader returns what the file says
+        has_eot = ours.token_to_id("<|eot_id|>") is not None
+        assert usable_template(ours.chat_template, "<s>", "</s>", has_eot) == expected
     # None means the built-in 2B4T template
     assert ChatTemplate(None).source == BITNET_2B4T_TEMPLATE
 
@@ -367,8 +372,8 @@ def corrupt(good: Path, tmp_path: Path, at: int, value: bytes) -> Path:
 
 
 def tensor_field_offset(path: Path, tensor: str, part: int) -> int:
-    """Where part `part` (3 dims, 4 type, 5 offset) of a tensor's info sits in the file."""
-    field = next(f for f in _BoundedReader(path).tensor_fields if f.name == tensor)
+    """Where part `part` (3 dims, 4 type, 5 offset) of a tensor's info sits in the file, by gguf-py's reader."""
+    field = next(t.field for t in GGUFReader(path).tensors if t.name == tensor)
     return field.offset + sum(int(p.nbytes) for p in field.parts[:part])
 
 
@@ -389,7 +394,7 @@ def test_hostile_counts(good_gguf, tmp_path, at, count):
 
 
 def test_hostile_array_length(good_gguf, tmp_path):
-    field = _BoundedReader(good_gguf).fields["tokenizer.ggml.merges"]
+    field = GGUFReader(good_gguf).fields["tokenizer.ggml.merges"]
     at = field.offset + 8 + len("tokenizer.ggml.merges") + 4 + 4
     with pytest.raises(ternlm.FormatError, match="past the end"):
         ternlm.load(corrupt(good_gguf, tmp_path, at, struct.pack("<Q", 1 << 61)))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ternlm.api import default_model_path, resolve_model_path
+from ternlm.hub import default_model_path, resolve_model_path
 from ternlm.errors import HubError
 from ternlm.hub import SAFETENSORS_FILES, files_to_download
 

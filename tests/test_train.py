@@ -340,7 +340,7 @@ def engine_bits_per_byte(engine, heldout: D.HeldOut) -> float:
 def test_shipped_model_engine_perplexity_equals_training_code():
     """On held-out Shakespeare (the tail of Hamlet, never trained on): within 0.5 %."""
     import ternlm
-    from ternlm.api import default_model_path
+    from ternlm.hub import default_model_path
     from tokenizers import Tokenizer
 
     model_dir = default_model_path()

@@ -2,54 +2,21 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from .chat import ChatTemplate
+from .chat import ChatTemplate, usable_template
 from .config import BitNetConfig
 from .errors import FormatError
 from .generate import ContextOverflowError, GenerationStats, generate_tokens, stream_text
-from .hub import cached_model
+from .hub import resolve_model_path
 from .model import build_engine
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+from .weights import open_checkpoint
 from .weights.checkpoint import Checkpoint
-from .weights.hf import HFCheckpoint
-
-
-def default_model_path() -> Path:
-    return Path(str(resources.files("ternlm") / "data" / "default"))
-
-
-def resolve_model_path(model: str | Path | None) -> Path:
-    """A local directory or GGUF file, or an HF repo id already in the local HF cache."""
-    if model is None:
-        path = default_model_path()
-        if not (path / "config.json").exists():
-            raise FormatError(path, "this build of ternlm ships no default model; pass a model path")
-        return path
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    text = str(model)
-    if text.count("/") == 1 and not text.startswith((".", "/")):
-        return cached_model(text)
-    raise FormatError(path, "no such file or directory")
-
-
-def open_checkpoint(path: Path) -> Checkpoint:
-    if path.is_dir():
-        return HFCheckpoint(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
-        from .weights.gguf import GGUFCheckpoint  # here: the gguf package adds a few MB to a process's RSS
-
-        return GGUFCheckpoint(path)
-    raise FormatError(path, "not a model directory (expected config.json and safetensors files) or GGUF file")
 
 
 class LanguageModel:
@@ -62,7 +29,9 @@ class LanguageModel:
         self.n_ctx = n_ctx
         bos = tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
         eos = tokenizer.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
-        self.chat_template = ChatTemplate(tokenizer.chat_template, bos or "", eos or "", origin=str(path))
+        template = usable_template(tokenizer.chat_template, bos or "", eos or "",
+                                   tokenizer.token_to_id("<|eot_id|>") is not None)
+        self.chat_template = ChatTemplate(template, bos or "", eos or "", origin=str(path))
         self.stop_ids = stop_ids
         self.last_stats = GenerationStats()
 

@@ -150,3 +150,20 @@ class ChatTemplate:
             raise ValueError(f"chat template failed: {type(e).__name__}: {e}") from None
         finally:
             sys.settrace(tracer)
+
+
+def usable_template(template: str | None, bos_token: str, eos_token: str, has_eot_token: bool) -> str | None:
+    """The model's own template, unless it is a broken 2B4T one, as the official GGUF converter writes:
+    a "Role: content" template that does not render 2B4T's format exactly (turns must end in
+    <|eot_id|>, or the model talks on for both sides). None means the built-in 2B4T template."""
+    if template is None or not has_eot_token:
+        return template
+    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    try:
+        text = ChatTemplate(template, bos_token, eos_token).render(messages)
+    except (FormatError, ValueError):
+        return template  # a template that does not render is reported when the model is loaded
+    if "User: hi" in text and text != ChatTemplate(BITNET_2B4T_TEMPLATE, bos_token, eos_token).render(messages):
+        return None
+    return template

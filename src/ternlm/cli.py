@@ -199,8 +199,9 @@ def _check_plotting(args) -> None:
 
 def cmd_bench(args) -> int:
     from . import bench
-    from .api import open_checkpoint, resolve_model_path
+    from .hub import resolve_model_path
     from .model import HEAD_DTYPES, NativeEngine
+    from .weights import open_checkpoint
     from .weights.synthetic import SyntheticCheckpoint
 
     if args.model and args.synthetic:
@@ -402,7 +403,7 @@ def cmd_serve(args) -> int:
 
 
 def _serve_on_ray(args, options) -> int:
-    from .api import resolve_model_path
+    from .hub import resolve_model_path
     from .server.ray_deploy import RayOptions, serve_on_ray
 
     if args.threads is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from .errors import FormatError, HubError
@@ -118,3 +119,24 @@ def list_cached() -> tuple[Path, list[CachedModel]]:
                           repo.last_modified, repo.repo_path)
               for repo in cache.repos if repo.repo_type == "model"]
     return Path(constants.HF_HUB_CACHE), sorted(models, key=lambda m: -m.size_bytes)
+
+
+def default_model_path() -> Path:
+    """The small model shipped inside the package."""
+    return Path(str(resources.files("ternlm") / "data" / "default"))
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """A local directory or GGUF file, or an HF repo id already in the local HF cache."""
+    if model is None:
+        path = default_model_path()
+        if not (path / "config.json").exists():
+            raise FormatError(path, "this build of ternlm ships no default model; pass a model path")
+        return path
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    text = str(model)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        return cached_model(text)
+    raise FormatError(path, "no such file or directory")

@@ -23,10 +23,13 @@ from gguf import quants as gguf_quants
 
 from ..config import BitNetConfig
 from ..errors import FormatError
+from ..hub import resolve_model_path
+from . import open_checkpoint
 from .checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Checkpoint, float32_of, layer_norms,
                          linear_name, linear_shape, norm_name)
-from .gguf import (GPT2_PRE, HIDDEN_ACT_KEY, I2_S, LLAMA3_PATTERN, TQ1_0, TQ2_0, GGUFCheckpoint,
-                   gguf_hf_tokenizer, pack_i2_s, pack_tq1_0, pack_tq2_0, ternary_nbytes)
+from .gguf import HIDDEN_ACT_KEY, GGUFCheckpoint
+from .gguf_ternary import I2_S, TQ1_0, TQ2_0, pack_i2_s, pack_tq1_0, pack_tq2_0, ternary_nbytes
+from .gguf_tokenizer import GPT2_PRE, LLAMA3_PATTERN, gguf_hf_tokenizer
 from .hf import HFCheckpoint
 from .names import gguf_name, permute_rope_rows
 from .packing import pack_ternary_hf
@@ -40,8 +43,6 @@ FILE_TYPES = {TQ1_0: LlamaFileType.MOSTLY_TQ1_0, TQ2_0: LlamaFileType.MOSTLY_TQ2
 
 def open_source(path: Path) -> Checkpoint:
     """An HF directory, a GGUF file, or an HF repo id in the local cache."""
-    from ..api import open_checkpoint, resolve_model_path
-
     checkpoint = open_checkpoint(resolve_model_path(path))
     checkpoint.check_weights_fit()
     return checkpoint
@@ -244,10 +245,10 @@ def _write_tokenizer(writer: GGUFWriter, checkpoint: Checkpoint) -> None:
     tokenizer = checkpoint.tokenizer()
     if isinstance(checkpoint, GGUFCheckpoint):
         # the source's own vocabulary, as stored; ids and template are written below
-        for key, field in checkpoint.file.fields().items():
+        for key, entry in checkpoint.file.metadata().items():
             if key.startswith("tokenizer.") and key not in _TOKENIZER_KEYS_WRITTEN:
-                main, sub = field.types[0], (field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None)
-                writer.add_key_value(key, field.contents(), main, sub_type=sub)
+                sub = None if entry.element_type is None else GGUFValueType(entry.element_type)
+                writer.add_key_value(key, entry.python(), GGUFValueType(entry.value_type), sub_type=sub)
     elif isinstance(checkpoint, HFCheckpoint):
         _write_hf_vocabulary(writer, checkpoint)
     if tokenizer.bos_id is not None:
