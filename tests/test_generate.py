@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -145,6 +146,16 @@ def test_cli_generate_streams_and_reports(model_dir, model):
     assert result.returncode == 0, result.stderr
     assert result.stdout == model.generate("To be, or not", max_tokens=12) + "\n"
     assert "tokens/s" in result.stderr
+
+
+def test_cli_generate_into_a_closed_pipe_exits_quietly(model_dir):
+    """`ternlm generate ... | head -1`: the reader is gone before the text is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "wb") as stdout:
+        result = subprocess.run([sys.executable, "-m", "ternlm.cli", "generate", "To be", "-m", str(model_dir), "-n", "8"],
+                                stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 141 and result.stderr == ""
 
 
 def test_cli_chat_reset_and_exit(model_dir):

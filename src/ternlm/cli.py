@@ -610,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `ternlm generate ... | head`: the reader has gone, so stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit-time flush must not fail too
+        return 141  # 128 + SIGPIPE, what a C program killed by the signal reports
 
 
 if __name__ == "__main__":
