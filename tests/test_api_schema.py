@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.slow  # schemathesis, a few minutes
 schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathesis (in the test extra)")
 from hypothesis import HealthCheck, settings  # noqa: E402 (after the skip)
 from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,  # noqa: E402

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # C++ builds, ARM64 under qemu
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 COMMON = ["tests/kernel_check.cpp", "kernels_ref.cpp", "dispatch.cpp", "model.cpp", "threads.cpp"]
 X86_VARIANTS = {"kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"], "kernels_avxvnni.cpp": ["-mavx2", "-mavxvnni"],

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import numpy_log_probs
 
+pytestmark = pytest.mark.slow  # lm-evaluation-harness
 pytest.importorskip("lm_eval", reason="pip install 'ternlm[eval]'")
 
 HELDOUT = Path(__file__).parent / "data" / "hamlet_heldout.txt"

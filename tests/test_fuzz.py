@@ -57,6 +57,7 @@ def test_the_harness_reports_an_allocation_the_input_does_not_justify(workspace,
         targets.run("config", b"{}", workspace)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", targets.TARGETS)
 def test_a_short_fuzz_run_finds_nothing(tmp_path, target):
     pytest.importorskip("atheris", reason="pip install atheris (in the test extra)")

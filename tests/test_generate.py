@@ -176,6 +176,7 @@ def test_cli_reports_bad_model_without_traceback(tmp_path):
     assert "no such file" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # training needs PyTorch
 def test_cli_routes_train_to_the_training_command():
     result = run_cli("train", "--help")
     assert result.returncode == 0, result.stderr

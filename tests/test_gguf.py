@@ -15,9 +15,9 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, TokenType
 from gguf import quants as gguf_quants
 
 import ternlm
-from conftest import CORPUS, random_bitnet, ternarize, transformers_logits, write_checkpoint
+from conftest import (CORPUS, PROMPT, assert_matches_oracle, random_bitnet, ternarize, transformers_logits,
+                      write_checkpoint)
 from llama_cpp_oracle import llama_cpp_greedy
-from test_model import PROMPT, assert_matches_oracle
 from test_tokenizer import TEXTS
 from ternlm.chat import BITNET_2B4T_TEMPLATE, ChatTemplate, usable_template
 from ternlm.cli import main as cli_main
@@ -61,17 +61,23 @@ def round_scales_to_f16(directory: Path) -> Path:
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
 def converted(request, tmp_path_factory, tiny_tokenizer_json):
-    """An HF packed checkpoint (scales f16-exact), transformers' logits for it, its three GGUF conversions."""
+    """An HF packed checkpoint (scales f16-exact) and its three GGUF conversions."""
     directory = tmp_path_factory.mktemp(request.param)
     hf = round_scales_to_f16(write_checkpoint(wide_random_model(**ARCHITECTURES[request.param]), directory / "hf",
                                               tiny_tokenizer_json))
     files = {kind: convert_to_gguf(hf, directory / f"{kind}.gguf", ternary=kind, head="f32") for kind in FORMATS}
-    return hf, transformers_logits(hf, PROMPT), files
+    return hf, files
+
+
+@pytest.fixture(scope="module")
+def oracle(converted):
+    """transformers' logits for the HF checkpoint."""
+    return transformers_logits(converted[0], PROMPT)
 
 
 @pytest.mark.parametrize("kind", FORMATS)
 def test_same_ternary_weights_as_hf(converted, kind):
-    hf_dir, _, files = converted
+    hf_dir, files = converted
     hf, gguf = HFCheckpoint(hf_dir), GGUFCheckpoint(files[kind])
     assert gguf.config.architecture == hf.config.architecture
     assert gguf.config.hidden_act == hf.config.hidden_act
@@ -86,12 +92,14 @@ def test_same_ternary_weights_as_hf(converted, kind):
             assert our_scale == float(expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", FORMATS)
-def test_logits_match_transformers(converted, kind):
-    _, oracle, files = converted
+def test_logits_match_transformers(converted, oracle, kind):
+    _, files = converted
     assert_matches_oracle(ternlm.load(files[kind], kv_cache="f32").logits(PROMPT), oracle)
 
 
+@pytest.mark.slow
 def test_tq_rounds_scales_to_f16_only(tmp_path, tiny_tokenizer_json):
     """With scales that f16 cannot hold, a TQ file differs from the HF checkpoint by that rounding
     alone: the same logits as transformers on the checkpoint with its scales rounded to f16."""
@@ -101,6 +109,7 @@ def test_tq_rounds_scales_to_f16_only(tmp_path, tiny_tokenizer_json):
                           transformers_logits(round_scales_to_f16(hf), PROMPT))
 
 
+@pytest.mark.slow
 def test_convert_from_bf16_masters(tmp_path, tiny_tokenizer_json):
     """Master weights (the -bf16 release's form) are quantized on the way in; a bf16 head stays bf16."""
     hf = write_checkpoint(wide_random_model(seed=6), tmp_path / "hf", tiny_tokenizer_json, packed=False, dtype="bfloat16")
@@ -110,7 +119,7 @@ def test_convert_from_bf16_masters(tmp_path, tiny_tokenizer_json):
 
 
 def test_tokenizer_and_stop_ids_survive_conversion(converted):
-    hf_dir, _, files = converted
+    hf_dir, files = converted
     hf, gguf = ternlm.load(hf_dir, backend="reference"), ternlm.load(files["tq1_0"], backend="reference")
     for text in TEXTS:
         assert gguf.tokenizer.encode(text) == hf.tokenizer.encode(text)
@@ -120,10 +129,15 @@ def test_tokenizer_and_stop_ids_survive_conversion(converted):
 
 
 def test_gguf_to_hf_round_trip(converted, tmp_path):
-    hf_dir, oracle, files = converted
+    _, files = converted
     back = convert_to_hf(files["tq2_0"], tmp_path / "back")
     np.testing.assert_array_equal(ternlm.load(back).logits(PROMPT), ternlm.load(files["tq2_0"]).logits(PROMPT))
-    assert_matches_oracle(transformers_logits(back, PROMPT), oracle)  # and transformers reads it
+
+
+@pytest.mark.slow
+def test_transformers_reads_a_gguf_converted_to_hf(converted, oracle, tmp_path):
+    back = convert_to_hf(converted[1]["tq2_0"], tmp_path / "back")
+    assert_matches_oracle(transformers_logits(back, PROMPT), oracle)
 
 
 # -- layouts ----------------------------------------------------------------------------------
@@ -323,6 +337,7 @@ def test_q6_k_head_decodes_with_gguf_quants():
     assert np.all(decoded[3, :256] == 0)
 
 
+@pytest.mark.slow
 def test_float_ternary_weights_keep_their_scale():
     """llama.cpp's BitNet converter stores f16 t * scale: read back exactly, not re-quantized
     (absmean of t * scale is not the scale). A master weight is quantized as at training."""
@@ -342,7 +357,8 @@ def test_float_ternary_weights_keep_their_scale():
 
 # -- the command line -------------------------------------------------------------------------
 def test_cli_convert_both_ways(converted, tmp_path):
-    hf_dir, oracle, _ = converted
+    hf_dir, _ = converted
+    oracle = ternlm.load(hf_dir, backend="reference").logits(PROMPT)
     out = tmp_path / "m.gguf"
     assert cli_main(["convert", str(hf_dir), str(out), "--type", "tq1_0", "--head", "q8_0"]) == 0
     head = GGUFFile(out).tensors["output.weight" if "output.weight" in GGUFFile(out).tensors else "token_embd.weight"]
@@ -426,6 +442,7 @@ def test_differing_block_scales_are_not_bitnet(good_gguf, tmp_path):
 
 
 # -- side by side with upstream llama.cpp (in a child process: llama_cpp_oracle.py) ------------
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, head", [("bitnet", "f16"), ("llama", "q6_k")])
 def test_llama_cpp_agrees(arch, head, tmp_path, tiny_tokenizer_json):
     """llama.cpp computes the same model: SiLU `bitnet` (its BitNet graph) and a ternary `llama`
@@ -442,6 +459,7 @@ def test_llama_cpp_agrees(arch, head, tmp_path, tiny_tokenizer_json):
     assert list(ours.stream_tokens(PROMPT, max_tokens=16)) == their_tokens
 
 
+@pytest.mark.slow
 def test_llama_cpp_computes_silu_for_bitnet(tmp_path, tiny_tokenizer_json):
     """What the README says: llama.cpp's `bitnet` graph ignores relu2 (logits off by ~0.17 of the
     range on this model), while ternlm follows the file's ternlm.hidden_act and matches transformers."""
@@ -465,6 +483,7 @@ def test_after_the_crash():
 """
 
 
+@pytest.mark.slow
 def test_a_crashing_llama_cpp_fails_one_test_and_the_run_goes_on(tmp_path, tiny_tokenizer_json):
     """Issue #17: llama.cpp's AMX matmul segfaulted inside a test and took pytest down with it. A
     pytest run whose llama.cpp child dies of SIGSEGV reports that test as failed, naming the oracle

@@ -74,6 +74,7 @@ def test_quantization_rounds_half_to_even(kernel):
     assert xq[0, :40].tolist() == [127, 0, 2, 2, 0, -2, 4, -2] * 5
 
 
+@pytest.mark.slow
 def test_hf_packing_against_transformers():
     """Our packer is checked against transformers' own unpacking and packing."""
     import torch
@@ -94,6 +95,7 @@ def test_unpack_rejects_code_three():
         unpack_ternary_hf(np.full((1, 4), 0xFF, dtype=np.uint8))
 
 
+@pytest.mark.slow
 def test_absmean_quantization_matches_transformers():
     import torch
     from transformers.integrations.bitnet import WeightQuant

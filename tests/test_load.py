@@ -9,6 +9,7 @@ import pytest
 
 from bench.load_test import KINDS, failures, run
 
+pytestmark = pytest.mark.slow  # 16 clients for 20 s
 pytest.importorskip("fastapi", reason="needs the serve extra")
 
 

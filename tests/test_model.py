@@ -4,40 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import ternlm
-from conftest import load_transformers, random_bitnet, transformers_logits, write_checkpoint
+from conftest import (PROMPT, assert_matches_oracle, load_transformers, random_bitnet, transformers_logits,
+                      write_checkpoint)
 
 BACKENDS = ["native", "reference"]
-PROMPT = [0, 17, 250, 3, 99, 42, 42, 7, 311, 128, 5, 64, 200, 9, 10, 300, 33, 12, 1, 77, 150, 2, 260, 18]
-
-
-def assert_matches_oracle(ours: np.ndarray, oracle: np.ndarray) -> None:
-    """Logits agree with the oracle's within 1e-3 of the logit range.
-
-    The integer arithmetic is exact, but the float steps around it (RMSNorm, the scale multiply)
-    differ in the last bit between implementations, so now and then an activation's rounding to
-    int8 lands on the other side of .5 — on our side or on transformers'. Measured on 24 random
-    tiny models x 2 backends: 45 of 48 agree to 4e-7 of the range everywhere; 3 had one such flip,
-    which moves the positions after it by up to 3e-3 of the range (through attention). So:
-    the first position (BOS alone; any real bug — activation, RoPE pairing, scale convention,
-    sub-norm — breaks it) must agree to float precision, the median position within 1e-3 of the
-    range, and every position within 1e-2.
-    """
-    assert ours.shape == oracle.shape
-    span = float(oracle.max() - oracle.min())
-    per_position = np.abs(ours - oracle).max(axis=1) / span
-    assert per_position[0] < 1e-5, per_position
-    assert np.median(per_position) < 1e-3, per_position
-    assert per_position.max() < 1e-2, per_position
-
-
 VARIANTS = {
     # name: (random_bitnet kwargs, write_checkpoint kwargs)
     "2b4t-packed-autobitlinear": ({}, {}),
     "packed-bitlinear-divides": ({}, {"linear_class": "bitlinear"}),
-    "bf16-like-2b4t": ({"seed": 1}, {"dtype": "bfloat16"}),
+    "bf16-like-2b4t": ({"seed": 14}, {"dtype": "bfloat16"}),
     "masters-fp32": ({"seed": 2}, {"packed": False}),
     "masters-bf16": ({"seed": 8}, {"packed": False, "dtype": "bfloat16"}),
     "silu-untied-sharded": ({"hidden_act": "silu", "tie": False, "seed": 3}, {"shards": 3}),
@@ -54,6 +31,7 @@ def variant(request, tmp_path_factory, tiny_tokenizer_json):
     return directory, transformers_logits(directory, PROMPT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_match_transformers(variant, backend):
     directory, oracle = variant
@@ -61,10 +39,13 @@ def test_logits_match_transformers(variant, backend):
     assert_matches_oracle(model.logits(PROMPT), oracle)
 
 
+@pytest.mark.slow
 def test_greedy_tokens_match_transformers(variant):
     """32 greedy tokens from the native engine (KV cache, one-token decode) equal transformers'
     argmax over the full sequence recomputed at every step."""
     directory, _ = variant
+    import torch
+
     hf = load_transformers(directory)
     ids = list(PROMPT[:8])
     with torch.no_grad():
@@ -76,6 +57,7 @@ def test_greedy_tokens_match_transformers(variant):
     assert ours == ids[8:]
 
 
+@pytest.mark.slow
 def test_older_bitnet_architecture_behaves_as_bitnet_silu(tmp_path, tiny_tokenizer_json):
     """`BitnetForCausalLM` (1bitLLM style) is a SiLU BitNet with sub-norms: behaviour from config only."""
     model = random_bitnet(hidden_act="silu", seed=5)

@@ -107,6 +107,7 @@ def test_kl_divergence_equals_numpy_from_two_heads(default_model, tmp_path):
 
 
 def test_plots_are_png_files(tmp_path):
+    pytest.importorskip("matplotlib", reason="pip install 'ternlm[plot]'")
     ppl_png, bench_png = tmp_path / "windows.png", tmp_path / "bench.png"
     result = ternlm_cli("perplexity", "-f", str(HELDOUT), "-t", "1", "--ctx", "64", "--plot", str(ppl_png))
     assert result.returncode == 0, result.stderr

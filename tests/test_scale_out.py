@@ -20,6 +20,8 @@ import pytest
 
 from ternlm.train import main as train_main
 
+pytestmark = pytest.mark.slow  # PyTorch, Ray and several processes
+
 from test_server import wait_until  # the tests folder is on sys.path under pytest
 
 

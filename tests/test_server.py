@@ -575,6 +575,7 @@ def chromium_path() -> str | None:
     return next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser")) if p), None)
 
 
+@pytest.mark.slow
 def test_chat_page_streams_keeps_the_conversation_and_stops(reference):
     from playwright.sync_api import expect, sync_playwright
 

@@ -6,6 +6,8 @@ import pytest
 
 from ternlm.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # transformers
+
 TEXTS = [
     "To be, or not to be, that is the question.",
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",

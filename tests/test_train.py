@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # PyTorch and transformers
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
