@@ -256,21 +256,17 @@ def cmd_perplexity(args) -> int:
     text = perplexity.read_text(args.file) if args.file else None
     model = _load(args)
     n_ctx = args.ctx or min(DEFAULT_PERPLEXITY_CTX, model.n_ctx)
-    windows = perplexity.token_windows(model.tokenizer, text, n_ctx, args.chunks) if text is not None else None
-    if base is not None:
-        windows = base.windows_to_compare(windows, args.chunks)
     writing_base = args.kl_divergence_base is not None and base is None
-    scores = []
     with progress_bar() as progress:
-        task = progress.add_task("perplexity", total=len(windows.tokens))
-        for totals, score in perplexity.evaluate(model.engine, windows, args.batch or n_ctx,
-                                                 args.kl_top_k if writing_base else None, base):
-            if writing_base:
-                scores.append(score)
+        task = progress.add_task("perplexity", total=None)
+
+        def show(totals, windows):
             estimate = f"perplexity {totals.perplexity:.4f}" + (f" ± {totals.stderr:.4f}" if totals.tokens > 1 else "")
-            progress.update(task, advance=1, description=estimate)
+            progress.update(task, advance=1, total=windows, description=estimate)
+
+        totals = perplexity.measure(model.engine, model.tokenizer, text, n_ctx, args.batch or n_ctx, args.chunks, base,
+                                    args.kl_divergence_base if writing_base else None, args.kl_top_k, show)
     if writing_base:
-        perplexity.save_base(args.kl_divergence_base, windows, scores, model.config.vocab_size)
         print(f"wrote the base logits to {args.kl_divergence_base}", file=sys.stderr)
     result = {**totals.summary(), "n_ctx": n_ctx}
     if args.output == "json":

@@ -38,10 +38,10 @@ except ImportError:
     raise MissingExtraError("the lm-evaluation-harness adapter needs lm_eval: pip install 'ternlm[eval]'") from None
 
 from .api import LanguageModel, load
-from .generate import ContextOverflowError, prefill
+from .generate import ContextOverflowError, GenerationState, TextStream, prefill
 from .perplexity import log_softmax
 from .progress import progress_bar
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 
 
 @register_model("ternlm")
@@ -160,7 +160,7 @@ class TernLM(TemplateLM):
         logits = [prefill(self.engine, s.cache, s.prompt) for s in sequences]
         active = list(range(len(sequences)))
         while active:
-            stepping = [i for i in active if sequences[i].step(logits[i], self.rng)]
+            stepping = [i for i in active if sequences[i].step(logits[i])]
             if not stepping:
                 break
             step_logits = self.engine.forward_batch([sequences[i].next_segment() for i in stepping])
@@ -171,43 +171,45 @@ class TernLM(TemplateLM):
 
 
 class _Generation:
-    """One generate_until request: its prompt, cache, sampling settings and stop conditions."""
+    """One generate_until request: its prompt and cache, and the shared generation code's state
+    (sampling, stop ids, max_tokens) and text stream (lm_eval's `until` strings)."""
 
     def __init__(self, lm: TernLM, context: str, gen_kwargs: dict):
         kwargs = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=256)
-        self.max_tokens = kwargs["max_gen_toks"]
-        self.until = [s for s in handle_stop_sequences(kwargs["until"], eos=lm.tok_decode([lm.eot_token_id])) if s]
-        self.params = SamplingParams(temperature=float(kwargs.get("temperature", 0.0)),
-                                     top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0))
-        self.params.validate()
+        max_tokens = kwargs["max_gen_toks"]
+        until = [s for s in handle_stop_sequences(kwargs["until"], eos=lm.tok_decode([lm.eot_token_id])) if s]
+        params = SamplingParams(temperature=float(kwargs.get("temperature", 0.0)), top_k=int(kwargs.get("top_k") or 0),
+                                top_p=float(kwargs.get("top_p") or 1.0), seed=int(lm.rng.integers(1 << 63)))
         n_ctx = lm.max_length
         # keep room for the answer: the prompt loses tokens from the left, as in lm_eval's HF model
-        self.prompt = lm.tok_encode(context)[-max(n_ctx - self.max_tokens, 1):]
-        self.cache = lm.engine.new_cache(min(n_ctx, len(self.prompt) + self.max_tokens))
-        self.tokenizer = lm.model.tokenizer
-        self.stop_ids = lm.model.stop_ids
-        self.generated: list[int] = []
-        self.text = ""
+        self.prompt = lm.tok_encode(context)[-max(n_ctx - max(max_tokens, 1), 1):]
+        self.state = GenerationState(self.prompt, max_tokens, params, lm.model.stop_ids, n_ctx)
+        self.cache = lm.engine.new_cache(self.state.n_positions)
+        self.stream = TextStream(lm.model.tokenizer, until)
+        self.pieces: list[str] = []
 
-    def step(self, logits: np.ndarray, rng: np.random.Generator) -> bool:
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def step(self, logits: np.ndarray) -> bool:
         """Samples the next token; True if the sequence goes on (its token must then be run)."""
-        if self.max_tokens < 1:
+        if self.state.finished:
             return False
-        token = sample(logits, self.params, rng, self.prompt + self.generated)
-        if token in self.stop_ids:
+        token = self.state.next_token(logits)
+        if token is not None:
+            self.pieces.append(self.stream.push(token))
+        if self.stream.stopped:
             return False
-        self.generated.append(token)
-        self.text = self.tokenizer.decode(self.generated)
-        hits = [i for i in (self.text.find(s) for s in self.until) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
+        if self.state.finished:
+            self.pieces.append(self.stream.flush())
             return False
-        return len(self.generated) < self.max_tokens and len(self.prompt) + len(self.generated) < self.cache.n_ctx
+        return True
 
     def next_segment(self) -> tuple:
         """(cache, tokens, start position) of the token just sampled, for engine.forward_batch."""
-        position = len(self.prompt) + len(self.generated) - 1
-        return self.cache, [self.generated[-1]], position
+        history = self.state.history
+        return self.cache, history[-1:], len(history) - 1
 
 
 def run_tasks(model: LanguageModel, tasks: list[str], include_path: str | None = None, limit: float | None = None,

@@ -264,6 +264,27 @@ def evaluate(engine, windows: Windows, batch: int, keep_top: int | None = None,
         yield totals, score
 
 
+def measure(engine, tokenizer: Tokenizer, text: str | None, n_ctx: int, batch: int, chunks: int | None = None,
+            base: Base | None = None, write_base_to: str | Path | None = None, keep_top: int = 256,
+            progress=None) -> Totals:
+    """A whole run: the text cut into windows (or, with `base`, the base run's windows, which need no
+    text), every window scored, and with `base` the KL divergence from it. `write_base_to` saves this
+    run's top-`keep_top` log-probabilities there, the base of later runs. progress(totals, windows) is
+    called after each window."""
+    windows = token_windows(tokenizer, text, n_ctx, chunks) if text is not None else None
+    if base is not None:
+        windows = base.windows_to_compare(windows, chunks)
+    scores = []
+    for totals, score in evaluate(engine, windows, batch, keep_top if write_base_to else None, base):
+        if write_base_to:
+            scores.append(score)
+        if progress:
+            progress(totals, len(windows.tokens))
+    if write_base_to:
+        save_base(write_base_to, windows, scores, engine.config.vocab_size)
+    return totals
+
+
 def save_base(path: str | Path, windows: Windows, scores: list[WindowScore], vocab_size: int) -> None:
     """An .npz file of plain arrays (no pickled objects):
     format_version int64 (1), vocab_size int64, tokens int32 [windows, n_ctx] (as evaluated, BOS in place),
