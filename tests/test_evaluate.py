@@ -152,7 +152,7 @@ def test_local_tasks_through_lm_evals_own_cli(task_folder, default_model, tmp_pa
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
     assert len(samples) == len(docs)
     for sample in samples:
-        expected = model.generate(sample["doc"]["context"] + "\n", max_tokens=12, stop=["\n"])
+        expected = model.generate(sample["doc"]["context"] + "\n", max_tokens=12, stop=["\n"], temperature=0)
         assert sample["resps"][0][0] == expected
 
 

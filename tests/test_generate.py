@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -181,3 +182,61 @@ def test_cli_routes_train_to_the_training_command():
     result = run_cli("train", "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: ternlm train")
+
+
+# -- the model's own sampling settings (generation_config.json) --------------------------------
+def with_generation_config(model_dir, tmp_path, settings: dict):
+    directory = tmp_path / "model"
+    shutil.copytree(model_dir, directory)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5], **settings}))
+    return directory
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({}, {"temperature": 0.0, "repetition_penalty": 1.0}),
+    ({"do_sample": False, "temperature": 0.7, "repetition_penalty": 1.5}, {"temperature": 0.0, "repetition_penalty": 1.5}),
+    ({"do_sample": True}, {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}),
+    ({"do_sample": True, "temperature": 0.6, "top_k": 0, "top_p": 0.9, "min_p": 0.05},
+     {"temperature": 0.6, "top_k": 0, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.0}),
+])
+def test_generation_config_sampling_as_transformers_reads_it(model_dir, tmp_path, settings, expected):
+    """transformers: greedy unless do_sample; when sampling, temperature 1, top_k 50 and top_p 1 where the
+    file is silent; the repetition penalty either way."""
+    assert ternlm.load(with_generation_config(model_dir, tmp_path, settings)).sampling_defaults == expected
+
+
+def test_generation_config_with_a_bad_value_is_a_clear_error(model_dir, tmp_path):
+    with pytest.raises(ternlm.FormatError, match="generation_config.json: top_k must be a number"):
+        ternlm.load(with_generation_config(model_dir, tmp_path, {"do_sample": True, "top_k": "many"}))
+
+
+def test_the_models_settings_apply_where_the_caller_sets_nothing(model_dir, tmp_path, model):
+    """do_sample with top_k 1 samples the most likely token: greedy, whatever the seed; a repetition
+    penalty from the file changes the text unless the caller overrides it. API and CLI alike."""
+    top_1 = ternlm.load(with_generation_config(model_dir, tmp_path / "a", {"do_sample": True, "top_k": 1}))
+    greedy = model.generate("To be, or not", max_tokens=24, temperature=0)
+    assert top_1.generate("To be, or not", max_tokens=24, seed=3) == greedy
+    penalised_dir = with_generation_config(model_dir, tmp_path / "b", {"repetition_penalty": 3.0})
+    penalised = ternlm.load(penalised_dir)
+    text = penalised.generate("To be, or not", max_tokens=24)
+    assert text == model.generate("To be, or not", max_tokens=24, repetition_penalty=3.0) != greedy
+    assert penalised.generate("To be, or not", max_tokens=24, repetition_penalty=1.0) == greedy
+    cli = [run_cli("generate", "To be, or not", "-m", str(directory), "-n", "24", *flags).stdout
+           for directory, flags in ((penalised_dir, []), (model_dir, ["--repeat-penalty", "3"]),
+                                    (penalised_dir, ["--repeat-penalty", "1"]), (model_dir, []))]
+    assert cli[0] == cli[1] != cli[2] == cli[3]
+
+
+def test_the_shipped_model_writes_verse_that_does_not_loop():
+    """With its generation_config.json settings, no line of `ternlm generate "To be, or not to be"` comes
+    back more than twice (greedy decoding repeated one line eight times)."""
+    shipped = ternlm.load(threads=1)
+    for seed in range(5):
+        lines = [line for line in shipped.generate("To be, or not to be", max_tokens=256, seed=seed).splitlines()
+                 if line.strip()]
+        assert max(lines.count(line) for line in lines) <= 2, lines
+
+
+def test_generate_help_says_where_sampling_defaults_come_from():
+    help_text = " ".join(run_cli("generate", "--help").stdout.split())
+    assert "generation_config.json" in help_text and "else greedy" in help_text

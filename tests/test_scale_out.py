@@ -184,7 +184,8 @@ def test_replicas_serve_the_same_app_and_share_the_requests(ray_serve, default_m
     url = ray_serve
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         answers = list(pool.map(lambda p: streamed_chat(url, p, 24), PROMPTS))
-    assert [text for text, _ in answers] == [default_model.chat([{"role": "user", "content": p}], max_tokens=24)
+    assert [text for text, _ in answers] == [default_model.chat([{"role": "user", "content": p}], max_tokens=24,
+                                                                        temperature=0)
                                              for p in PROMPTS]
     by_replica = Counter(replica for _, replica in answers)
     assert len(by_replica) == 2, by_replica  # a replica takes two at a time: eight streams need both

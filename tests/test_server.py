@@ -133,7 +133,7 @@ def test_completion_equals_generate(server, reference):
     url, _ = server
     for prompt in PROMPTS[:2]:
         response = client(url).completions.create(model=MODEL_ID, prompt=prompt, max_tokens=24, temperature=0)
-        assert response.choices[0].text == reference.generate(prompt, max_tokens=24)
+        assert response.choices[0].text == reference.generate(prompt, max_tokens=24, temperature=0)
         assert response.choices[0].finish_reason == reference.last_stats.finish_reason == "length"
         assert response.usage.prompt_tokens == len(reference.tokenizer.encode(prompt))
         assert response.usage.completion_tokens == reference.last_stats.generated_tokens == 24
@@ -145,7 +145,8 @@ def test_streamed_completion_equals_generate(server, reference):
     stream = client(url).completions.create(model=MODEL_ID, prompt=PROMPTS[2], max_tokens=30, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == reference.generate(PROMPTS[2], max_tokens=30)
+    expected = reference.generate(PROMPTS[2], max_tokens=30, temperature=0)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
     assert len([c for c in chunks if c.choices]) > 5  # it really streamed, piece by piece
@@ -155,14 +156,14 @@ def test_token_id_prompt(server, reference):
     url, _ = server
     ids = reference.tokenizer.encode(PROMPTS[3])
     response = client(url).completions.create(model=MODEL_ID, prompt=ids, max_tokens=10, temperature=0)
-    assert response.choices[0].text == reference.generate(PROMPTS[3], max_tokens=10)
+    assert response.choices[0].text == reference.generate(PROMPTS[3], max_tokens=10, temperature=0)
 
 
 def test_chat_equals_chat_template_path(server, reference):
     url, _ = server
     messages = [{"role": "system", "content": "Answer in verse."}, {"role": "user", "content": "Who art thou?"},
                 {"role": "assistant", "content": "A player."}, {"role": "user", "content": "Speak the speech."}]
-    expected = reference.chat(messages, max_tokens=20)
+    expected = reference.chat(messages, max_tokens=20, temperature=0)
     prompt = reference.tokenizer.encode(reference.chat_template.render(messages), add_bos=False)
     answer = client(url).chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=20, temperature=0)
     assert answer.choices[0].message.content == expected
@@ -178,10 +179,10 @@ def test_chat_equals_chat_template_path(server, reference):
 
 def test_stop_strings(server, reference):
     url, _ = server
-    full = reference.generate(PROMPTS[0], max_tokens=40)
+    full = reference.generate(PROMPTS[0], max_tokens=40, temperature=0)
     stop = full[15:19]
     expected = full[: full.index(stop)]
-    assert reference.generate(PROMPTS[0], max_tokens=40, stop=[stop]) == expected
+    assert reference.generate(PROMPTS[0], max_tokens=40, temperature=0, stop=[stop]) == expected
     for stream in (False, True):
         response = client(url).completions.create(model=MODEL_ID, prompt=PROMPTS[0], max_tokens=40, temperature=0,
                                                   stop=["never appears", stop], stream=stream)
@@ -197,7 +198,7 @@ def test_stop_token_finishes_with_stop(reference):
     model.stop_ids = reference.stop_ids | {newline}
     alone = ternlm.load(threads=1)
     alone.stop_ids = model.stop_ids
-    expected = alone.chat([{"role": "user", "content": "Hello"}], max_tokens=50)
+    expected = alone.chat([{"role": "user", "content": "Hello"}], max_tokens=50, temperature=0)
     assert alone.last_stats.finish_reason == "stop"
     with running_server(model) as (url, _):
         answer = client(url).chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hello"}],
@@ -218,7 +219,7 @@ def test_chat_logprobs(server, reference):
     url, _ = server
     messages = [{"role": "user", "content": "Good morrow"}]
     prompt = reference.tokenizer.encode(reference.chat_template.render(messages), add_bos=False)
-    generated = list(reference.stream_tokens(prompt, max_tokens=6))
+    generated = list(reference.stream_tokens(prompt, max_tokens=6, temperature=0))
     expected = log_softmax(reference.logits(prompt + generated))[len(prompt) - 1:-1]  # [6, vocab]
     answer = client(url).chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=6, temperature=0,
                                                  logprobs=True, top_logprobs=3)
@@ -264,9 +265,9 @@ def test_concurrent_streams_equal_single_runs(server, reference):
     expected, expected_tokens = {}, 0
     for i, prompt in enumerate(PROMPTS):
         if i % 2:
-            expected[i] = reference.chat([{"role": "user", "content": prompt}], max_tokens=20 + i)
+            expected[i] = reference.chat([{"role": "user", "content": prompt}], max_tokens=20 + i, temperature=0)
         else:
-            expected[i] = reference.generate(prompt, max_tokens=20 + i)
+            expected[i] = reference.generate(prompt, max_tokens=20 + i, temperature=0)
         expected_tokens += reference.last_stats.generated_tokens
     results: dict[int, str] = {}
 
@@ -339,7 +340,7 @@ def test_saturated_server_answers_429_and_recovers(reference):
             assert refused.value.body["code"] == "queue_full"
         for t in threads:
             t.join(timeout=60)
-        assert results == {i: reference.generate(PROMPTS[i], max_tokens=8) for i in range(2)}
+        assert results == {i: reference.generate(PROMPTS[i], max_tokens=8, temperature=0) for i in range(2)}
 
 
 def test_requests_beyond_the_limit_get_a_json_503(monkeypatch):
@@ -401,7 +402,8 @@ def test_request_timeout_ends_running_requests_and_refuses_waiting_ones(referenc
         samples = metrics(url)
     ended = results[0]
     assert ended.choices[0].finish_reason == "length" and ended.usage.completion_tokens < 100
-    assert ended.choices[0].text == reference.generate(PROMPTS[0], max_tokens=ended.usage.completion_tokens)
+    assert ended.choices[0].text == reference.generate(PROMPTS[0], max_tokens=ended.usage.completion_tokens,
+                                                       temperature=0)
     assert results[1].status_code == 503 and "timeout" in results[1].message
     assert samples['ternlm_requests_total{finish_reason="timeout"}'] == 2
     assert samples["ternlm_active_sequences"] == samples["ternlm_queue_length"] == samples["ternlm_kv_cache_bytes"] == 0
@@ -434,7 +436,7 @@ def test_kv_budget_makes_requests_wait_or_refuses_them(reference):
         for t in threads:
             t.join(timeout=60)
         after = metrics(url)
-    assert results == {i: reference.generate(PROMPTS[i], max_tokens=40) for i in range(3)}
+    assert results == {i: reference.generate(PROMPTS[i], max_tokens=40, temperature=0) for i in range(3)}
     assert after['ternlm_batch_size_bucket{le="1.0"}'] == after["ternlm_batch_size_count"]  # one at a time
 
 
@@ -477,7 +479,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, reference
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert named in (error["code"], error["param"])
     ok = client(url).completions.create(model=MODEL_ID, prompt=PROMPTS[0], max_tokens=4, temperature=0)
-    assert ok.choices[0].text == reference.generate(PROMPTS[0], max_tokens=4)
+    assert ok.choices[0].text == reference.generate(PROMPTS[0], max_tokens=4, temperature=0)
 
 
 def test_openai_client_raises_its_own_errors(server):
@@ -599,7 +601,7 @@ def test_chat_page_streams_keeps_the_conversation_and_stops(reference):
             answer = page.locator(".message.assistant").nth(turn)
             expect(answer).to_have_attribute("data-state", "done", timeout=30_000)
             history.append({"role": "user", "content": question})
-            expected = reference.chat(history, max_tokens=30)
+            expected = reference.chat(history, max_tokens=30, temperature=0)
             assert answer.text_content() == expected
             history.append({"role": "assistant", "content": expected})
         expect(page.locator("#status")).to_contain_text("tokens/s")

@@ -20,7 +20,8 @@ from .weights.checkpoint import Checkpoint
 
 
 class LanguageModel:
-    def __init__(self, path: Path, engine, tokenizer: Tokenizer, stop_ids: set[int], n_ctx: int, backend: str):
+    def __init__(self, path: Path, engine, tokenizer: Tokenizer, stop_ids: set[int], n_ctx: int, backend: str,
+                 sampling_defaults: dict | None = None):
         self.path = path
         self.engine = engine
         self.config: BitNetConfig = engine.config
@@ -33,6 +34,7 @@ class LanguageModel:
                                    tokenizer.token_to_id("<|eot_id|>") is not None)
         self.chat_template = ChatTemplate(template, bos or "", eos or "", origin=str(path))
         self.stop_ids = stop_ids
+        self.sampling_defaults = sampling_defaults or {}  # the model's generation_config.json
         self.last_stats = GenerationStats()
 
     def __repr__(self) -> str:
@@ -60,8 +62,14 @@ class LanguageModel:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
         return ids
 
+    def sampling(self, fallback: dict | None = None, **given) -> SamplingParams:
+        """Sampling settings: what the caller gives (None counts as not given), else the model's
+        generation_config.json, else `fallback`, else SamplingParams' own defaults (greedy)."""
+        chosen = {**(fallback or {}), **self.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
+        return SamplingParams(**chosen)
+
     def stream_tokens(self, prompt_ids, max_tokens: int = 128, **sampling) -> Iterator[int]:
-        params = SamplingParams(**sampling)
+        params = self.sampling(**sampling)
         self.last_stats = GenerationStats()
         return generate_tokens(self.engine, self.check_ids(prompt_ids), max_tokens, params,
                                self.stop_ids, self.n_ctx, self.last_stats)
@@ -124,4 +132,4 @@ def load_checkpoint(checkpoint: Checkpoint, threads: int | None = None, backend:
         raise ValueError(f"n_ctx must be between 1 and the model's {limit} positions, got {n_ctx}")
     engine = build_engine(checkpoint, backend, threads, progress, head, kv_cache)
     stop_ids = checkpoint.stop_ids(tokenizer)
-    return LanguageModel(path, engine, tokenizer, stop_ids, n_ctx or limit, backend)
+    return LanguageModel(path, engine, tokenizer, stop_ids, n_ctx or limit, backend, checkpoint.generation_defaults())

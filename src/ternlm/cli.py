@@ -31,15 +31,24 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_help: str = "context length 
         p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
 
 
+SAMPLING_HELP = ("Unset sampling flags take the model's generation_config.json values (the shipped model's: "
+                 "temperature 0.8, top-p 0.95, repeat-penalty 1.3), else greedy decoding. Filters apply in this "
+                 "order: repeat penalty, temperature, top-k, top-p, min-p.")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling", SAMPLING_HELP)
     g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for the last 64 tokens (1.0 = off)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; unset: the model's, else 0")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = all; unset: "
+                                                          "the model's, else 0)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1.0 = off; unset: the model's, "
+                                                            "else 1.0)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability "
+                                                            "(unset: the model's, else 0 = off)")
+    g.add_argument("--repeat-penalty", type=float, default=None, help="penalty for the last 64 tokens (1.0 = off; "
+                                                                     "unset: the model's, else 1.0)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: random)")
 
 
 def _sampling(args) -> dict:

@@ -41,7 +41,6 @@ from .api import LanguageModel, load
 from .generate import ContextOverflowError, GenerationState, TextStream, prefill
 from .perplexity import log_softmax
 from .progress import progress_bar
-from .sampling import SamplingParams
 
 
 @register_model("ternlm")
@@ -178,8 +177,9 @@ class _Generation:
         kwargs = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=256)
         max_tokens = kwargs["max_gen_toks"]
         until = [s for s in handle_stop_sequences(kwargs["until"], eos=lm.tok_decode([lm.eot_token_id])) if s]
-        params = SamplingParams(temperature=float(kwargs.get("temperature", 0.0)), top_k=int(kwargs.get("top_k") or 0),
-                                top_p=float(kwargs.get("top_p") or 1.0), seed=int(lm.rng.integers(1 << 63)))
+        # lm_eval's settings, then the model's generation_config.json (as transformers merges them)
+        params = lm.model.sampling(temperature=float(kwargs.get("temperature", 0.0)), top_k=kwargs.get("top_k"),
+                                   top_p=kwargs.get("top_p"), seed=int(lm.rng.integers(1 << 63)))
         n_ctx = lm.max_length
         # keep room for the answer: the prompt loses tokens from the left, as in lm_eval's HF model
         self.prompt = lm.tok_encode(context)[-max(n_ctx - max(max_tokens, 1), 1):]

@@ -29,7 +29,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LanguageModel
 from ..generate import ContextOverflowError
-from ..sampling import SamplingParams
 from .metrics import ServerMetrics
 from .middleware import BodySizeLimit, CountResponses, RequestLimit
 from .scheduler import KVBudgetExceeded, Overloaded, Scheduler, Sequence, TokenLogprob, Unavailable, Update
@@ -41,6 +40,8 @@ from .schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatComplet
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20  # a full 4096-token context is about 20 kB of text
 EXTRA_REQUESTS = 64  # in progress beyond --max-batch + --max-queue before a 503 (see RequestLimit)
+# what a request and the model's generation_config.json both leave unset: OpenAI's default
+OPENAI_DEFAULTS = {"temperature": 1.0}
 
 
 @dataclass
@@ -149,8 +150,8 @@ class ServedModel:
                                 f"{len(prompt)} for the prompt and {wanted}",
                            param=prompt_param if limit is None or room < 1 else "max_tokens",
                            code="context_length_exceeded")
-        params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                                repetition_penalty=body.repetition_penalty, seed=body.seed)
+        params = self.model.sampling(OPENAI_DEFAULTS, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                                     min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed)
         try:
             return self.scheduler.submit(prompt, limit or room, params, body.stop_strings(), top_logprobs)
         except Overloaded as e:

@@ -53,8 +53,9 @@ class SamplingRequest(Request):
     model: str = Field(description="the id /v1/models lists")
     max_tokens: int | None = Field(None, ge=1, description="most tokens to generate; default: the rest of the "
                                                              "context. Prompt plus max_tokens must fit the context")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; unset: the model's "
+                                                                     "generation_config.json, else 1")
+    top_p: float | None = Field(None, gt=0, le=1, description="unset: the model's, else 1")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible")
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = Field(
         None, description="up to 4 strings that end the text (not included in it)")
@@ -62,9 +63,12 @@ class SamplingRequest(Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # beyond OpenAI, as llama.cpp's and vLLM's servers take them
-    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0: all)")
-    min_p: float = Field(0.0, ge=0, le=1, description="drop tokens below min_p times the top probability")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="penalty for the last 64 tokens (1: off)")
+    top_k: int | None = Field(None, ge=0, description="sample from the k most likely tokens (0: all; unset: the "
+                                                      "model's, else 0)")
+    min_p: float | None = Field(None, ge=0, le=1, description="drop tokens below min_p times the top probability "
+                                                              "(unset: the model's, else 0)")
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="penalty for the last 64 tokens (1: off; "
+                                                                            "unset: the model's, else 1)")
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

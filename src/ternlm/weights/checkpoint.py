@@ -134,6 +134,11 @@ class Checkpoint:
                 stop.add(token)
         return stop
 
+    def generation_defaults(self) -> dict:
+        """The model's own sampling settings (generation_config.json), as keyword arguments of
+        SamplingParams: what applies wherever the caller sets nothing. None here."""
+        return {}
+
     def head_name(self) -> str:
         """The output matrix: `lm_head.weight` when untied, else the embedding."""
         return "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"

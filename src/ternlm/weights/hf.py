@@ -172,6 +172,31 @@ class HFCheckpoint(Checkpoint):
                         if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab)
         return stop
 
+    def generation_defaults(self) -> dict:
+        """generation_config.json's sampling fields as transformers applies them: greedy unless
+        do_sample is true, and then temperature 1, top_k 50 and top_p 1 where the file is silent; the
+        repetition penalty in either case."""
+        path = self.directory / "generation_config.json"
+        if not path.exists():
+            return {}
+        raw = read_json_object(path)
+
+        def number(key: str, default: float, kind=float):
+            value = raw.get(key)
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise FormatError(path, f"{key} must be a number, got {value!r}")
+            return kind(value)
+
+        defaults = {"repetition_penalty": number("repetition_penalty", 1.0)}
+        if raw.get("do_sample") is True:
+            defaults.update(temperature=number("temperature", 1.0), top_k=number("top_k", 50, int),
+                            top_p=number("top_p", 1.0), min_p=number("min_p", 0.0))
+        else:
+            defaults["temperature"] = 0.0
+        return defaults
+
     def has(self, name: str) -> bool:
         return name in self._where
 
