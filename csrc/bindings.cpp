@@ -238,6 +238,19 @@ NB_MODULE(_core, m) {
         "softmax(scale * q k^T) v for the query heads q [heads, head_dim] sharing the KV head at columns "
         "[column, column + head_dim) of f16 keys and values [count, width] (tests).");
 
+    m.def(
+        "temper",
+        [](Array<const float, nb::ndim<1>> logits, float max, float inverse_temperature, const std::string& kernel) {
+            const size_t n = logits.shape(0);
+            auto distance = owned_array<float>({n});
+            auto weight = owned_array<float>({n});
+            kernels_named(kernel).temper(logits.data(), static_cast<int64_t>(n), max, inverse_temperature,
+                                         distance.data(), weight.data());
+            return nb::make_tuple(distance, weight);
+        },
+        "logits"_a, "max"_a, "inverse_temperature"_a, "kernel"_a = "",
+        "The sampler's tempering: (distances (max - logits) * inverse_temperature, weights e^-distance) (tests).");
+
     nb::class_<SamplingSettings>(m, "SamplingSettings")
         .def(
             "__init__",

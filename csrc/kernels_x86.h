@@ -27,5 +27,7 @@ void f16_attention_avx2(const float* q, int64_t heads, int64_t head_dim, const u
                         float* out);
 void temper_avx2(const float* logits, int64_t n, float max, float inverse_temperature, float* distance,
                  float* weight);
+void temper_avx512(const float* logits, int64_t n, float max, float inverse_temperature, float* distance,
+                   float* weight);
 
 }  // namespace ternlm

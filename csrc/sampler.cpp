@@ -22,6 +22,7 @@ namespace {
 constexpr float kInfinity = std::numeric_limits<float>::infinity();
 constexpr int64_t kLanes = 16;    // partial sums: two AVX2 registers' worth
 constexpr int64_t kBlock = 1024;  // the draw first finds the block of this many ids, then the id
+constexpr int64_t kFewest = 256;  // top-p looks for its nucleus among this many most likely tokens first
 
 double sum(const float* x, int64_t n) {
     float lanes[kLanes] = {};
@@ -34,26 +35,29 @@ double sum(const float* x, int64_t n) {
     return total;
 }
 
-// A token in the rank order: most likely first, ties by lower id. `value` is its logit before
-// tempering, its distance d = (max - logit) / temperature after.
+// A token in the rank order: most likely first (the larger logit after the penalty), ties by lower id.
 struct Ranked {
     float value, weight;
     int32_t id;
 };
 
-bool ranks_before_by_logit(const Ranked& a, const Ranked& b) { return a.value > b.value || (a.value == b.value && a.id < b.id); }
-bool ranks_before_by_distance(const Ranked& a, const Ranked& b) { return a.value < b.value || (a.value == b.value && a.id < b.id); }
+struct RanksBefore {  // a type rather than a function, so that std::sort and the heap inline it
+    bool operator()(const Ranked& a, const Ranked& b) const {
+        return a.value > b.value || (a.value == b.value && a.id < b.id);
+    }
+};
+constexpr RanksBefore ranks_before;
 
-// A prefix of the rank order, given by its last token: keeps the tokens at a smaller distance, and
-// those at the same distance up to its id.
+// A prefix of the rank order, given by its last token: keeps the tokens with a larger logit, and those
+// with the same logit up to its id.
 struct Cut {
-    float distance;
+    float logit;
     int32_t id;
-    bool keeps(float d, int32_t i) const { return d < distance || (d == distance && i <= id); }
+    bool keeps(float value, int32_t i) const { return value > logit || (value == logit && i <= id); }
 };
 
-// Buckets of the distance d, in rank order: 128 per octave of 1 + d, so fine near the likely tokens;
-// the last holds every d >= 255 (weights below e^-255, which are 0 in float).
+// Buckets of the tempered distance d = (max - logit) / temperature, in rank order: 128 per octave of
+// 1 + d, so fine near the likely tokens; the last holds every d >= 255 (weights below e^-255, which are 0 in float).
 constexpr int kBuckets = 1024;
 uint16_t bucket_of(float d) {
     const uint32_t steps = (bits_as<uint32_t>(1.0f + d) - bits_as<uint32_t>(1.0f)) >> 16;
@@ -63,8 +67,9 @@ uint16_t bucket_of(float d) {
 // Working memory, one vocabulary's worth, kept between draws: allocating (and faulting in) a few MB
 // for each draw would cost more than the draw.
 struct Scratch {
-    std::vector<float> penalized, distance, weight;
+    std::vector<float> penalized, distance, weight, best_weight, kept_weight;
     std::vector<uint16_t> bucket;
+    std::vector<int32_t> first_in_bucket, next_in_bucket;
     std::vector<double> block_sums, bucket_masses;
     std::vector<Ranked> ranked;
 };
@@ -137,41 +142,65 @@ int64_t draw(const float* weight, int64_t n, double uniform) {
     return i;
 }
 
-// top-k and what follows on its k tokens alone. One pass keeps a heap of the k best tokens so far
-// (a token displaces the worst of them only if its logit is larger: a tie ranks after, by id).
-int32_t sample_top_k(const float* row, int64_t vocab, const SamplingSettings& settings, float inverse_temperature,
-                     double uniform) {
+// The k most likely tokens (k <= vocab) into scratch.ranked, best first. One pass keeps a heap of the
+// k best so far: a token displaces the worst of them only if its logit is larger (a tie ranks after,
+// by id).
+const std::vector<Ranked>& select_best(const float* row, int64_t vocab, int64_t k) {
     std::vector<Ranked>& best = scratch.ranked;
     best.clear();
-    for (int32_t i = 0; i < vocab; ++i) {
-        if (static_cast<int64_t>(best.size()) < settings.top_k) {
-            best.push_back({row[i], 0.0f, i});
-            std::push_heap(best.begin(), best.end(), ranks_before_by_logit);
-        } else if (row[i] > best.front().value) {
-            std::pop_heap(best.begin(), best.end(), ranks_before_by_logit);
-            best.back() = {row[i], 0.0f, i};
-            std::push_heap(best.begin(), best.end(), ranks_before_by_logit);
-        }
+    for (int32_t i = 0; i < k; ++i) best.push_back({row[i], 0.0f, i});
+    std::make_heap(best.begin(), best.end(), ranks_before);
+    float worst = best.front().value;
+    for (int64_t start = k; start < vocab; start += kLanes) {
+        const int64_t end = std::min(start + kLanes, vocab);
+        int32_t above = 0;  // whether any of these kLanes logits can enter: a test that vectorizes
+        for (int64_t i = start; i < end; ++i) above |= row[i] > worst;
+        if (!above) continue;
+        for (int32_t i = static_cast<int32_t>(start); i < end; ++i)
+            if (row[i] > worst) {
+                std::pop_heap(best.begin(), best.end(), ranks_before);
+                best.back() = {row[i], 0.0f, i};
+                std::push_heap(best.begin(), best.end(), ranks_before);
+                worst = best.front().value;
+            }
     }
-    std::sort_heap(best.begin(), best.end(), ranks_before_by_logit);
+    std::sort_heap(best.begin(), best.end(), ranks_before);
+    return best;
+}
+
+// top-p (to `needed` of mass), then min-p and the draw, among the first tokens of the rank order,
+// given with their weights. Returns the token drawn, or -1 if they do not hold the mass needed and
+// are not every candidate (as top-k's are).
+int32_t draw_among(const std::vector<Ranked>& ranked, const float* weight, double needed, double min_p,
+                   double uniform, bool every_candidate) {
+    const int64_t n = static_cast<int64_t>(ranked.size());
+    int64_t kept = 0;
+    double mass = 0.0;
+    while (kept < n && mass < needed) mass += weight[kept++];
+    if (mass < needed && !every_candidate) return -1;
+    std::vector<float>& kept_weight = scratch.kept_weight;
+    kept_weight.resize(kept);
+    const float min_weight = static_cast<float>(min_p);  // against the largest weight, which is 1
+    for (int64_t j = 0; j < kept; ++j) kept_weight[j] = weight[j] >= min_weight ? weight[j] : 0.0f;
+    return ranked[draw(kept_weight.data(), kept, uniform)].id;
+}
+
+// top-k, then the other filters on its k tokens alone.
+int32_t sample_top_k(const float* row, int64_t vocab, const SamplingSettings& settings, float inverse_temperature,
+                     double uniform) {
+    const std::vector<Ranked>& best = select_best(row, vocab, settings.top_k);
     const int64_t k = static_cast<int64_t>(best.size());
     scratch.weight.resize(k);
     float* weight = scratch.weight.data();
     for (int64_t j = 0; j < k; ++j) weight[j] = exp_minus((best[0].value - best[j].value) * inverse_temperature);
-    int64_t kept = k;
-    if (settings.top_p < 1) {  // the nucleus of the distribution renormalized over the k tokens
-        const double needed = settings.top_p * sum(weight, k);
-        double mass = 0.0;
-        for (kept = 0; kept < k && mass < needed;) mass += weight[kept++];
-    }
-    const float min_weight = static_cast<float>(settings.min_p);  // against the largest weight, which is 1
-    for (int64_t j = 0; j < kept; ++j) weight[j] = weight[j] >= min_weight ? weight[j] : 0.0f;
-    return best[draw(weight, kept, uniform)].id;
+    // the nucleus of the distribution renormalized over the k tokens
+    return draw_among(best, weight, settings.top_p * sum(weight, k), settings.min_p, uniform, true);
 }
 
-// top-p over the whole vocabulary: where the nucleus ends, from a histogram of the weights by
-// distance bucket; only the tokens of the bucket where it ends are sorted.
-Cut nucleus(int64_t vocab, double needed) {
+// Where top-p's nucleus ends, for one it does not find among the kFewest most likely tokens: a
+// histogram of the weights by distance bucket finds the bucket where it ends, and only that bucket's
+// tokens are sorted.
+Cut nucleus(const float* row, int64_t vocab, double needed) {
     const float* distance = scratch.distance.data();
     const float* weight = scratch.weight.data();
     std::vector<uint16_t>& bucket = scratch.bucket;
@@ -179,16 +208,23 @@ Cut nucleus(int64_t vocab, double needed) {
     for (int64_t i = 0; i < vocab; ++i) bucket[i] = bucket_of(distance[i]);  // a pass of its own vectorizes
     std::vector<double>& masses = scratch.bucket_masses;
     masses.assign(kBuckets, 0.0);
-    for (int64_t i = 0; i < vocab; ++i) masses[bucket[i]] += weight[i];
+    std::vector<int32_t>& first = scratch.first_in_bucket;  // each bucket's tokens chained through next_in_bucket
+    std::vector<int32_t>& next = scratch.next_in_bucket;
+    first.assign(kBuckets, -1);
+    next.resize(vocab);
+    for (int32_t i = 0; i < vocab; ++i) {
+        masses[bucket[i]] += weight[i];
+        next[i] = first[bucket[i]];
+        first[bucket[i]] = i;
+    }
     double mass = 0.0;
     int b = 0;
     while (b < kBuckets && mass + masses[b] < needed) mass += masses[b++];
-    if (b == kBuckets) return {kInfinity, static_cast<int32_t>(vocab)};  // beyond the whole mass by rounding: all
+    if (b == kBuckets) return {-kInfinity, static_cast<int32_t>(vocab)};  // beyond the whole mass by rounding: all
     std::vector<Ranked>& boundary = scratch.ranked;
     boundary.clear();
-    for (int32_t i = 0; i < vocab; ++i)
-        if (bucket[i] == b) boundary.push_back({distance[i], weight[i], i});
-    std::sort(boundary.begin(), boundary.end(), ranks_before_by_distance);
+    for (int32_t i = first[b]; i >= 0; i = next[i]) boundary.push_back({row[i], weight[i], i});
+    std::sort(boundary.begin(), boundary.end(), ranks_before);
     size_t last = 0;
     for (mass += boundary[0].weight; last + 1 < boundary.size() && mass < needed;) mass += boundary[++last].weight;
     return {boundary[last].value, boundary[last].id};
@@ -227,11 +263,19 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingSettings&
     float* distance = scratch.distance.data();
     float* weight = scratch.weight.data();
     active_kernels().temper(row, vocab, max, inverse_temperature, distance, weight);
-    const Cut kept = settings.top_p < 1 ? nucleus(vocab, settings.top_p * sum(weight, vocab))
-                                        : Cut{kInfinity, static_cast<int32_t>(vocab)};
+    const double needed = settings.top_p * sum(weight, vocab);
+    if (settings.top_p < 1 && vocab > kFewest) {  // most distributions hold their nucleus in a few dozen tokens
+        const std::vector<Ranked>& best = select_best(row, vocab, kFewest);
+        std::vector<float>& best_weight = scratch.best_weight;
+        best_weight.resize(kFewest);
+        for (int64_t j = 0; j < kFewest; ++j) best_weight[j] = weight[best[j].id];
+        const int32_t token = draw_among(best, best_weight.data(), needed, settings.min_p, uniform, false);
+        if (token >= 0) return token;
+    }
+    const Cut kept = settings.top_p < 1 ? nucleus(row, vocab, needed) : Cut{-kInfinity, static_cast<int32_t>(vocab)};
     const float min_weight = static_cast<float>(settings.min_p);  // against the largest weight, which is 1
     if (settings.top_p < 1 || min_weight > 0)
-        for (int32_t i = 0; i < vocab; ++i) weight[i] = kept.keeps(distance[i], i) && weight[i] >= min_weight ? weight[i] : 0.0f;
+        for (int32_t i = 0; i < vocab; ++i) weight[i] = kept.keeps(row[i], i) && weight[i] >= min_weight ? weight[i] : 0.0f;
     return static_cast<int32_t>(draw(weight, vocab, uniform));
 }
 

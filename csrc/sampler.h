@@ -1,11 +1,13 @@
 // Choosing the next token from logits, as the README's "Sampling" section documents: the repetition
 // penalty on the recent ids, then temperature, top-k, top-p and min-p, then one draw.
 //
-// No filter sorts the vocabulary. The filters are defined on the rank order (most likely first, ties
-// by lower id, as a stable sort would give), and each keeps a prefix of it: top-k and top-p find where
-// theirs ends with a histogram of the tempered logits and sort only the tokens of the one bucket where
-// it ends. The draw is an inverse CDF over the kept tokens in id order, which gives the same
-// distribution as one in rank order.
+// No filter sorts the vocabulary. They are defined on the rank order (the penalized logits, largest
+// first, ties by lower id, as a stable sort gives), of which top-k and top-p keep a prefix: top-k
+// with one pass that keeps a heap of the k best; top-p among the 256 most likely tokens, found the
+// same way, or, when its nucleus is larger, from a histogram of the tempered logits, sorting only the
+// tokens of the bucket where it ends. min-p is a threshold against the largest probability. The
+// draw is an inverse CDF over the kept tokens, in id order (rank order after top-k), which gives the
+// same distribution as one in rank order.
 #pragma once
 #include <cstdint>
 
