@@ -70,7 +70,8 @@ struct Scratch {
     std::vector<float> penalized, distance, weight, best_weight, kept_weight;
     std::vector<uint16_t> bucket;
     std::vector<int32_t> first_in_bucket, next_in_bucket;
-    std::vector<double> block_sums, bucket_masses;
+    std::vector<double> block_sums;
+    std::vector<float> bucket_masses;
     std::vector<Ranked> ranked;
 };
 thread_local Scratch scratch;
@@ -206,20 +207,25 @@ Cut nucleus(const float* row, int64_t vocab, double needed) {
     std::vector<uint16_t>& bucket = scratch.bucket;
     bucket.resize(vocab);
     for (int64_t i = 0; i < vocab; ++i) bucket[i] = bucket_of(distance[i]);  // a pass of its own vectorizes
-    std::vector<double>& masses = scratch.bucket_masses;
-    masses.assign(kBuckets, 0.0);
+    // Four histograms, a token's going by its id: an addition need not wait for the one before it,
+    // which often lands in the same bucket.
+    std::vector<float>& masses = scratch.bucket_masses;
+    masses.assign(4 * kBuckets, 0.0f);
     std::vector<int32_t>& first = scratch.first_in_bucket;  // each bucket's tokens chained through next_in_bucket
     std::vector<int32_t>& next = scratch.next_in_bucket;
     first.assign(kBuckets, -1);
     next.resize(vocab);
     for (int32_t i = 0; i < vocab; ++i) {
-        masses[bucket[i]] += weight[i];
+        masses[(i & 3) * kBuckets + bucket[i]] += weight[i];
         next[i] = first[bucket[i]];
         first[bucket[i]] = i;
     }
     double mass = 0.0;
     int b = 0;
-    while (b < kBuckets && mass + masses[b] < needed) mass += masses[b++];
+    const auto bucket_mass = [&](int b) {
+        return double(masses[b]) + masses[kBuckets + b] + masses[2 * kBuckets + b] + masses[3 * kBuckets + b];
+    };
+    while (b < kBuckets && mass + bucket_mass(b) < needed) mass += bucket_mass(b++);
     if (b == kBuckets) return {-kInfinity, static_cast<int32_t>(vocab)};  // beyond the whole mass by rounding: all
     std::vector<Ranked>& boundary = scratch.ranked;
     boundary.clear();
@@ -264,7 +270,9 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingSettings&
     float* weight = scratch.weight.data();
     active_kernels().temper(row, vocab, max, inverse_temperature, distance, weight);
     const double needed = settings.top_p * sum(weight, vocab);
-    if (settings.top_p < 1 && vocab > kFewest) {  // most distributions hold their nucleus in a few dozen tokens
+    // Most distributions hold their nucleus in a few dozen tokens. The kFewest most likely tokens
+    // weigh at most 1 each, so past that mass they cannot hold it.
+    if (settings.top_p < 1 && vocab > kFewest && needed <= kFewest) {
         const std::vector<Ranked>& best = select_best(row, vocab, kFewest);
         std::vector<float>& best_weight = scratch.best_weight;
         best_weight.resize(kFewest);
