@@ -22,7 +22,7 @@ namespace {
 constexpr float kInfinity = std::numeric_limits<float>::infinity();
 constexpr int64_t kLanes = 16;    // partial sums: two AVX2 registers' worth
 constexpr int64_t kBlock = 1024;  // the draw first finds the block of this many ids, then the id
-constexpr int64_t kFewest = 256;  // top-p looks for its nucleus among this many most likely tokens first
+constexpr int64_t kFewest = 64;  // top-p looks for its nucleus among this many most likely tokens first
 
 double sum(const float* x, int64_t n) {
     float lanes[kLanes] = {};

@@ -3,7 +3,7 @@
 //
 // No filter sorts the vocabulary. They are defined on the rank order (the penalized logits, largest
 // first, ties by lower id, as a stable sort gives), of which top-k and top-p keep a prefix: top-k
-// with one pass that keeps a heap of the k best; top-p among the 256 most likely tokens, found the
+// with one pass that keeps a heap of the k best; top-p among the 64 most likely tokens, found the
 // same way, or, when its nucleus is larger, from a histogram of the tempered logits, sorting only the
 // tokens of the bucket where it ends. min-p is a threshold against the largest probability. The
 // draw is an inverse CDF over the kept tokens, in id order (rank order after top-k), which gives the
