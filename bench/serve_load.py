@@ -1,13 +1,14 @@
 """Load on `ternlm serve`: aggregate generated tokens/s and time to first token (TTFT) with 1, 4, 8
 and 16 concurrent streams, on a random model with BitNet b1.58 2B4T's exact shapes.
 
-    python bench/serve_load.py --streams 1,4,8,16 -p 16 -n 32 [--head int8]
+    python bench/serve_load.py --streams 1,4,8,16 -p 16 -n 32 [--head int8] [--temperature 0,0.8 --top-p 0.95]
 
 The server runs in this process (a thread, as in the tests) on a loopback port, with --max-batch
 equal to the largest stream count; the clients run in a child process, so that parsing their
 streams does not take the server's interpreter lock between engine steps, as real clients would
 not. For each level, N streaming completions start at once, each with its own random prompt of P
-tokens and max_tokens N_GEN at temperature 0. Aggregate tokens/s is every generated token (the
+tokens and max_tokens N_GEN, greedy (temperature 0) unless --temperature says otherwise (each
+sampled request with its own seed; several temperatures run as separate cases of each level). Aggregate tokens/s is every generated token (the
 server's usage counts) over the wall time from the first request to the last [DONE]; TTFT is per
 request, from sending it to its first text chunk. The levels run in rounds (1, 4, 8, 16, then again)
 and each level reports its median round; the ratio compares that with the single stream's median,
@@ -35,9 +36,10 @@ class StreamResult:
     replica: str | None = None  # the X-Ternlm-Replica header (ternlm serve --ray)
 
 
-async def one_stream(client: httpx.AsyncClient, model_id: str, prompt: str, max_tokens: int) -> StreamResult:
-    body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def one_stream(client: httpx.AsyncClient, model_id: str, prompt: str, max_tokens: int,
+                     sampling: dict) -> StreamResult:
+    body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, **sampling}
     start, ttft, tokens = time.perf_counter(), None, 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
@@ -53,17 +55,34 @@ async def one_stream(client: httpx.AsyncClient, model_id: str, prompt: str, max_
                         response.headers.get("x-ternlm-replica"))
 
 
-async def load_level(url: str, model_id: str, prompts: list[str], max_tokens: int) -> tuple[float, list[StreamResult]]:
+GREEDY = {"temperature": 0}
+
+
+async def load_level(url: str, model_id: str, prompts: list[str], max_tokens: int,
+                     sampling: dict = GREEDY) -> tuple[float, list[StreamResult]]:
     """All prompts as concurrent streams; returns (wall seconds, each stream's result)."""
     async with httpx.AsyncClient(base_url=url, timeout=None) as client:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, model_id, p, max_tokens) for p in prompts))
+        results = await asyncio.gather(*(one_stream(client, model_id, p, max_tokens, sampling_for(sampling, i))
+                                         for i, p in enumerate(prompts)))
         return time.perf_counter() - start, list(results)
 
 
-def run_level(url: str, model_id: str, prompts: list[str], max_tokens: int) -> tuple[float, list[StreamResult]]:
+def sampling_for(sampling: dict, stream: int) -> dict:
+    """The request's sampling fields: greedy, or the settings with a seed of the stream's own."""
+    return dict(sampling, seed=stream) if sampling.get("temperature") else {"temperature": 0}
+
+
+def run_level(url: str, model_id: str, prompts: list[str], max_tokens: int,
+              sampling: dict = GREEDY) -> tuple[float, list[StreamResult]]:
     """load_level, in the clients' own process."""
-    return asyncio.run(load_level(url, model_id, prompts, max_tokens))
+    return asyncio.run(load_level(url, model_id, prompts, max_tokens, sampling))
+
+
+def describe_sampling(sampling: dict) -> str:
+    if not sampling["temperature"]:
+        return "greedy"
+    return f"temperature {sampling['temperature']:g}" + (f", top-p {sampling['top_p']:g}" if sampling["top_p"] < 1 else "")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,8 +102,13 @@ def main() -> None:
     parser.add_argument("--shape", default="2b4t", choices=("2b4t", "tiny"), help="synthetic shape (default 2b4t)")
     parser.add_argument("-r", "--repeat", type=int, default=3,
                         help="rounds over all the levels; each level reports its median round (default 3)")
+    parser.add_argument("--temperature", default="0",
+                        help="sampling temperatures, comma-separated: each level runs at each, interleaved "
+                             "(default 0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
     args = parser.parse_args()
     levels = [int(n) for n in args.streams.split(",")]
+    samplings = [{"temperature": float(t), "top_p": args.top_p} for t in args.temperature.split(",")]
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
 
@@ -107,31 +131,35 @@ def main() -> None:
     def prompt() -> str:  # the synthetic tokenizer's words: one token each, BOS added by the server
         return " ".join(f"w{i}" for i in rng.integers(0, vocab, size=args.n_prompt - 1))
 
-    runs: dict[int, list[tuple[int, float, list[float]]]] = {n: [] for n in levels}  # (tokens, seconds, TTFTs)
+    cases = [(n, i) for n in levels for i in range(len(samplings))]  # (streams, which sampling)
+    runs: dict[tuple[int, int], list[tuple[int, float, list[float]]]] = {c: [] for c in cases}  # (tokens, s, TTFTs)
     clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))  # no fork of a threaded server
     with clients, serving_in_thread(app) as url:
         clients.submit(run_level, url, model_id, [prompt()], 4).result()  # warm-up: page the weights in
-        for round_ in range(1, args.repeat + 1):  # rounds interleave the levels: a slow spell of the host hits them all
-            for n in levels:
-                seconds, results = clients.submit(run_level, url, model_id, [prompt() for _ in range(n)], args.n_gen).result()
+        for round_ in range(1, args.repeat + 1):  # rounds interleave the cases: a slow spell of the host hits them all
+            for n, i in cases:
+                seconds, results = clients.submit(run_level, url, model_id, [prompt() for _ in range(n)], args.n_gen,
+                                                  samplings[i]).result()
                 tokens = sum(r.tokens for r in results)
-                runs[n].append((tokens, seconds, [r.ttft for r in results]))
-                print(f"round {round_}: {n:>2} streams, {tokens} tokens in {seconds:.1f} s", flush=True)
+                runs[n, i].append((tokens, seconds, [r.ttft for r in results]))
+                print(f"round {round_}: {n:>2} streams, {describe_sampling(samplings[i])}: {tokens} tokens in "
+                      f"{seconds:.1f} s", flush=True)
 
     rows = []
-    for n in levels:
-        tokens, seconds, _ = sorted(runs[n], key=lambda run: run[0] / run[1])[(len(runs[n]) - 1) // 2]  # lower median
-        ttfts = [t for _, _, level_ttfts in runs[n] for t in level_ttfts]
-        rows.append((n, tokens, seconds, tokens / seconds, percentile(ttfts, 50), percentile(ttfts, 99)))
-    single = next((rate for n, _, _, rate, _, _ in rows if n == 1), None)
+    for n, i in cases:
+        tokens, seconds, _ = sorted(runs[n, i], key=lambda run: run[0] / run[1])[(len(runs[n, i]) - 1) // 2]  # lower median
+        ttfts = [t for _, _, level_ttfts in runs[n, i] for t in level_ttfts]
+        rows.append((n, i, tokens, seconds, tokens / seconds, percentile(ttfts, 50), percentile(ttfts, 99)))
+    single = {i: rate for n, i, _, _, rate, _, _ in rows if n == 1}
     print(f"\n{time.strftime('%Y-%m-%d')} | CPU: {cpu_model()} | kernels: {_core.kernel_name()} | "
           f"threads: {model.threads} | synthetic {args.shape}, head {args.head} | prompt {args.n_prompt}, "
-          f"generate {args.n_gen} tokens per stream, temperature 0 | median of {args.repeat} rounds\n")
-    print("| streams | generated tokens | wall s | aggregate tokens/s | vs 1 stream | TTFT p50 s | TTFT p99 s |")
-    print("|---|---|---|---|---|---|---|")
-    for n, tokens, seconds, rate, p50, p99 in rows:
-        ratio = f"{rate / single:.2f}x" if single else ""
-        print(f"| {n} | {tokens} | {seconds:.1f} | {rate:.2f} | {ratio} | {p50:.2f} | {p99:.2f} |")
+          f"generate {args.n_gen} tokens per stream | median of {args.repeat} rounds\n")
+    print("| streams | sampling | generated tokens | wall s | aggregate tokens/s | vs 1 stream | TTFT p50 s | TTFT p99 s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, i, tokens, seconds, rate, p50, p99 in rows:
+        ratio = f"{rate / single[i]:.2f}x" if i in single else ""
+        print(f"| {n} | {describe_sampling(samplings[i])} | {tokens} | {seconds:.1f} | {rate:.2f} | {ratio} | "
+              f"{p50:.2f} | {p99:.2f} |")
     print("\n(wall s and tokens/s: each level's median round; TTFTs: over every stream of every round)")
 
 

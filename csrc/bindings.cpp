@@ -9,6 +9,7 @@
 
 #include "dispatch.h"
 #include "model.h"
+#include "sampler.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -236,6 +237,64 @@ NB_MODULE(_core, m) {
         "q"_a, "keys"_a, "values"_a, "column"_a, "scale"_a, "kernel"_a = "",
         "softmax(scale * q k^T) v for the query heads q [heads, head_dim] sharing the KV head at columns "
         "[column, column + head_dim) of f16 keys and values [count, width] (tests).");
+
+    m.def(
+        "temper",
+        [](Array<const float, nb::ndim<1>> logits, float max, float inverse_temperature, const std::string& kernel) {
+            const size_t n = logits.shape(0);
+            auto distance = owned_array<float>({n});
+            auto weight = owned_array<float>({n});
+            kernels_named(kernel).temper(logits.data(), static_cast<int64_t>(n), max, inverse_temperature,
+                                         distance.data(), weight.data());
+            return nb::make_tuple(distance, weight);
+        },
+        "logits"_a, "max"_a, "inverse_temperature"_a, "kernel"_a = "",
+        "The sampler's tempering: (distances (max - logits) * inverse_temperature, weights e^-distance) (tests).");
+
+    nb::class_<SamplingSettings>(m, "SamplingSettings")
+        .def(
+            "__init__",
+            [](SamplingSettings* self, double temperature, int64_t top_k, double top_p, double min_p,
+               double repetition_penalty) {
+                new (self) SamplingSettings{temperature, top_k, top_p, min_p, repetition_penalty};
+                self->validate();
+            },
+            "temperature"_a = 0.0, "top_k"_a = 0, "top_p"_a = 1.0, "min_p"_a = 0.0, "repetition_penalty"_a = 1.0)
+        .def_ro("temperature", &SamplingSettings::temperature)
+        .def_ro("top_k", &SamplingSettings::top_k)
+        .def_ro("top_p", &SamplingSettings::top_p)
+        .def_ro("min_p", &SamplingSettings::min_p)
+        .def_ro("repetition_penalty", &SamplingSettings::repetition_penalty);
+
+    m.def(
+        "sample_tokens",
+        [](Array<const float, nb::ndim<2>> logits, const std::vector<SamplingSettings>& settings,
+           Array<const int32_t, nb::ndim<1>> recent, const std::vector<int64_t>& recent_lengths,
+           Array<const double, nb::ndim<1>> uniforms) {
+            const size_t rows = logits.shape(0);
+            if (settings.size() != rows || recent_lengths.size() != rows || uniforms.shape(0) != rows)
+                throw std::invalid_argument("sample_tokens needs one settings, recent-id count and uniform per row");
+            std::vector<int64_t> offsets(rows + 1, 0);
+            for (size_t r = 0; r < rows; ++r) {
+                if (recent_lengths[r] < 0) throw std::invalid_argument("sample_tokens: a negative recent-id count");
+                offsets[r + 1] = offsets[r] + recent_lengths[r];
+            }
+            if (offsets[rows] != static_cast<int64_t>(recent.shape(0)))
+                throw std::invalid_argument("sample_tokens: the recent-id counts do not add up to the ids given");
+            auto tokens = owned_array<int32_t>({rows});
+            {
+                nb::gil_scoped_release release;
+                const int64_t vocab = static_cast<int64_t>(logits.shape(1));
+                for (size_t r = 0; r < rows; ++r)
+                    tokens.data()[r] = sample_token(logits.data() + r * vocab, vocab, settings[r],
+                                                    recent.data() + offsets[r], recent_lengths[r], uniforms.data()[r]);
+            }
+            return tokens;
+        },
+        "logits"_a, "settings"_a, "recent"_a, "recent_lengths"_a, "uniforms"_a,
+        "The next token of each row of logits [rows, vocab]: row r with settings[r], the repetition penalty on its "
+        "recent_lengths[r] ids (recent holds every row's ids one after another) and the random number "
+        "uniforms[r] in [0, 1). -inf logits are never drawn.");
 
     nb::class_<ModelShape>(m, "ModelShape")
         .def(nb::init<>())

@@ -16,6 +16,7 @@ struct KernelSet {
     Q4GemvFn q4_gemv;
     F16StoreFn f16_store;
     F16AttentionFn f16_attention;
+    TemperFn temper;
 };
 
 const KernelSet& active_kernels();

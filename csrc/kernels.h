@@ -117,4 +117,11 @@ void f16_attention_ref(const float* q, int64_t heads, int64_t head_dim, const ui
 void f32_attention_ref(const float* q, int64_t heads, int64_t head_dim, const float* keys, const float* values,
                        int64_t stride, int64_t count, float scale, float* scratch, float* out);
 
+// The sampler's tempering (sampler.cpp): distance[i] = (max - logits[i]) * inverse_temperature and
+// weight[i] = e^-distance[i] (0 past 87). Elementwise, nothing fused: variants are bit-identical.
+using TemperFn = void (*)(const float* logits, int64_t n, float max, float inverse_temperature, float* distance,
+                          float* weight);
+
+void temper_ref(const float* logits, int64_t n, float max, float inverse_temperature, float* distance, float* weight);
+
 }  // namespace ternlm

@@ -3,6 +3,7 @@
 // pmaddubsw never saturates, one block adds at most 4 * 508 = 2032 to a lane, and 16 blocks stay
 // within int16 (32512).
 #include "kernels_x86.h"
+#include "tempering.h"
 
 #include <immintrin.h>
 
@@ -380,6 +381,10 @@ void q4_gemv_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const
             q4_row_tile<NT>(m.q + r * padded / 2, m.scales + r * groups, groups, padded, xq + t0 * padded, sums);
             for (int t = 0; t < NT; ++t) out[(t0 + t) * out_stride + r] = sums[t];
         });
+}
+
+void temper_avx2(const float* logits, int64_t n, float max, float inverse_temperature, float* distance, float* weight) {
+    temper_row(logits, n, max, inverse_temperature, distance, weight);
 }
 
 }  // namespace ternlm

@@ -5,3 +5,13 @@
 #define TERNLM_DPBUSD _mm256_dpbusd_epi32
 #define TERNLM_KERNEL_NAME ternary_gemm_avx512vnni
 #include "kernels_vnni.inc"
+
+// The sampler's tempering, vectorized 16 floats wide.
+#include "tempering.h"
+
+namespace ternlm {
+void temper_avx512(const float* logits, int64_t n, float max, float inverse_temperature, float* distance,
+                   float* weight) {
+    temper_row(logits, n, max, inverse_temperature, distance, weight);
+}
+}  // namespace ternlm

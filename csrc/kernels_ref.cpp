@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "tempering.h"
 
 namespace ternlm {
 
@@ -237,6 +238,10 @@ void quantize_row_q4(const float* row, int64_t cols, uint8_t* q, uint16_t* scale
             q[g * kQ4Group / 2 + j] = static_cast<uint8_t>(nibbles[0] | (nibbles[1] << 4));
         }
     }
+}
+
+void temper_ref(const float* logits, int64_t n, float max, float inverse_temperature, float* distance, float* weight) {
+    temper_row(logits, n, max, inverse_temperature, distance, weight);
 }
 
 }  // namespace ternlm

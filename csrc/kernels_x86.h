@@ -25,5 +25,9 @@ void f16_store_avx2(const float* x, int64_t n, uint16_t* out);
 void f16_attention_avx2(const float* q, int64_t heads, int64_t head_dim, const uint16_t* keys,
                         const uint16_t* values, int64_t stride, int64_t count, float scale, float* scratch,
                         float* out);
+void temper_avx2(const float* logits, int64_t n, float max, float inverse_temperature, float* distance,
+                 float* weight);
+void temper_avx512(const float* logits, int64_t n, float max, float inverse_temperature, float* distance,
+                   float* weight);
 
 }  // namespace ternlm

@@ -30,3 +30,16 @@ def test_bench_markdown_and_bad_arguments():
     bad = subprocess.run([sys.executable, "-m", "ternlm.cli", "bench", "--synthetic", "tiny", "-t", "x"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "comma-separated" in bad.stderr
+
+
+def test_bench_reports_sampled_decoding_beside_greedy():
+    result = subprocess.run([sys.executable, "-m", "ternlm.cli", "bench", "--synthetic", "tiny", "-p", "0", "-n", "4,8",
+                             "-t", "1", "-r", "2", "-o", "json", "--temperature", "0.8", "--top-p", "0.95"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["test"], r["sampling"]) for r in rows] == [("tg4", "greedy"), ("tg4", "temperature 0.8, top-p 0.95"),
+                                                          ("tg8", "greedy"), ("tg8", "temperature 0.8, top-p 0.95")]
+    bad = subprocess.run([sys.executable, "-m", "ternlm.cli", "bench", "--synthetic", "tiny", "--temperature", "1",
+                          "--top-p", "2"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "top_p" in bad.stderr

@@ -159,6 +159,17 @@ def test_cli_generate_into_a_closed_pipe_exits_quietly(model_dir):
     assert result.returncode == 141 and result.stderr == ""
 
 
+def test_cli_samples_what_the_api_samples_with_the_same_seed(model_dir, model):
+    flags = ["--temperature", "50", "--top-k", "100", "--top-p", "0.9", "--repeat-penalty", "1.2"]
+    texts = {seed: run_cli("generate", "The slings", "-m", str(model_dir), "-n", "16", "--seed", str(seed), *flags)
+             for seed in (7, 8)}
+    for seed, result in texts.items():
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == model.generate("The slings", max_tokens=16, temperature=50, top_k=100, top_p=0.9,
+                                               repetition_penalty=1.2, seed=seed) + "\n"
+    assert texts[7].stdout != texts[8].stdout
+
+
 def test_cli_chat_reset_and_exit(model_dir):
     result = run_cli("chat", "-m", str(model_dir), "-n", "4", input_text="hello\n/reset\nagain\n/exit\n")
     assert result.returncode == 0, result.stderr

@@ -257,6 +257,39 @@ def test_seeded_sampling_is_reproducible(server):
     assert len(others) > 1
 
 
+def test_seeded_sampling_equals_the_api_alone_and_in_a_batch(server, reference):
+    """Each request's seed gives the tokens the API gives with it, whether the request runs alone or
+    stepped together with others sampling with their own settings."""
+    url, served = server
+    settings = [dict(temperature=1.5, top_p=0.95, seed=1), dict(temperature=1.0, top_k=40, seed=2),
+                dict(temperature=2.0, min_p=0.05, repetition_penalty=1.3, seed=3),
+                dict(temperature=1.2, top_k=200, top_p=0.9, min_p=0.02, seed=4)]
+    expected = [reference.generate(PROMPTS[i], max_tokens=20, **s) for i, s in enumerate(settings)]
+    assert len(set(expected)) == len(expected)
+
+    def request(i: int) -> str:
+        s = settings[i]
+        standard = {k: s[k] for k in ("temperature", "top_p", "seed") if k in s}  # the rest: the model's defaults
+        extra = {k: s[k] for k in ("top_k", "min_p", "repetition_penalty") if k in s}
+        return client(url).completions.create(model=MODEL_ID, prompt=PROMPTS[i], max_tokens=20, extra_body=extra,
+                                              **standard).choices[0].text
+
+    assert [request(i) for i in range(len(settings))] == expected  # alone
+    results: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, request(i))) for i in range(len(settings))]
+    before = metrics(url)
+    with served.model.engine.held():  # all arrive before the first step: they run together
+        for t in threads:
+            t.start()
+        wait_until(lambda: metrics(url)["ternlm_queue_length"] + metrics(url)["ternlm_active_sequences"]
+                   == len(settings), "the requests to arrive")
+    for t in threads:
+        t.join(timeout=60)
+    assert [results[i] for i in range(len(settings))] == expected
+    after = metrics(url)
+    assert after["ternlm_batch_size_sum"] - before["ternlm_batch_size_sum"] > after["ternlm_batch_size_count"] - before["ternlm_batch_size_count"]
+
+
 # ---- continuous batching ----
 
 def test_concurrent_streams_equal_single_runs(server, reference):

@@ -1,7 +1,9 @@
 """`ternlm bench`: prompt-processing and generation speed, like llama-bench.
 
 pp<N>: one forward pass over N prompt tokens from an empty cache (tokens/s = N / time).
-tg<N>: N single-token decode steps from an empty cache (tokens/s = N / time).
+tg<N>: N single-token decode steps from an empty cache (tokens/s = N / time), each picking the next
+token from its logits: greedily, and with sampling settings given, also sampled (the two runs
+interleaved; both feed the same predetermined tokens, so their forward passes do the same work).
 Each test runs once to warm up, then `repetitions` times; medians and spreads are reported, with
 the bytes a decode step must stream (ternary weights + head) turned into achieved GB/s and a
 percentage of this machine's measured read bandwidth.
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import _core
+from .sampling import SamplingParams, sample
 
 
 @dataclass
@@ -35,6 +38,7 @@ class BenchResult:
     gb_s: float | None           # bytes streamed per decode token / time per token (tg only)
     pct_of_bound: float | None   # gb_s / measured read bandwidth at this thread count
     peak_rss_mb: float
+    sampling: str = "greedy"     # how tg picks each token: greedy, or the sampling settings
 
     @property
     def kind(self) -> str:
@@ -58,36 +62,54 @@ def time_prompt(engine, tokens: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
-def time_generation(engine, tokens: np.ndarray) -> float:
+def time_generation(engine, tokens: np.ndarray, params: SamplingParams) -> float:
     cache = engine.new_cache(len(tokens))
+    rng, picked = np.random.default_rng(0), []
     start = time.perf_counter()
-    for position, token in enumerate(tokens):
-        engine.forward(cache, tokens[position:position + 1], position)
+    for position in range(len(tokens)):
+        logits = engine.forward(cache, tokens[position:position + 1], position)
+        picked.append(sample(logits[-1], params, rng, picked))
     return time.perf_counter() - start
 
 
+def describe(params: SamplingParams) -> str:
+    """Sampling settings in a few words: greedy, or those that filter."""
+    if params.temperature == 0:
+        return "greedy"
+    defaults = SamplingParams()
+    return ", ".join(f"{name.replace('_', '-')} {getattr(params, name):g}"
+                     for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+                     if name == "temperature" or getattr(params, name) != getattr(defaults, name))
+
+
 def run(engine, prompt_lengths: list[int], generation_lengths: list[int], threads: list[int], repetitions: int,
-        progress=None) -> list[BenchResult]:
+        progress=None, sampling: SamplingParams | None = None) -> list[BenchResult]:
+    """sampling: settings for a sampled run of each tg beside the greedy one."""
     rng = np.random.default_rng(0)
     vocab = engine.config.vocab_size
+    pickers = [SamplingParams()] + ([sampling] if sampling else [])
     results = []
     for t in threads:
         engine.threads = t
-        tests = [("pp", n, time_prompt) for n in prompt_lengths if n > 0] + \
-                [("tg", n, time_generation) for n in generation_lengths if n > 0]
-        for kind, n, timer in tests:
+        tests = [("pp", n, [lambda tokens: time_prompt(engine, tokens)]) for n in prompt_lengths if n > 0] + \
+                [("tg", n, [lambda tokens, p=p: time_generation(engine, tokens, p) for p in pickers])
+                 for n in generation_lengths if n > 0]
+        for kind, n, timers in tests:
             tokens = rng.integers(0, vocab, size=n).astype(np.int32)
-            timer(engine, tokens)  # warm-up: page in the weights, size the caches
-            rates = []
+            timers[0](tokens)  # warm-up: page in the weights, size the caches
+            rates: list[list[float]] = [[] for _ in timers]
             for _ in range(repetitions):
-                rates.append(n / timer(engine, tokens))
-                if progress:
-                    progress()
-            median = statistics.median(rates)
-            # a decode step streams every ternary weight and the whole head once
-            gb_s = (engine.weight_bytes + engine.head_bytes) * median / 1e9 if kind == "tg" else None
-            results.append(BenchResult(f"{kind}{n}", t, engine.head, _core.kernel_name(), median, min(rates), max(rates),
-                                       1000 / median, gb_s, None, peak_rss_mb()))
+                for timer, timer_rates in zip(timers, rates):  # interleaved: a slow spell of the host hits them all
+                    timer_rates.append(n / timer(tokens))
+                    if progress:
+                        progress()
+            for picker, timer_rates in zip(pickers, rates):
+                median = statistics.median(timer_rates)
+                # a decode step streams every ternary weight and the whole head once
+                gb_s = (engine.weight_bytes + engine.head_bytes) * median / 1e9 if kind == "tg" else None
+                results.append(BenchResult(f"{kind}{n}", t, engine.head, _core.kernel_name(), median, min(timer_rates),
+                                           max(timer_rates), 1000 / median, gb_s, None, peak_rss_mb(),
+                                           describe(picker) if kind == "tg" else ""))
     return results
 
 
@@ -107,13 +129,14 @@ def format_markdown(results: list[BenchResult], model: str, bandwidth: dict[int,
              f"read bandwidth: " + ", ".join(f"{bw:.1f} GB/s at {t} thread{'s' if t > 1 else ''}"
                                              for t, bw in bandwidth.items()),
              "",
-             "| test | threads | head | t/s median | t/s min–max | ms/token | GB/s | % of bound | peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| test | threads | head | tokens picked | t/s median | t/s min–max | ms/token | GB/s | % of bound | peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         gb = f"{r.gb_s:.1f}" if r.gb_s is not None else ""
         pct = f"{r.pct_of_bound:.0f} %" if r.pct_of_bound is not None else ""
-        lines.append(f"| {r.test} | {r.threads} | {r.head} | {r.t_s_median:.2f} | {r.t_s_min:.2f}–{r.t_s_max:.2f} | "
-                     f"{r.ms_per_token:.1f} | {gb} | {pct} | {r.peak_rss_mb / 1000:.2f} GB |")
+        lines.append(f"| {r.test} | {r.threads} | {r.head} | {r.sampling} | {r.t_s_median:.2f} | "
+                     f"{r.t_s_min:.2f}–{r.t_s_max:.2f} | {r.ms_per_token:.1f} | {gb} | {pct} | "
+                     f"{r.peak_rss_mb / 1000:.2f} GB |")
     return "\n".join(lines)
 
 

@@ -39,6 +39,11 @@ SAMPLING_HELP = ("Unset sampling flags take the model's generation_config.json v
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling", SAMPLING_HELP)
     g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    _add_filter_args(g)
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: random)")
+
+
+def _add_filter_args(g) -> None:
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy; unset: the model's, else 0")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = all; unset: "
                                                           "the model's, else 0)")
@@ -48,12 +53,17 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                                                             "(unset: the model's, else 0 = off)")
     g.add_argument("--repeat-penalty", type=float, default=None, help="penalty for the last 64 tokens (1.0 = off; "
                                                                      "unset: the model's, else 1.0)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: random)")
+
+
+def _filters(args) -> dict:
+    """The sampling filters given on the command line (unset ones left out)."""
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 repetition_penalty=args.repeat_penalty)
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _sampling(args) -> dict:
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repeat_penalty, seed=args.seed)
+    return dict(_filters(args), seed=args.seed)
 
 
 def _load(args):
@@ -210,6 +220,7 @@ def cmd_bench(args) -> int:
     from . import bench
     from .hub import resolve_model_path
     from .model import HEAD_DTYPES, NativeEngine
+    from .sampling import SamplingParams
     from .weights import open_checkpoint
     from .weights.synthetic import SyntheticCheckpoint
 
@@ -218,6 +229,9 @@ def cmd_bench(args) -> int:
     if min(args.threads) < 1 or args.repetitions < 1:
         raise ValueError("threads and repetitions must be at least 1")
     _check_plotting(args)
+    sampling = SamplingParams(**_filters(args)) if args.temperature else None
+    if sampling:
+        sampling.validate()
     console = stderr_console()
     with console.status("building the model" if args.synthetic or not args.model else "loading the model"):
         if args.model:
@@ -228,11 +242,12 @@ def cmd_bench(args) -> int:
             checkpoint = SyntheticCheckpoint(shape, args.head if args.head in HEAD_DTYPES else "float16")
             name = f"synthetic {shape}"
         engine = NativeEngine(checkpoint, max(args.threads), head=args.head)
-    runs = len(args.threads) * args.repetitions * (sum(1 for n in args.n_prompt if n) + sum(1 for n in args.n_gen if n))
+    generation_runs = sum(1 for n in args.n_gen if n) * (2 if sampling else 1)
+    runs = len(args.threads) * args.repetitions * (sum(1 for n in args.n_prompt if n) + generation_runs)
     with progress_bar() as progress:
         task = progress.add_task("benchmarking", total=runs)
         results = bench.run(engine, args.n_prompt, args.n_gen, args.threads, args.repetitions,
-                            progress=lambda: progress.advance(task))
+                            progress=lambda: progress.advance(task), sampling=sampling)
     with console.status("measuring read bandwidth"):
         bandwidth = bench.measure_bandwidth(args.threads)
     bench.add_bandwidth_bound(results, bandwidth)
@@ -529,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="a markdown table or a JSON array")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="also draw tokens/s against threads and against prompt length into this PNG (needs matplotlib)")
+    _add_filter_args(p.add_argument_group(
+        "sampled decoding", "with --temperature above 0, every tgN also runs sampled with these settings, its "
+                            "repetitions interleaved with the greedy ones"))
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("perplexity", help="perplexity and bits per byte of a text file (llama.cpp's method)",

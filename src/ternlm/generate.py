@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample_batch
 from .tokenizer import Tokenizer
 
 
@@ -69,7 +69,10 @@ class GenerationState:
 
     def next_token(self, logits: np.ndarray) -> int | None:
         """Samples from the last position's logits [vocab]: the new token, or None for a stop token."""
-        token = sample(logits, self.params, self.rng, self.history)
+        return next_tokens([self], np.asarray(logits)[None])[0]
+
+    def accept(self, token: int) -> int | None:
+        """Takes the sampled token: returns it, or None for a stop token."""
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return None
@@ -78,6 +81,13 @@ class GenerationState:
         if self.generated >= self.max_tokens or len(self.history) >= self.n_positions:
             self.finish_reason = "length"
         return token
+
+
+def next_tokens(states: list[GenerationState], logits: np.ndarray) -> list[int | None]:
+    """Each state's next token (None for a stop token) from its row of logits [states, vocab], drawn
+    in one batched call."""
+    tokens = sample_batch(logits, [s.params for s in states], [s.rng for s in states], [s.history for s in states])
+    return [state.accept(token) for state, token in zip(states, tokens)]
 
 
 def generate_tokens(engine, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: set[int],

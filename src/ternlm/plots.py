@@ -33,9 +33,10 @@ def plot_bench(results: list[BenchResult], title: str, path: str | Path) -> None
     per thread count; pp tests only)."""
     plt = pyplot()
     fig, (by_threads, by_length) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for test in dict.fromkeys(r.test for r in results):
-        rows = sorted((r for r in results if r.test == test), key=lambda r: r.threads)
-        by_threads.plot([r.threads for r in rows], [r.t_s_median for r in rows], marker="o", label=test)
+    for test, sampling in dict.fromkeys((r.test, r.sampling) for r in results):
+        rows = sorted((r for r in results if (r.test, r.sampling) == (test, sampling)), key=lambda r: r.threads)
+        label = test if sampling in ("", "greedy") else f"{test}, {sampling}"
+        by_threads.plot([r.threads for r in rows], [r.t_s_median for r in rows], marker="o", label=label)
     by_threads.set(xlabel="threads", ylabel="tokens/s (median)", title="by thread count")
     by_threads.set_xticks(sorted({r.threads for r in results}))
     prompts = [r for r in results if r.kind == "pp"]

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _core
+
 
 @dataclass
 class SamplingParams:
@@ -29,47 +31,44 @@ class SamplingParams:
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
+    def native(self):
+        """These settings for the C++ sampler."""
+        return _core.SamplingSettings(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
 
-def apply_repetition_penalty(logits: np.ndarray, recent: list[int], penalty: float) -> np.ndarray:
-    """Make recently seen tokens less likely: positive logits divided, negative multiplied."""
-    if penalty == 1.0 or not recent:
-        return logits
-    logits = logits.astype(np.float64)
-    seen = np.unique(np.asarray(recent, dtype=np.int64))
-    values = logits[seen]
-    # a penalty near 0 (or far above 1) must not turn a finite logit into an infinite one
-    biggest = np.finfo(np.float64).max
-    logits[seen] = np.clip(np.where(values > 0, values / penalty, values * penalty), -biggest, biggest)
-    return logits
+    def recent(self, history: list[int]) -> list[int]:
+        """The ids the repetition penalty applies to."""
+        if self.repetition_penalty == 1.0 or self.repeat_last_n <= 0:
+            return []
+        return history[-self.repeat_last_n:]
+
+
+def sample_batch(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator],
+                 histories: list[list[int]]) -> list[int]:
+    """The next token of each row of logits [rows, vocab], row i with params[i], its own random
+    generator rngs[i] (one uniform number per draw, so a seeded row draws the same tokens whatever
+    else is in the batch) and its tokens so far histories[i]. One native call, the GIL released.
+    -inf logits (masked tokens) are never drawn."""
+    if not len(params) == len(rngs) == len(histories) == len(logits):
+        raise ValueError("sample_batch needs one params, generator and history per row of logits")
+    recent = [p.recent(h) for p, h in zip(params, histories)]
+    tokens = _core.sample_tokens(np.ascontiguousarray(logits, dtype=np.float32), [p.native() for p in params],
+                                 np.array([i for ids in recent for i in ids], dtype=np.int32),
+                                 [len(ids) for ids in recent], np.array([rng.random() for rng in rngs]))
+    return tokens.tolist()
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history: list[int]) -> int:
     """logits: float32 [vocab] for one position; history: the tokens so far (prompt + generated)."""
-    recent = history[-params.repeat_last_n:] if params.repeat_last_n > 0 else []
-    logits = apply_repetition_penalty(logits, recent, params.repetition_penalty)
-    if params.temperature == 0:
-        return int(np.argmax(logits))
-    logits = logits.astype(np.float64)
-    logits = (logits - logits.max()) / params.temperature  # <= 0 before dividing: a tiny temperature cannot overflow
-    order = np.argsort(-logits, kind="stable")
-    if params.top_k > 0:
-        order = order[: params.top_k]
-    probs = np.exp(logits[order] - logits[order[0]])
-    probs /= probs.sum()
-    if params.top_p < 1.0:
-        # keep the smallest prefix whose mass reaches top_p
-        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
-        order, probs = order[:keep], probs[:keep]
-    if params.min_p > 0:
-        keep = probs >= params.min_p * probs[0]
-        order, probs = order[keep], probs[keep]
-    probs /= probs.sum()
-    return int(order[rng.choice(len(order), p=probs)])
+    return sample_batch(np.asarray(logits)[None], [params], [rng], [history])[0]
 
 
-def log_probabilities(logits: np.ndarray) -> np.ndarray:
-    """log softmax of raw logits [vocab] in float64: the model's own distribution, before temperature
-    and filters (what OpenAI's `logprobs` report)."""
-    x = logits.astype(np.float64)
-    x -= x.max()
-    return x - np.log(np.exp(x).sum())
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log probability of `token` under the raw logits [vocab] (the model's own distribution,
+    before penalty, temperature and filters: what OpenAI's `logprobs` report), and the `top` most
+    likely (id, log probability) pairs, most likely first. float32; the top ones by partial selection."""
+    logits = np.asarray(logits, dtype=np.float32)
+    shifted = logits - logits.max()
+    log_total = np.float32(np.log(np.exp(shifted).sum(dtype=np.float64)))
+    best = np.argpartition(-shifted, top - 1)[:top] if 0 < top < len(shifted) else np.arange(min(top, len(shifted)))
+    best = best[np.lexsort((best, -shifted[best]))]  # most likely first, ties by id
+    return float(shifted[token] - log_total), [(int(i), float(shifted[i] - log_total)) for i in best]

@@ -25,8 +25,8 @@ from typing import AsyncIterator
 import numpy as np
 
 from ..api import LanguageModel
-from ..generate import GenerationState, TextStream
-from ..sampling import SamplingParams, log_probabilities
+from ..generate import GenerationState, TextStream, next_tokens
+from ..sampling import SamplingParams, token_logprobs
 from .metrics import ServerMetrics
 
 
@@ -272,26 +272,27 @@ class Scheduler:
         try:
             # A prompt chunk that does not finish its prompt samples nothing: it skips the head.
             ends = [not s.prefill or s.start + len(s.tokens) == len(s.sequence.prompt) for s in segments]
-            logits = iter(self.model.engine.forward_batch([(s.sequence.cache, s.tokens, s.start) for s in segments],
-                                                          logits_for=ends))
-            for segment, samples in zip(segments, ends):
-                sequence = segment.sequence
+            logits = self.model.engine.forward_batch([(s.sequence.cache, s.tokens, s.start) for s in segments],
+                                                     logits_for=ends)
+            for segment in segments:
                 if segment.prefill:
-                    sequence.prefilled += len(segment.tokens)
-                if samples:
-                    generated += self._advance(sequence, next(logits))
+                    segment.sequence.prefilled += len(segment.tokens)
+            sampling = [s.sequence for s, samples in zip(segments, ends) if samples]
+            tokens = next_tokens([s.state for s in sampling], logits)  # all of the step's draws in one call
+            for sequence, row, token in zip(sampling, logits, tokens):
+                generated += self._advance(sequence, row, token)
         except Exception as e:  # whatever failed, the step's requests end with an error and the server goes on
             for sequence in {s.sequence for s in segments if s.sequence in self.running}:
                 sequence.send(Update(error=f"generation failed: {e}"))
                 self._leave(sequence, "error")
         self.metrics.step(len(segments), sum(len(s.tokens) for s in segments if s.prefill), generated)
 
-    def _advance(self, sequence: Sequence, logits: np.ndarray) -> int:
-        """Samples the sequence's next token and sends its text; returns how many tokens it generated."""
+    def _advance(self, sequence: Sequence, logits: np.ndarray, token: int | None) -> int:
+        """Sends the text of the sequence's next token (None: a stop token), sampled from `logits`;
+        returns how many tokens it generated."""
         if not sequence.sampled_once:
             sequence.sampled_once = True
             self.metrics.time_to_first_token.observe(time.perf_counter() - sequence.submitted_at)
-        token = sequence.state.next_token(logits)
         update = Update()
         if token is not None:
             update.text = sequence.text.push(token)
@@ -310,7 +311,4 @@ class Scheduler:
 
 
 def _token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
-    logprobs = log_probabilities(logits)
-    best = np.argpartition(-logprobs, top)[:top] if top else np.array([], dtype=np.int64)
-    best = best[np.argsort(-logprobs[best], kind="stable")]
-    return TokenLogprob(token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in best])
+    return TokenLogprob(token, *token_logprobs(logits, token, top))
