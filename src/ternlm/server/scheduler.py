@@ -25,6 +25,7 @@ from typing import AsyncIterator
 import numpy as np
 
 from ..api import LanguageModel
+from ..constraints import ConstraintFailed, TokenConstraint
 from ..generate import GenerationState, TextStream
 from ..sampling import SamplingParams, log_probabilities
 from .metrics import ServerMetrics
@@ -144,10 +145,11 @@ class Scheduler:
     # ---- the request side (the event loop's thread) ----
 
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop: list[str],
-               top_logprobs: int | None = None) -> Sequence:
-        """Queues a generation. Raises ValueError (bad parameters, ContextOverflowError),
-        KVBudgetExceeded, Overloaded when the queue is full, or Unavailable once the scheduler has stopped."""
-        state = GenerationState(prompt, max_tokens, params, self.model.stop_ids, self.model.n_ctx)
+               top_logprobs: int | None = None, constraint: TokenConstraint | None = None) -> Sequence:
+        """Queues a generation (constrained to a grammar with `constraint`). Raises ValueError (bad
+        parameters, ContextOverflowError), KVBudgetExceeded, Overloaded when the queue is full, or
+        Unavailable once the scheduler has stopped."""
+        state = GenerationState(prompt, max_tokens, params, self.model.stop_ids, self.model.n_ctx, constraint)
         needed = self._cache_bytes(state.n_positions)
         if needed > self.kv_budget:
             raise KVBudgetExceeded(f"the request needs {needed / 2**20:.1f} MiB of KV cache ({state.n_positions} "
@@ -279,7 +281,11 @@ class Scheduler:
                 if segment.prefill:
                     sequence.prefilled += len(segment.tokens)
                 if samples:
-                    generated += self._advance(sequence, next(logits))
+                    try:
+                        generated += self._advance(sequence, next(logits))
+                    except ConstraintFailed as e:  # that request ends; the others go on
+                        sequence.send(Update(error=str(e)))
+                        self._leave(sequence, "error")
         except Exception as e:  # whatever failed, the step's requests end with an error and the server goes on
             for sequence in {s.sequence for s in segments if s.sequence in self.running}:
                 sequence.send(Update(error=f"generation failed: {e}"))
