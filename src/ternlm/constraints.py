@@ -21,8 +21,12 @@ import numpy as np
 
 # Compact JSON as json.dumps writes it: no whitespace for a weak model to spend tokens on.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# Hostile schemas and regular expressions exist: compiling one, and each step's mask, run on bounded
-# fuel (llguidance's defaults), and its lexer stops at MAX_LEXER_STATES (1-2 kB each) instead of 250,000.
+# Hostile schemas and regular expressions exist (a{100000}, ((a{100}){100}){100}): building a lexer
+# runs on LEXER_FUEL (about 4 ms and 50 MB of it, a fifth of llguidance's default; real schemas use
+# far less), each step's mask on llguidance's default step fuel, and the lexer stops at
+# MAX_LEXER_STATES (1-2 kB each) instead of 250,000. Past a limit the matcher fails: before the first
+# token, a GrammarError; later, that generation ends with ConstraintFailed.
+LEXER_FUEL = 200_000
 MAX_LEXER_STATES = 20_000
 
 _mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ternlm-masks")
@@ -92,15 +96,17 @@ class Grammars:
             return self._ll_tokenizer
 
     def constraint(self, grammar: str) -> TokenConstraint:
-        """A fresh sequence's constraint (its first mask starts computing at once); raises GrammarError
-        naming the problem when the grammar does not compile within the limits."""
+        """A fresh sequence's constraint, its first mask computed; raises GrammarError naming the
+        problem when the grammar does not compile, or fails at once, within the limits."""
         import llguidance
 
-        limits = llguidance.LLParserLimits(max_lexer_states=MAX_LEXER_STATES, verbose_errors=False)
+        limits = llguidance.LLParserLimits(initial_lexer_fuel=LEXER_FUEL, max_lexer_states=MAX_LEXER_STATES,
+                                           verbose_errors=False)
         matcher = llguidance.LLMatcher(self.ll_tokenizer(), grammar, limits=limits, log_level=0)
+        constraint = None if matcher.is_error() else TokenConstraint(matcher, self.vocab_size)
         if matcher.is_error():
-            raise GrammarError(matcher.get_error())
-        return TokenConstraint(matcher, self.vocab_size)
+            raise GrammarError(_error(matcher))
+        return constraint
 
 
 class TokenConstraint:
@@ -111,7 +117,8 @@ class TokenConstraint:
         self.vocab_size = vocab_size
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self.complete = False  # the grammar can take no more text: only a stop id may follow
-        self._allowed: Future[np.ndarray] = _mask_worker.submit(self._compute_allowed)
+        self._allowed: Future[np.ndarray] = Future()
+        self._allowed.set_result(self._compute_allowed())
 
     def _compute_allowed(self) -> np.ndarray:
         """bool [vocab]: the tokens the grammar allows next (in the worker thread)."""
@@ -122,7 +129,7 @@ class TokenConstraint:
         """A copy of logits [vocab] with every token the grammar does not allow next at -inf."""
         allowed = self._allowed.result()
         if self._matcher.is_error():
-            raise ConstraintFailed(f"the grammar failed: {self._matcher.get_error()}")
+            raise ConstraintFailed(f"the grammar failed: {_error(self._matcher)}")
         if not allowed.any():
             raise ConstraintFailed("the grammar allows no token here")
         return np.where(allowed, logits, -np.inf).astype(np.float32, copy=False)
@@ -131,6 +138,11 @@ class TokenConstraint:
         """The chosen token (one the last mask allowed); then the next mask starts computing. The
         matcher is only touched here and in mask(), never while the worker computes a mask."""
         if not self._matcher.consume_token(token):
-            raise ConstraintFailed(f"the grammar refused token {token}: {self._matcher.get_error()}")
+            raise ConstraintFailed(f"the grammar refused token {token}: {_error(self._matcher)}")
         self.complete = self._matcher.is_stopped()
         self._allowed = _mask_worker.submit(self._compute_allowed)
+
+
+def _error(matcher) -> str:
+    """The matcher's error message, without the marker llguidance puts where verbose details would be."""
+    return matcher.get_error().replace("<non-verbose/>", "").strip()
