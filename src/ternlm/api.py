@@ -153,7 +153,7 @@ class LanguageModel:
             return "".join(self.stream_chat(messages, max_tokens, **kwargs))
         use = ToolUse.choose(tools, tool_choice, parallel_tool_calls)
         text = "".join(self.stream_chat(messages, max_tokens, tool_use=use, **kwargs))
-        return parse_envelope(text) if use.tools else AssistantTurn(text)
+        return parse_envelope(text, kwargs.get("json_schema") is not None) if use.tools else AssistantTurn(text)
 
 
 def load(model: str | Path | None = None, threads: int | None = None, backend: str = "native",

@@ -197,9 +197,10 @@ def _arguments(text):
         return text
 
 
-def parse_envelope(text: str) -> AssistantTurn:
+def parse_envelope(text: str, json_reply: bool = False) -> AssistantTurn:
     """The model's envelope as a reply or tool calls; text that is not a whole envelope (generation
-    cut short by max_tokens or a stop string) is returned as the reply."""
+    cut short by max_tokens or a stop string) is returned as the reply. json_reply: the reply had a
+    JSON schema, so its content is JSON text (else the reply string itself)."""
     try:
         envelope = json.loads(text)
     except json.JSONDecodeError:
@@ -210,5 +211,5 @@ def parse_envelope(text: str) -> AssistantTurn:
                                     for c in calls])
     if isinstance(envelope, dict) and "response" in envelope:
         reply = envelope["response"]
-        return AssistantTurn(reply if isinstance(reply, str) else json.dumps(reply, ensure_ascii=False))
+        return AssistantTurn(json.dumps(reply, ensure_ascii=False) if json_reply else reply)
     return AssistantTurn(text)

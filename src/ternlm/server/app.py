@@ -271,23 +271,27 @@ class ToolCallReply(ChatReply):
     """A chat reply whose text is a tool envelope (tools.py): it is read whole, then sent as a reply
     or as tool calls; streamed, it comes in the last chunk (log probabilities come as they go)."""
 
-    def __init__(self, served: ServedModel, include_usage: bool, logprobs: bool):
+    def __init__(self, served: ServedModel, include_usage: bool, logprobs: bool, json_reply: bool):
         super().__init__(served, include_usage, logprobs)
+        self.json_reply = json_reply  # a reply follows response_format's schema: its content is JSON text
         self.text: list[str] = []
+
+    def opening(self) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant"))])  # content null: it may be calls
 
     def chunk(self, update: Update) -> ChatCompletionChunk | None:
         self.text.append(update.text)
         logprobs = self._logprobs([update.logprob] if update.logprob else [])
         if not update.finish_reason:
             return self._chunk([ChatChunkChoice(delta=DeltaMessage(), logprobs=logprobs)]) if logprobs else None
-        turn = parse_envelope("".join(self.text))
+        turn = parse_envelope("".join(self.text), self.json_reply)
         calls = [ToolCallDelta(index=i, **call.openai()) for i, call in enumerate(turn.tool_calls)]
         delta = DeltaMessage(tool_calls=calls) if calls else DeltaMessage(content=turn.content)
         return self._chunk([ChatChunkChoice(delta=delta, logprobs=logprobs,
                                             finish_reason="tool_calls" if calls else update.finish_reason)])
 
     def whole(self, text, logprobs, finish_reason, usage) -> ChatCompletion:
-        turn = parse_envelope(text)
+        turn = parse_envelope(text, self.json_reply)
         message = AssistantMessage(**turn.message())
         choice = ChatChoice(message=message, logprobs=self._logprobs(logprobs),
                             finish_reason="tool_calls" if turn.tool_calls else finish_reason)
@@ -418,8 +422,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     prompt = served.prompt(lambda: served.model.chat_prompt_ids(messages, tool_use), "messages")
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sequence = served.submit(prompt, body, body.token_limit(), top_logprobs, "messages", constraint)
-    kind = ToolCallReply if tool_use is not None and tool_use.tools else ChatReply
-    reply = kind(served, body.include_usage, body.logprobs)
+    if tool_use is not None and tool_use.tools:
+        json_reply = body.response_format is not None and body.response_format.reply_schema() is not None
+        reply = ToolCallReply(served, body.include_usage, body.logprobs, json_reply)
+    else:
+        reply = ChatReply(served, body.include_usage, body.logprobs)
     return EventStream(reply, sequence) if body.stream else await whole_reply(reply, sequence, request)
 
 
