@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import jsonschema
 import numpy as np
@@ -254,3 +256,19 @@ def test_a_tool_whose_parameters_do_not_compile_is_named(llama3_model):
     with pytest.raises(ToolError, match="'broken'.*Unimplemented") as error:
         llama3_model.chat(ASK, tools=[WEATHER, bad])
     assert error.value.param == "tools.1.function.parameters"
+
+
+def test_cli_generate_constrained(tmp_path, default_model):
+    schema = SCHEMAS["nested"]
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "yes.lark").write_text('start: "yes" | "no"')
+    cli = [sys.executable, "-m", "ternlm.cli", "generate", "To be", "-n", "80", "--temperature", "1", "--seed", "3"]
+    result = subprocess.run([*cli, "--json-schema", str(tmp_path / "schema.json")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout.splitlines()[-1]), schema)
+    result = subprocess.run([*cli, "--grammar", str(tmp_path / "yes.lark")], capture_output=True, text=True)
+    assert result.stdout.splitlines()[-1] in ("yes", "no")
+    for flags, message in [(["--regex", "(a"], "unclosed group"), (["--json-schema", "missing.json"], "file not found"),
+                           (["--regex", "a", "--grammar", "g"], "not allowed with")]:
+        result = subprocess.run([*cli, *flags], capture_output=True, text=True)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
