@@ -48,7 +48,8 @@ SCHEMAS = {
                        "celsius": {"type": "number", "exclusiveMinimum": -10, "maximum": 40, "multipleOf": 0.5}},
         "required": ["score", "celsius"], "additionalProperties": False},
     "string pattern": {"type": "string", "pattern": "^[A-Z][a-z]{2,6}-[0-9]{3}$"},
-    "one of two types": {"anyOf": [{"type": "string", "maxLength": 5}, {"type": "integer", "minimum": 0, "maximum": 9}]},
+    "one of two types": {"anyOf": [{"type": "string", "maxLength": 5},
+                                   {"type": "integer", "minimum": 0, "maximum": 9}]},
 }
 SEEDS = (0, 1, 2)
 MAX_TOKENS = 160
@@ -129,6 +130,20 @@ def test_ids_past_the_tokenizer_are_never_allowed(tmp_path, tiny_tokenizer_json)
     assert tokenizer_size < 400
     allowed = allowed_ids(model.constraint(regex="(?s:.{0,50})"), 400)
     assert max(allowed) < tokenizer_size and len(allowed) > 200
+
+
+def test_gguf_files_tokenizer(tmp_path, tiny_tokenizer_json):
+    """A GGUF file's tokenizer is rebuilt from its metadata: constraints work on it too."""
+    from conftest import random_bitnet, write_checkpoint
+    from ternlm.weights.convert import convert_to_gguf
+
+    hf = write_checkpoint(random_bitnet(seed=5, hidden_size=256, intermediate_size=512), tmp_path / "hf",
+                          tiny_tokenizer_json)
+    model = ternlm.load(convert_to_gguf(hf, tmp_path / "model.gguf", ternary="tq2_0"))
+    schema = SCHEMAS["nested"]
+    for seed in SEEDS:
+        text = model.generate("To be", max_tokens=MAX_TOKENS, json_schema=schema, temperature=1.0, seed=seed)
+        jsonschema.validate(json.loads(text), schema)
 
 
 def test_pydantic_model_as_schema(default_model):

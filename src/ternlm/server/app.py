@@ -418,8 +418,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     served.check_model(body.model)
     messages = [m.as_dict() for m in body.messages]
     tool_use = _tool_use(body)
-    constraint = await served.constraint(body, tool_use)
     prompt = served.prompt(lambda: served.model.chat_prompt_ids(messages, tool_use), "messages")
+    constraint = await served.constraint(body, tool_use)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sequence = served.submit(prompt, body, body.token_limit(), top_logprobs, "messages", constraint)
     if tool_use is not None and tool_use.tools:
