@@ -121,6 +121,15 @@ def test_mask_matches_the_tokenizer_and_ends_with_stop_ids_only(llama3_model):
     assert allowed_ids(constraint, vocab) == stops
 
 
+def test_a_complete_grammar_ends_without_another_step(default_model, monkeypatch):
+    """Once nothing can follow, generation stops at once: no forward pass for a stop token."""
+    forward, calls = default_model.engine.forward, []
+    monkeypatch.setattr(default_model.engine, "forward", lambda *args: calls.append(args) or forward(*args))
+    text = default_model.generate("Well", max_tokens=20, grammar='start: "yes" | "no"', temperature=1.0, seed=0)
+    assert text in ("yes", "no") and default_model.last_stats.finish_reason == "stop"
+    assert len(calls) == default_model.last_stats.generated_tokens  # the prompt, then one per token but the last
+
+
 def test_ids_past_the_tokenizer_are_never_allowed(tmp_path, tiny_tokenizer_json):
     """A model whose vocabulary is padded past its tokenizer's (as 2B4T's files can be)."""
     from conftest import random_bitnet, write_checkpoint
