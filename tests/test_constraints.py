@@ -17,7 +17,7 @@ import pytest
 
 import ternlm
 from ternlm.constraints import ConstraintFailed, GrammarError, grammar_text
-from ternlm.tools import AssistantTurn, ToolError
+from ternlm.tools import REPLY_START, AssistantTurn, ToolError, parse_envelope, partial_reply
 
 # Every string, array and number is bounded, so each schema's JSON ends within MAX_TOKENS whatever is sampled.
 SCHEMAS = {
@@ -178,6 +178,8 @@ def test_pydantic_model_as_schema(default_model):
     (dict(regex="(a"), "unclosed group"),
     (dict(grammar="start: undefined_rule"), "unknown name"),
     (dict(json_schema={"enum": [f"value {i}" * 3 for i in range(30000)]}), "too big"),
+    (dict(json_schema={"allOf": [{"anyOf": [{"required": [f"a{i}"]}, {"required": [f"b{i}"]}]}
+                                 for i in range(20)]}), "too large"),
 ])
 def test_bad_grammars_raise_grammar_errors(default_model, kwargs, message):
     with pytest.raises(GrammarError, match=message):
@@ -261,6 +263,20 @@ def test_tool_results_in_the_history(llama3_model):
                                          "content": "21 C"}}) in prompt
     answer = llama3_model.chat(history, max_tokens=20, tools=[WEATHER], tool_choice="none")
     assert isinstance(answer.content, str)
+
+
+def test_partial_reply_decodes_every_prefix_of_an_envelope():
+    """Cut anywhere, json.dumps's envelope gives a prefix of the reply, growing, whole at the end."""
+    for reply in ['He said "hi"\\n', "tab\tnew\nline \\ back", "é 世界 😀 \u0001 end", ""]:
+        for ascii_only in (True, False):
+            envelope = json.dumps({"response": reply}, ensure_ascii=ascii_only)
+            known = [partial_reply(envelope[:n]) for n in range(len(REPLY_START), len(envelope) + 1)]
+            assert all(reply.startswith(k) for k in known) and known[-1] == reply
+            assert all(len(a) <= len(b) for a, b in zip(known, known[1:]))
+            for k in known:
+                k.encode("utf-8")  # raises on half a surrogate pair
+    assert partial_reply('{"tool_calls": [') is None
+    assert parse_envelope('{"response": "cut sho').content == "cut sho"
 
 
 @pytest.mark.parametrize("tools, choice, message", [

@@ -147,6 +147,23 @@ def test_auto_answers_or_calls_and_the_conversation_goes_on(tool_server):
     assert kinds == {"tool_calls", "stop"}
 
 
+def test_a_text_reply_streams_as_it_is_generated(tool_server):
+    """With tools offered, a text reply comes in pieces, the same text as unstreamed (same seed)."""
+    url, _ = tool_server
+    for seed in range(8):
+        request = dict(model=MODEL_ID, messages=ASK, tools=[WEATHER], parallel_tool_calls=False, max_tokens=40,
+                       temperature=1.0, seed=seed)
+        whole = client(url).chat.completions.create(**request).choices[0]
+        if whole.finish_reason == "tool_calls" or whole.message.content.startswith('{"tool_calls"'):
+            continue  # a call, or one cut short by max_tokens
+        chunks = list(client(url).chat.completions.create(**request, stream=True))
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len(pieces) > 3 and "".join(pieces) == whole.message.content
+        assert not whole.message.content.startswith('{"response"')
+        return
+    pytest.fail("no seed answered in text")
+
+
 def test_a_grammar_failing_while_generating_ends_only_its_request(server):
     """a{1000000} compiles, then runs out of lexer fuel after its first token, while a normal request
     shares its steps: that one ends with an error, the other with its answer."""
