@@ -197,14 +197,33 @@ def _arguments(text):
         return text
 
 
+REPLY_START = '{"response": "'  # a text reply's envelope, as the compact JSON grammar writes it
+
+
+def partial_reply(envelope: str) -> str | None:
+    """The text of a {"response": "..."} envelope, as much of it as is known while the envelope is
+    still being generated (an escape sequence cut short is left out); None for another envelope."""
+    if not envelope.startswith(REPLY_START):
+        return None
+    body = envelope[len(REPLY_START):]
+    for end in range(len(body), max(len(body) - 12, -1), -1):  # an escape is at most 12 characters
+        try:
+            text, _ = json.JSONDecoder().raw_decode(f'"{body[:end]}"')  # stops at the reply's closing quote
+        except json.JSONDecodeError:
+            continue
+        return text[:-1] if text and "\ud800" <= text[-1] <= "\udbff" else text  # half a surrogate pair
+    return ""
+
+
 def parse_envelope(text: str, json_reply: bool = False) -> AssistantTurn:
-    """The model's envelope as a reply or tool calls; text that is not a whole envelope (generation
-    cut short by max_tokens or a stop string) is returned as the reply. json_reply: the reply had a
-    JSON schema, so its content is JSON text (else the reply string itself)."""
+    """The model's envelope as a reply or tool calls. Of an envelope cut short (by max_tokens or a
+    stop string), the text reply so far, or else the text itself, is the reply. json_reply: the reply
+    had a JSON schema, so its content is JSON text (else the reply string itself)."""
     try:
         envelope = json.loads(text)
     except json.JSONDecodeError:
-        return AssistantTurn(text)
+        reply = None if json_reply else partial_reply(text)
+        return AssistantTurn(text if reply is None else reply)
     calls = envelope.get("tool_calls") if isinstance(envelope, dict) else None
     if isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
         return AssistantTurn(None, [ToolCall(f"call_{uuid.uuid4().hex[:24]}", c["name"], c.get("arguments", {}))

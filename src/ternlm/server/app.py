@@ -31,7 +31,7 @@ from ..api import LanguageModel
 from ..constraints import GrammarError, TokenConstraint
 from ..generate import ContextOverflowError
 from ..sampling import SamplingParams
-from ..tools import ToolError, ToolUse, parse_envelope
+from ..tools import ToolError, ToolUse, parse_envelope, partial_reply
 from .metrics import ServerMetrics
 from .middleware import BodySizeLimit, CountResponses, RequestLimit
 from .scheduler import KVBudgetExceeded, Overloaded, Scheduler, Sequence, TokenLogprob, Unavailable, Update
@@ -268,27 +268,35 @@ class ChatReply(Reply):
 
 
 class ToolCallReply(ChatReply):
-    """A chat reply whose text is a tool envelope (tools.py): it is read whole, then sent as a reply
-    or as tool calls; streamed, it comes in the last chunk (log probabilities come as they go)."""
+    """A chat reply whose text is a tool envelope (tools.py), sent as a reply or as tool calls.
+    Streamed, a text reply comes as it is generated; tool calls and a reply in response_format's
+    schema come whole in the last chunk."""
 
     def __init__(self, served: ServedModel, include_usage: bool, logprobs: bool, json_reply: bool):
         super().__init__(served, include_usage, logprobs)
         self.json_reply = json_reply  # a reply follows response_format's schema: its content is JSON text
         self.text: list[str] = []
+        self.shown = 0  # characters of the text reply already sent
 
     def opening(self) -> ChatCompletionChunk:
         return self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant"))])  # content null: it may be calls
 
     def chunk(self, update: Update) -> ChatCompletionChunk | None:
         self.text.append(update.text)
+        envelope = "".join(self.text)
         logprobs = self._logprobs([update.logprob] if update.logprob else [])
-        if not update.finish_reason:
-            return self._chunk([ChatChunkChoice(delta=DeltaMessage(), logprobs=logprobs)]) if logprobs else None
-        turn = parse_envelope("".join(self.text), self.json_reply)
-        calls = [ToolCallDelta(index=i, **call.openai()) for i, call in enumerate(turn.tool_calls)]
-        delta = DeltaMessage(tool_calls=calls) if calls else DeltaMessage(content=turn.content)
-        return self._chunk([ChatChunkChoice(delta=delta, logprobs=logprobs,
-                                            finish_reason="tool_calls" if calls else update.finish_reason)])
+        if update.finish_reason:
+            turn = parse_envelope(envelope, self.json_reply)
+            calls = [ToolCallDelta(index=i, **call.openai()) for i, call in enumerate(turn.tool_calls)]
+            delta = DeltaMessage(tool_calls=calls) if calls else DeltaMessage(content=turn.content[self.shown:])
+            return self._chunk([ChatChunkChoice(delta=delta, logprobs=logprobs,
+                                                finish_reason="tool_calls" if calls else update.finish_reason)])
+        reply = None if self.json_reply else partial_reply(envelope)
+        new = reply[self.shown:] if reply else ""
+        self.shown += len(new)
+        if not (new or logprobs):
+            return None
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(content=new or None), logprobs=logprobs)])
 
     def whole(self, text, logprobs, finish_reason, usage) -> ChatCompletion:
         turn = parse_envelope(text, self.json_reply)
