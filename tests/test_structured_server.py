@@ -17,6 +17,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 import ternlm
+from test_constraints import WEATHER
 from test_server import MODEL_ID, client, running_server, wait_until
 
 SEEDS = (0, 1, 2)
@@ -28,11 +29,6 @@ class Reading(BaseModel):
     ok: bool
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
-                                                    "unit": {"enum": ["C", "F"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
 ALARM = {"type": "function", "function": {
     "name": "set_alarm", "parameters": {"type": "object", "properties": {"hour": {"type": "integer", "minimum": 0,
                                                                                   "maximum": 23}},
