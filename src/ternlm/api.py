@@ -9,12 +9,14 @@ import numpy as np
 
 from .chat import ChatTemplate, usable_template
 from .config import BitNetConfig
+from .constraints import GrammarError, Grammars, TokenConstraint, grammar_text, schema_dict
 from .errors import FormatError
 from .generate import ContextOverflowError, GenerationStats, generate_tokens, stream_text
 from .hub import resolve_model_path
 from .model import build_engine
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+from .tools import AssistantTurn, ToolUse, history_messages, parse_envelope
 from .weights import open_checkpoint
 from .weights.checkpoint import Checkpoint
 
@@ -36,6 +38,7 @@ class LanguageModel:
         self.stop_ids = stop_ids
         self.sampling_defaults = sampling_defaults or {}  # the model's generation_config.json
         self.last_stats = GenerationStats()
+        self.grammars = Grammars(tokenizer, self.config.vocab_size, stop_ids)
 
     def __repr__(self) -> str:
         return f"LanguageModel({str(self.path)!r}, backend={self.backend!r})"
@@ -68,19 +71,42 @@ class LanguageModel:
         chosen = {**(fallback or {}), **self.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
         return SamplingParams(**chosen)
 
-    def stream_tokens(self, prompt_ids, max_tokens: int = 128, **sampling) -> Iterator[int]:
+    def constraint(self, json_schema=None, regex: str | None = None, grammar: str | None = None,
+                   tools: ToolUse | None = None) -> TokenConstraint | None:
+        """A new generation's constraint: at most one of a JSON schema (dict or pydantic model class),
+        a regular expression or a Lark grammar; with tools to offer, their envelope (tools.py), its
+        reply of json_schema. None when nothing is asked. Raises GrammarError or ToolError naming
+        the problem."""
+        if tools is not None and tools.tools:
+            if regex is not None or grammar is not None:
+                raise ValueError("tools take json_schema for the reply, not regex or grammar")
+            envelope = tools.envelope_schema(None if json_schema is None else schema_dict(json_schema))
+            try:
+                return self.grammars.constraint(grammar_text(json_schema=envelope))
+            except GrammarError:
+                tools.blame(lambda schema: self.grammars.constraint(grammar_text(json_schema=schema)))
+                raise
+        text = grammar_text(json_schema, regex, grammar)
+        return None if text is None else self.grammars.constraint(text)
+
+    def stream_tokens(self, prompt_ids, max_tokens: int = 128, json_schema=None, regex: str | None = None,
+                      grammar: str | None = None, tool_use: ToolUse | None = None, **sampling) -> Iterator[int]:
         params = self.sampling(**sampling)
+        prompt_ids = self.check_ids(prompt_ids)
+        constraint = self.constraint(json_schema, regex, grammar, tool_use)
         self.last_stats = GenerationStats()
-        return generate_tokens(self.engine, self.check_ids(prompt_ids), max_tokens, params,
-                               self.stop_ids, self.n_ctx, self.last_stats)
+        return generate_tokens(self.engine, prompt_ids, max_tokens, params, self.stop_ids, self.n_ctx,
+                               self.last_stats, constraint)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """A plain prompt's tokens: BOS, then the text."""
         return self.tokenizer.encode(prompt, add_bos=True)
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], tools: ToolUse | None = None) -> list[int]:
         """A conversation rendered by the model's chat template (which writes BOS itself), ending with
-        the assistant's turn."""
+        the assistant's turn; OpenAI's tool calls and `tool` messages in it, and the tools to offer,
+        are written as tools.py describes."""
+        messages = tools.messages(messages) if tools is not None else history_messages(messages)
         return self.tokenizer.encode(self.chat_template.render(messages), add_bos=False)
 
     def stream(self, prompt: str, max_tokens: int = 128, stop: list[str] | None = None, **sampling) -> Iterator[str]:
@@ -92,12 +118,19 @@ class LanguageModel:
         return "".join(self.stream(prompt, max_tokens, **kwargs))
 
     def stream_chat(self, messages: list[dict], max_tokens: int = 128, stop: list[str] | None = None,
-                    **sampling) -> Iterator[str]:
-        tokens = self.stream_tokens(self.chat_prompt_ids(messages), max_tokens, **sampling)
+                    tool_use: ToolUse | None = None, **sampling) -> Iterator[str]:
+        tokens = self.stream_tokens(self.chat_prompt_ids(messages, tool_use), max_tokens, tool_use=tool_use, **sampling)
         return stream_text(tokens, self.tokenizer, [stop] if isinstance(stop, str) else stop, self.last_stats)
 
-    def chat(self, messages: list[dict], max_tokens: int = 128, **kwargs) -> str:
-        return "".join(self.stream_chat(messages, max_tokens, **kwargs))
+    def chat(self, messages: list[dict], max_tokens: int = 128, tools: list[dict] | None = None,
+             tool_choice="auto", parallel_tool_calls: bool = True, **kwargs) -> str | AssistantTurn:
+        """The reply's text; with `tools` (OpenAI's shape), an AssistantTurn: a reply, or tool calls
+        (tool_choice: "none", "auto", "required" or {"type": "function", "function": {"name": ...}})."""
+        if tools is None:
+            return "".join(self.stream_chat(messages, max_tokens, **kwargs))
+        use = ToolUse.choose(tools, tool_choice, parallel_tool_calls)
+        text = "".join(self.stream_chat(messages, max_tokens, tool_use=use, **kwargs))
+        return parse_envelope(text, kwargs.get("json_schema") is not None) if use.tools else AssistantTurn(text)
 
 
 def load(model: str | Path | None = None, threads: int | None = None, backend: str = "native",

@@ -89,9 +89,24 @@ def _print_stats(model, args) -> None:
               f"threads: {model.threads} | finish: {s.finish_reason}", file=sys.stderr)
 
 
+def _constraint(args) -> dict:
+    """--json-schema FILE, --grammar FILE or --regex RE as generate()'s keyword (read before loading the model)."""
+    from .jsonfile import read_json_object
+
+    if args.json_schema:
+        return {"json_schema": read_json_object(Path(args.json_schema))}
+    if args.grammar:
+        try:
+            return {"grammar": Path(args.grammar).read_text(encoding="utf-8")}
+        except (OSError, UnicodeDecodeError) as e:
+            raise FormatError(args.grammar, f"cannot read the grammar: {e}") from None
+    return {"regex": args.regex} if args.regex is not None else {}
+
+
 def cmd_generate(args) -> int:
+    constraint = _constraint(args)
     model = _load(args)
-    for piece in model.stream(args.prompt, max_tokens=args.max_tokens, **_sampling(args)):
+    for piece in model.stream(args.prompt, max_tokens=args.max_tokens, **constraint, **_sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -460,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the text to continue")
     _add_model_args(p)
     _add_sampling_args(p)
+    g = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid against this JSON schema")
+    g.add_argument("--grammar", metavar="FILE", help="the output follows this Lark grammar (llguidance's syntax)")
+    g.add_argument("--regex", metavar="RE", help="the whole output matches this regular expression")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat", description=f"Chat with the model. {CHAT_HELP}.")

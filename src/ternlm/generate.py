@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .constraints import TokenConstraint
 from .sampling import SamplingParams, sample_batch
 from .tokenizer import Tokenizer
 
@@ -47,16 +48,19 @@ def decode_one_token(engine, cache, token: int, position: int) -> np.ndarray:
 
 class GenerationState:
     """One sequence's generation, step by step: picks each next token from the logits of the one before
-    and decides when to stop. generate_tokens drives one; the server's scheduler drives many at once."""
+    and decides when to stop. generate_tokens drives one; the server's scheduler drives many at once.
+    With a constraint (constraints.py), only tokens its grammar allows are picked, and generation
+    stops once the grammar is complete."""
 
-    def __init__(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: set[int], n_ctx: int):
+    def __init__(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: set[int], n_ctx: int,
+                 constraint: TokenConstraint | None = None):
         params.validate()
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= n_ctx:
             raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but the context holds {n_ctx} "
                                        f"(prompt plus at least one generated token)")
-        self.params, self.stop_ids, self.max_tokens = params, stop_ids, max_tokens
+        self.params, self.stop_ids, self.max_tokens, self.constraint = params, stop_ids, max_tokens, constraint
         self.history = list(prompt)
         self.rng = np.random.default_rng(params.seed)
         self.n_positions = min(n_ctx, len(prompt) + max(max_tokens, 1))  # the KV cache this generation needs
@@ -68,17 +72,28 @@ class GenerationState:
         return bool(self.finish_reason)
 
     def next_token(self, logits: np.ndarray) -> int | None:
-        """Samples from the last position's logits [vocab]: the new token, or None for a stop token."""
+        """Samples from the last position's logits [vocab]: the new token, or None for a stop token.
+        Raises constraints.ConstraintFailed if the constraint's grammar fails."""
         return next_tokens([self], np.asarray(logits)[None])[0]
 
+    def masked(self, logits: np.ndarray) -> np.ndarray:
+        """The logits [vocab] with every token the constraint forbids at -inf (the same array when there
+        is no constraint). Raises constraints.ConstraintFailed if the grammar fails."""
+        return logits if self.constraint is None else self.constraint.mask(logits)
+
     def accept(self, token: int) -> int | None:
-        """Takes the sampled token: returns it, or None for a stop token."""
+        """Takes the sampled token: returns it, or None for a stop token. Raises
+        constraints.ConstraintFailed if the constraint's grammar fails."""
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return None
+        if self.constraint is not None:
+            self.constraint.advance(token)
         self.history.append(token)
         self.generated += 1
-        if self.generated >= self.max_tokens or len(self.history) >= self.n_positions:
+        if self.constraint is not None and self.constraint.complete:
+            self.finish_reason = "stop"
+        elif self.generated >= self.max_tokens or len(self.history) >= self.n_positions:
             self.finish_reason = "length"
         return token
 
@@ -86,15 +101,26 @@ class GenerationState:
 def next_tokens(states: list[GenerationState], logits: np.ndarray) -> list[int | None]:
     """Each state's next token (None for a stop token) from its row of logits [states, vocab], drawn
     in one batched call."""
-    tokens = sample_batch(logits, [s.params for s in states], [s.rng for s in states], [s.history for s in states])
-    return [state.accept(token) for state, token in zip(states, tokens)]
+    if any(state.constraint is not None for state in states):
+        logits = np.stack([state.masked(row) for state, row in zip(states, logits)])
+    return [state.accept(token) for state, token in zip(states, draw_tokens(states, logits))]
+
+
+def draw_tokens(states: list[GenerationState], masked_logits: np.ndarray) -> list[int]:
+    """One token id per state from its row of already masked logits [states, vocab], in one call to
+    the native sampler (each state's own settings and random generator); the states take them with
+    accept()."""
+    return sample_batch(masked_logits, [s.params for s in states], [s.rng for s in states],
+                        [s.history for s in states])
 
 
 def generate_tokens(engine, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: set[int],
-                    n_ctx: int, stats: GenerationStats | None = None) -> Iterator[int]:
-    """Yields generated token ids; stops on a stop id (not yielded), max_tokens or the context end."""
+                    n_ctx: int, stats: GenerationStats | None = None,
+                    constraint: TokenConstraint | None = None) -> Iterator[int]:
+    """Yields generated token ids; stops on a stop id (not yielded), max_tokens, the context end or
+    the end of the constraint's grammar."""
     stats = stats if stats is not None else GenerationStats()
-    state = GenerationState(prompt, max_tokens, params, stop_ids, n_ctx)
+    state = GenerationState(prompt, max_tokens, params, stop_ids, n_ctx, constraint)
     cache = engine.new_cache(state.n_positions)
     start = time.perf_counter()
     logits = prefill(engine, cache, prompt)
@@ -103,8 +129,9 @@ def generate_tokens(engine, prompt: list[int], max_tokens: int, params: Sampling
     start = time.perf_counter()
     while not state.finished:
         token = state.next_token(logits)
+        if state.finished:
+            stats.finish_reason = state.finish_reason
         if token is None:
-            stats.finish_reason = "stop"
             break
         stats.generated_tokens += 1
         stats.generation_seconds = time.perf_counter() - start

@@ -83,6 +83,10 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The whole tokenizer as tokenizer.json text (what llguidance reads)."""
+        return self._tok.to_str()
+
     def decode_stream(self) -> "StreamDecoder":
         return StreamDecoder(self._tok)
 

@@ -28,14 +28,16 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LanguageModel
+from ..constraints import GrammarError, TokenConstraint
 from ..generate import ContextOverflowError
+from ..tools import ToolError, ToolUse, parse_envelope, partial_reply
 from .metrics import ServerMetrics
 from .middleware import BodySizeLimit, CountResponses, RequestLimit
 from .scheduler import KVBudgetExceeded, Overloaded, Scheduler, Sequence, TokenLogprob, Unavailable, Update
 from .schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                       ChatCompletionRequest, ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs,
                       CompletionRequest, DeltaMessage, ErrorDetail, ErrorResponse, Health, ModelCard, ModelList,
-                      SamplingRequest, TokenLogprob as TokenLogprobSchema, TopLogprob, Usage)
+                      SamplingRequest, TokenLogprob as TokenLogprobSchema, ToolCallDelta, TopLogprob, Usage)
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20  # a full 4096-token context is about 20 kB of text
@@ -140,8 +142,21 @@ class ServedModel:
         except ValueError as e:
             raise APIError(400, str(e), param=param) from None
 
+    async def constraint(self, body: ChatCompletionRequest, tool_use: ToolUse | None) -> TokenConstraint | None:
+        """The request's response_format and tools as a grammar, compiled off the event loop (the first
+        one also indexes the vocabulary); one that does not compile is a 400 naming the problem."""
+        schema = body.response_format.reply_schema() if body.response_format else None
+        try:
+            return await asyncio.to_thread(self.model.constraint, schema, tools=tool_use)
+        except ToolError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_tools") from None
+        except GrammarError as e:
+            param = "response_format" if schema is not None else "tools"
+            raise APIError(400, f"{param}: the JSON schema cannot be used: {e}", param=param,
+                           code="invalid_schema") from None
+
     def submit(self, prompt: list[int], body: SamplingRequest, limit: int | None, top_logprobs: int | None,
-               prompt_param: str) -> Sequence:
+               prompt_param: str, constraint: TokenConstraint | None = None) -> Sequence:
         n_ctx = self.model.n_ctx
         room = n_ctx - len(prompt)
         if room < 1 or (limit is not None and limit > room):
@@ -153,7 +168,7 @@ class ServedModel:
         params = self.model.sampling(OPENAI_DEFAULTS, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                      min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed)
         try:
-            return self.scheduler.submit(prompt, limit or room, params, body.stop_strings(), top_logprobs)
+            return self.scheduler.submit(prompt, limit or room, params, body.stop_strings(), top_logprobs, constraint)
         except Overloaded as e:
             raise APIError(429, str(e), error_type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -250,6 +265,45 @@ class ChatReply(Reply):
     def whole(self, text, logprobs, finish_reason, usage) -> ChatCompletion:
         choice = ChatChoice(message=AssistantMessage(content=text), logprobs=self._logprobs(logprobs),
                             finish_reason=finish_reason)
+        return ChatCompletion(id=self.id, created=self.created, model=self.served.id, choices=[choice], usage=usage)
+
+
+class ToolCallReply(ChatReply):
+    """A chat reply whose text is a tool envelope (tools.py), sent as a reply or as tool calls.
+    Streamed, a text reply comes as it is generated; tool calls and a reply in response_format's
+    schema come whole in the last chunk."""
+
+    def __init__(self, served: ServedModel, include_usage: bool, logprobs: bool, json_reply: bool):
+        super().__init__(served, include_usage, logprobs)
+        self.json_reply = json_reply  # a reply follows response_format's schema: its content is JSON text
+        self.text: list[str] = []
+        self.shown = 0  # characters of the text reply already sent
+
+    def opening(self) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant"))])  # content null: it may be calls
+
+    def chunk(self, update: Update) -> ChatCompletionChunk | None:
+        self.text.append(update.text)
+        envelope = "".join(self.text)
+        logprobs = self._logprobs([update.logprob] if update.logprob else [])
+        if update.finish_reason:
+            turn = parse_envelope(envelope, self.json_reply)
+            calls = [ToolCallDelta(index=i, **call.openai()) for i, call in enumerate(turn.tool_calls)]
+            delta = DeltaMessage(tool_calls=calls) if calls else DeltaMessage(content=turn.content[self.shown:])
+            return self._chunk([ChatChunkChoice(delta=delta, logprobs=logprobs,
+                                                finish_reason="tool_calls" if calls else update.finish_reason)])
+        reply = None if self.json_reply else partial_reply(envelope)
+        new = reply[self.shown:] if reply else ""
+        self.shown += len(new)
+        if not (new or logprobs):
+            return None
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(content=new or None), logprobs=logprobs)])
+
+    def whole(self, text, logprobs, finish_reason, usage) -> ChatCompletion:
+        turn = parse_envelope(text, self.json_reply)
+        message = AssistantMessage(**turn.message())
+        choice = ChatChoice(message=message, logprobs=self._logprobs(logprobs),
+                            finish_reason="tool_calls" if turn.tool_calls else finish_reason)
         return ChatCompletion(id=self.id, created=self.created, model=self.served.id, choices=[choice], usage=usage)
 
 
@@ -371,12 +425,33 @@ async def list_models(served: ServedModel = Depends(served_model)):
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            served: ServedModel = Depends(served_model)):
     served.check_model(body.model)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = served.prompt(lambda: served.model.chat_prompt_ids(messages), "messages")
+    messages = [m.as_dict() for m in body.messages]
+    tool_use = _tool_use(body)
+    prompt = served.prompt(lambda: served.model.chat_prompt_ids(messages, tool_use), "messages")
+    constraint = await served.constraint(body, tool_use)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    sequence = served.submit(prompt, body, body.token_limit(), top_logprobs, "messages")
-    reply = ChatReply(served, body.include_usage, body.logprobs)
+    sequence = served.submit(prompt, body, body.token_limit(), top_logprobs, "messages", constraint)
+    if tool_use is not None and tool_use.tools:
+        json_reply = body.response_format is not None and body.response_format.reply_schema() is not None
+        reply = ToolCallReply(served, body.include_usage, body.logprobs, json_reply)
+    else:
+        reply = ChatReply(served, body.include_usage, body.logprobs)
     return EventStream(reply, sequence) if body.stream else await whole_reply(reply, sequence, request)
+
+
+def _tool_use(body: ChatCompletionRequest) -> ToolUse | None:
+    """The request's tools after its tool_choice (None without tools); a 400 naming what is wrong."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return None
+    try:
+        return ToolUse.choose([tool.model_dump(exclude_none=True) for tool in body.tools],
+                              choice.model_dump() if isinstance(choice, BaseModel) else choice or "auto",
+                              body.parallel_tool_calls)
+    except ToolError as e:
+        raise APIError(400, str(e), param=e.param, code="invalid_tools") from None
 
 
 @v1.post("/completions", response_model=Completion, responses=EVENT_STREAM_DOCS)

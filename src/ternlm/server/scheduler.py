@@ -25,7 +25,8 @@ from typing import AsyncIterator
 import numpy as np
 
 from ..api import LanguageModel
-from ..generate import GenerationState, TextStream, next_tokens
+from ..constraints import ConstraintFailed, TokenConstraint
+from ..generate import GenerationState, TextStream, draw_tokens
 from ..sampling import SamplingParams, token_logprobs
 from .metrics import ServerMetrics
 
@@ -144,10 +145,11 @@ class Scheduler:
     # ---- the request side (the event loop's thread) ----
 
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop: list[str],
-               top_logprobs: int | None = None) -> Sequence:
-        """Queues a generation. Raises ValueError (bad parameters, ContextOverflowError),
-        KVBudgetExceeded, Overloaded when the queue is full, or Unavailable once the scheduler has stopped."""
-        state = GenerationState(prompt, max_tokens, params, self.model.stop_ids, self.model.n_ctx)
+               top_logprobs: int | None = None, constraint: TokenConstraint | None = None) -> Sequence:
+        """Queues a generation (constrained to a grammar with `constraint`). Raises ValueError (bad
+        parameters, ContextOverflowError), KVBudgetExceeded, Overloaded when the queue is full, or
+        Unavailable once the scheduler has stopped."""
+        state = GenerationState(prompt, max_tokens, params, self.model.stop_ids, self.model.n_ctx, constraint)
         needed = self._cache_bytes(state.n_positions)
         if needed > self.kv_budget:
             raise KVBudgetExceeded(f"the request needs {needed / 2**20:.1f} MiB of KV cache ({state.n_positions} "
@@ -277,15 +279,29 @@ class Scheduler:
             for segment in segments:
                 if segment.prefill:
                     segment.sequence.prefilled += len(segment.tokens)
-            sampling = [s.sequence for s, samples in zip(segments, ends) if samples]
-            tokens = next_tokens([s.state for s in sampling], logits)  # all of the step's draws in one call
-            for sequence, row, token in zip(sampling, logits, tokens):
-                generated += self._advance(sequence, row, token)
+            drawing, rows = [], []
+            for sequence, row in zip([s.sequence for s, samples in zip(segments, ends) if samples], logits):
+                try:
+                    rows.append(sequence.state.masked(row))
+                    drawing.append((sequence, row))
+                except ConstraintFailed as e:
+                    self._fail(sequence, e)
+            tokens = draw_tokens([s.state for s, _ in drawing], np.stack(rows)) if drawing else []  # one call
+            for (sequence, row), token in zip(drawing, tokens):
+                try:
+                    generated += self._advance(sequence, row, sequence.state.accept(token))
+                except ConstraintFailed as e:
+                    self._fail(sequence, e)
         except Exception as e:  # whatever failed, the step's requests end with an error and the server goes on
             for sequence in {s.sequence for s in segments if s.sequence in self.running}:
                 sequence.send(Update(error=f"generation failed: {e}"))
                 self._leave(sequence, "error")
         self.metrics.step(len(segments), sum(len(s.tokens) for s in segments if s.prefill), generated)
+
+    def _fail(self, sequence: Sequence, error: ConstraintFailed) -> None:
+        """A constraint's grammar failed: that request ends with the error; the others go on."""
+        sequence.send(Update(error=str(error)))
+        self._leave(sequence, "error")
 
     def _advance(self, sequence: Sequence, logits: np.ndarray, token: int | None) -> int:
         """Sends the text of the sequence's next token (None: a stop token), sampled from `logits`;

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 def _encodable(text: str) -> str:
@@ -83,16 +83,100 @@ class TextPart(Request):
     text: Text
 
 
-class ChatMessage(Request):
-    role: Literal["system", "user", "assistant"]
-    content: Text | list[TextPart]
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments object as a JSON string")
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Request):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = Field(None, description="may be null only for an assistant's tool calls")
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's tool calls")
+    tool_call_id: str | None = Field(None, description="which tool call a `tool` message answers")
+
+    @model_validator(mode="after")
+    def _content_present(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only for an assistant message with tool_calls)")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id")
+        return self
+
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict:
+        """The message as tools.history_messages takes it (OpenAI's dict shape)."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class JSONSchemaFormat(Request):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="the JSON schema (default: any JSON object)")
+    strict: bool | None = None
+
+
+class ResponseFormat(Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only with it')
+        return self
+
+    def reply_schema(self) -> dict | None:
+        """The JSON schema the reply must match, None for plain text."""
+        if self.type == "text":
+            return None
+        if self.json_schema is not None and self.json_schema.schema_ is not None:
+            return self.json_schema.schema_
+        return {"type": "object"}
+
+
+class FunctionDefinition(Request):
+    name: str
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON schema for the arguments object")
+    strict: bool | None = None
+
+
+class ToolDefinition(Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Request):
+    name: str
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = Field(None, description="text, any JSON object, or a JSON schema")
+    tools: list[ToolDefinition] | None = Field(None, max_length=128, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"auto" by default with tools; a named function makes the model call it')
+    parallel_tool_calls: bool = Field(True, description="may the model call several tools at once")
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens; wins over it")
     logprobs: bool = Field(False, description="return each generated token's log probability")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the most likely alternatives")
@@ -153,14 +237,15 @@ class ChoiceLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class CompletionBase(BaseModel):
@@ -176,16 +261,21 @@ class ChatCompletion(CompletionBase):
     usage: Usage
 
 
+class ToolCallDelta(ToolCall):
+    index: int
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(CompletionBase):
