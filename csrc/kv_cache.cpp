@@ -25,8 +25,8 @@ KVBlockPool::KVBlockPool(const ModelShape& shape, int64_t blocks, bool f16)
         blocks > std::numeric_limits<int64_t>::max() / 4 / kKVBlock / (layers_ * width_))
         throw std::invalid_argument("context length " + std::to_string(blocks * kKVBlock) + " is too large for a KV cache");
     const size_t n = static_cast<size_t>(blocks * layers_ * kKVBlock * width_) * element_;
-    k_.assign(n, 0);
-    v_.assign(n, 0);
+    k_.reset(new uint8_t[n]);
+    v_.reset(new uint8_t[n]);
     references_.assign(static_cast<size_t>(blocks), 0);
     for (int64_t b = blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));  // block 0 handed out first
 }

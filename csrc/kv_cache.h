@@ -37,8 +37,8 @@ public:
     int references(int32_t block) const;
     void copy(int32_t from, int32_t to);  // every layer's keys and values
 
-    void* keys(int32_t block, int64_t layer) { return k_.data() + offset(block, layer); }
-    void* values(int32_t block, int64_t layer) { return v_.data() + offset(block, layer); }
+    void* keys(int32_t block, int64_t layer) { return k_.get() + offset(block, layer); }
+    void* values(int32_t block, int64_t layer) { return v_.get() + offset(block, layer); }
 
 private:
     void check(int32_t block) const;
@@ -49,7 +49,9 @@ private:
     int64_t layers_, width_;
     bool f16_;
     size_t element_;
-    std::vector<uint8_t> k_, v_;
+    // Not zeroed: the pages of blocks never used are never touched, so a large pool costs only
+    // what its sequences fill.
+    std::unique_ptr<uint8_t[]> k_, v_;
     mutable std::mutex mutex_;
     std::vector<int> references_;
     std::vector<int32_t> free_;

@@ -99,3 +99,48 @@ def test_f16_attention_in_blocks_equals_contiguous(kernel, log2_block):
     values = rng.standard_normal((37, 160)).astype(np.float16).view(np.uint16)
     whole = _core.f16_attention(q, keys, values, 80, 0.1, kernel)
     assert np.array_equal(_core.f16_attention(q, keys, values, 80, 0.1, kernel, log2_block), whole)
+
+
+# ---- the Python API ----
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_api_reuses_the_longest_cached_prefix(model_dir, backend):
+    """Greedy texts and logits are those of a model without a prompt cache; last_stats says how many
+    prompt tokens came from the cache (whole blocks of the longest common prefix, never the last)."""
+    cached = ternlm.load(model_dir, backend=backend)
+    plain = ternlm.load(model_dir, backend=backend, prompt_cache_mb=0)
+    assert plain.prompt_cache is None
+    cached.stop_ids = plain.stop_ids = set()
+    ids = PROMPT[:42]
+    first = list(cached.stream_tokens(ids, max_tokens=6))
+    assert first == list(plain.stream_tokens(ids, max_tokens=6))
+    assert (cached.last_stats.prompt_tokens, cached.last_stats.cached_prompt_tokens) == (42, 0)
+    # the answer's tokens were computed too, but for the last one (48 positions, 47 computed):
+    # a prompt that goes on from them reuses 2 whole blocks
+    longer = ids + first + [5, 6, 7]
+    assert list(cached.stream_tokens(longer, max_tokens=6)) == list(plain.stream_tokens(longer, max_tokens=6))
+    assert cached.last_stats.cached_prompt_tokens == 2 * KV_BLOCK
+    assert list(cached.stream_tokens(longer + first, max_tokens=6)) == list(plain.stream_tokens(longer + first, max_tokens=6))
+    assert cached.last_stats.cached_prompt_tokens == 3 * KV_BLOCK
+    assert list(cached.stream_tokens(ids, max_tokens=6)) == first
+    assert cached.last_stats.cached_prompt_tokens == 2 * KV_BLOCK
+    assert np.array_equal(cached.logits(ids[:20]), plain.logits(ids[:20]))
+    cached.reset_prompt_cache()
+    list(cached.stream_tokens(ids, max_tokens=1))
+    assert cached.last_stats.cached_prompt_tokens == 0
+
+
+def test_prompt_cache_evicts_least_recently_used_within_its_budget(model_dir):
+    model = ternlm.load(model_dir, prompt_cache_mb=1e-9)
+    block_bytes = model.prompt_cache.pool.block_bytes
+    model = ternlm.load(model_dir, prompt_cache_mb=4 * block_bytes / 2**20)  # room for 4 blocks
+    cache = model.prompt_cache
+    a, b = PROMPT[:33], [t + 1 for t in PROMPT[:33]]  # 2 whole blocks each
+    model.logits(a)
+    model.logits(b)
+    assert cache.blocks == 4 and cache.nbytes == 4 * block_bytes
+    model.logits(a)  # a is now the most recently used
+    model.logits([t + 2 for t in PROMPT[:17]])  # one more block: b's last goes
+    assert cache.blocks == 4 and cache.stats.evictions == 1
+    assert len(cache.lookup(a, 33)) == 2 and len(cache.lookup(b, 33)) == 1
+    assert cache.pool.free_blocks == cache.pool.capacity - 4  # nothing else is held

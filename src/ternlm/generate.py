@@ -22,6 +22,7 @@ class ContextOverflowError(ValueError):
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, taken from the prompt cache rather than computed
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
@@ -36,9 +37,10 @@ class GenerationStats:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
 
-def prefill(engine, cache, prompt: list[int]) -> np.ndarray:
-    """Runs the whole prompt; returns the logits [vocab] of its last position."""
-    return engine.forward(cache, prompt, 0)[-1]
+def prefill(engine, cache, prompt: list[int], cached: int = 0) -> np.ndarray:
+    """Runs the prompt after its first `cached` tokens (already in the cache); returns the logits
+    [vocab] of its last position."""
+    return engine.forward(cache, prompt[cached:], cached)[-1]
 
 
 def decode_one_token(engine, cache, token: int, position: int) -> np.ndarray:
@@ -81,14 +83,34 @@ class GenerationState:
 
 
 def generate_tokens(engine, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: set[int],
-                    n_ctx: int, stats: GenerationStats | None = None) -> Iterator[int]:
-    """Yields generated token ids; stops on a stop id (not yielded), max_tokens or the context end."""
+                    n_ctx: int, stats: GenerationStats | None = None, prompt_cache=None) -> Iterator[int]:
+    """Yields generated token ids; stops on a stop id (not yielded), max_tokens or the context end.
+    With a prompt_cache (prompt_cache.py), the longest cached prefix of the prompt is not computed
+    again, and the tokens computed are kept there for later prompts."""
     stats = stats if stats is not None else GenerationStats()
     state = GenerationState(prompt, max_tokens, params, stop_ids, n_ctx)
-    cache = engine.new_cache(state.n_positions)
     start = time.perf_counter()
-    logits = prefill(engine, cache, prompt)
+    if prompt_cache is None:
+        cache, cached = engine.new_cache(state.n_positions), 0
+    else:
+        cache, cached = prompt_cache.start(prompt, state.n_positions)
+    logits = prefill(engine, cache, prompt, cached)
     stats.prompt_tokens, stats.prompt_seconds = len(prompt), time.perf_counter() - start
+    stats.cached_prompt_tokens = cached
+    try:
+        yield from _decode(engine, cache, state, logits, stats)
+    finally:  # also when the consumer stops early: what was computed is kept
+        if prompt_cache is not None:
+            prompt_cache.keep(state.history[:_positions_computed(state)], cache)
+
+
+def _positions_computed(state: GenerationState) -> int:
+    """How many tokens of the history have their keys and values in the cache: all but the last
+    sampled, which never ran, unless a stop token (not in the history) came after it."""
+    return len(state.history) - int(state.generated > 0 and state.finish_reason != "stop")
+
+
+def _decode(engine, cache, state: GenerationState, logits: np.ndarray, stats: GenerationStats) -> Iterator[int]:
     stats.finish_reason = "length"
     start = time.perf_counter()
     while not state.finished:
