@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -144,3 +148,53 @@ def test_prompt_cache_evicts_least_recently_used_within_its_budget(model_dir):
     assert cache.blocks == 4 and cache.stats.evictions == 1
     assert len(cache.lookup(a, 33)) == 2 and len(cache.lookup(b, 33)) == 1
     assert cache.pool.free_blocks == cache.pool.capacity - 4  # nothing else is held
+
+
+# ---- chat ----
+
+def run_cli(*args, input_text=None):
+    return subprocess.run([sys.executable, "-m", "ternlm.cli", *args], capture_output=True, text=True,
+                          input=input_text, timeout=120)
+
+
+def test_cli_chat_computes_only_new_tokens_and_answers_as_without_cache(model_dir):
+    """Turn 2 takes turn 1 from the prompt cache (--verbose says how much), and the answers are the
+    API's without a cache; /reset empties the cache."""
+    result = run_cli("chat", "-m", str(model_dir), "-n", "6", "--verbose",
+                     input_text="To be, or not\nThe slings and arrows\n/reset\nTo be, or not\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    cached = [int(n) for n in re.findall(r"\((\d+) cached, \d+ new\)", result.stderr)]
+    assert len(cached) == 3 and cached[0] == 0 and cached[1] >= KV_BLOCK and cached[2] == 0, result.stderr
+    assert "first token after" in result.stderr
+    plain = ternlm.load(model_dir, prompt_cache_mb=0)
+    messages = [{"role": "user", "content": "To be, or not"}]
+    first = plain.chat(messages, max_tokens=6)
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "The slings and arrows"}]
+    assert result.stdout == f"> {first}\n> {plain.chat(messages, max_tokens=6)}\n> > {first}\n> "
+
+
+def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(model_dir):
+    model = ternlm.load(model_dir, n_ctx=64)
+    model.stop_ids = set()
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"To be, or not {i}"} for i in range(9)]
+    ids, dropped = model.fit_chat([system] + turns, max_tokens=8)
+    assert dropped % 2 == 0 and dropped > 0  # whole turns: the kept part starts with the user
+    assert ids == model.chat_prompt_ids([system] + turns[dropped:]) and len(ids) + 8 <= 64
+    assert len(model.chat_prompt_ids([system] + turns[dropped - 2:])) + 8 > 64  # no more dropped than needed
+    with pytest.warns(UserWarning, match=f"oldest {dropped} messages"):
+        answer = model.chat([system] + turns, max_tokens=8)
+    assert answer == model.chat([system] + turns[dropped:], max_tokens=8)
+    with pytest.raises(ValueError, match="context"):  # the last message alone is too long
+        model.chat([{"role": "user", "content": "To be, or not " * 40}], max_tokens=8)
+
+
+def test_cli_chat_goes_on_past_the_context(model_dir):
+    """ternlm chat on a small context: the default answer leaves room, and when the conversation
+    outgrows the context its oldest turns go, with a notice, instead of an error."""
+    lines = "".join(f"To be, or not to be, that is the question {i}\n" for i in range(6))
+    result = run_cli("chat", "-m", str(model_dir), "--ctx", "96", input_text=lines + "/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "outgrew the context of 96 tokens" in result.stderr
+    assert "error" not in result.stderr and "Warning" not in result.stderr  # one plain line, not a Python warning
+    assert result.stdout.count("\n") == 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -130,9 +131,30 @@ class LanguageModel:
     def generate(self, prompt: str, max_tokens: int = 128, **kwargs) -> str:
         return "".join(self.stream(prompt, max_tokens, **kwargs))
 
+    def fit_chat(self, messages: list[dict], max_tokens: int) -> tuple[list[int], int]:
+        """The prompt ids of the conversation once its oldest turns are dropped (never the system
+        message, nor the last message) until the prompt and max_tokens fit the context; and how
+        many messages were dropped, counted after the system message."""
+        system = 1 if messages and messages[0].get("role") == "system" else 0
+        dropped = 0
+        while True:
+            kept = messages[:system] + messages[system + dropped:]
+            ids = self.chat_prompt_ids(kept)
+            if len(ids) + max_tokens <= self.n_ctx or len(kept) <= system + 1:
+                return ids, dropped
+            dropped += 1
+            while system + dropped < len(messages) - 1 and messages[system + dropped].get("role") == "assistant":
+                dropped += 1  # a conversation starts with the user's turn
+
     def stream_chat(self, messages: list[dict], max_tokens: int = 128, stop: list[str] | None = None,
                     **sampling) -> Iterator[str]:
-        tokens = self.stream_tokens(self.chat_prompt_ids(messages), max_tokens, **sampling)
+        """When the conversation and max_tokens outgrow the context, its oldest turns are dropped
+        (fit_chat) with a warning."""
+        ids, dropped = self.fit_chat(messages, max_tokens)
+        if dropped:
+            warnings.warn(f"the conversation outgrew the context of {self.n_ctx} tokens: its oldest {dropped} "
+                          f"messages were left out", stacklevel=2)
+        tokens = self.stream_tokens(ids, max_tokens, **sampling)
         return stream_text(tokens, self.tokenizer, [stop] if isinstance(stop, str) else stop, self.last_stats)
 
     def chat(self, messages: list[dict], max_tokens: int = 128, **kwargs) -> str:

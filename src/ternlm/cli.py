@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 from .errors import FormatError, HubError, MissingExtraError
@@ -31,9 +32,12 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_help: str = "context length 
         p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens_help: str | None = None) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    if max_tokens_help:
+        g.add_argument("-n", "--max-tokens", type=int, default=None, help=max_tokens_help)
+    else:
+        g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
@@ -62,10 +66,12 @@ def _load(args):
                     kv_cache=args.kv_cache, progress=step)
 
 
-def _print_stats(model, args) -> None:
+def _print_stats(model, args, first_token_seconds: float | None = None) -> None:
     if args.verbose:
         s = model.last_stats
-        print(f"\nprompt: {s.prompt_tokens} tokens, {s.prompt_tokens_per_second:.1f} tokens/s | "
+        ttft = f"first token after {first_token_seconds:.2f} s | " if first_token_seconds is not None else ""
+        print(f"\n{ttft}prompt: {s.prompt_tokens} tokens ({s.cached_prompt_tokens} cached, "
+              f"{s.prompt_tokens - s.cached_prompt_tokens} new), {s.prompt_tokens_per_second:.1f} tokens/s | "
               f"generation: {s.generated_tokens} tokens, {s.generation_tokens_per_second:.1f} tokens/s | "
               f"threads: {model.threads} | finish: {s.finish_reason}", file=sys.stderr)
 
@@ -81,12 +87,14 @@ def cmd_generate(args) -> int:
 
 
 CHAT_HELP = "commands: /reset starts a new conversation, /exit quits; Ctrl-C stops the current answer"
+CHAT_ANSWER_SHARE = 4  # by default an answer takes at most a quarter of the context, leaving room for more turns
 
 
 def cmd_chat(args) -> int:
     model = _load(args)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     start = len(messages)
+    max_tokens = args.max_tokens if args.max_tokens is not None else min(256, model.n_ctx // CHAT_ANSWER_SHARE)
     print(f"ternlm chat with {model.path.name} — {CHAT_HELP}", file=sys.stderr)
     while True:
         try:
@@ -99,14 +107,24 @@ def cmd_chat(args) -> int:
             return 0
         if command == "/reset":
             del messages[start:]
+            model.reset_prompt_cache()
             print("(new conversation)", file=sys.stderr)
             continue
         if not command:
             continue
         messages.append({"role": "user", "content": line})
         answer = []
+        asked = time.perf_counter()
+        first_token_seconds = None
         try:
-            for piece in model.stream_chat(messages, max_tokens=args.max_tokens, **_sampling(args)):
+            _, dropped = model.fit_chat(messages, max_tokens)
+            if dropped:
+                del messages[start:start + dropped]
+                print(f"(the conversation outgrew the context of {model.n_ctx} tokens: its oldest {dropped} "
+                      f"messages are left out)", file=sys.stderr)
+            for piece in model.stream_chat(messages, max_tokens=max_tokens, **_sampling(args)):
+                if first_token_seconds is None:
+                    first_token_seconds = time.perf_counter() - asked
                 answer.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -118,7 +136,7 @@ def cmd_chat(args) -> int:
             continue
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(answer)})
-        _print_stats(model, args)
+        _print_stats(model, args, first_token_seconds)
 
 
 def cmd_info(args) -> int:
@@ -441,9 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat", description=f"Chat with the model. {CHAT_HELP}.")
-    _add_model_args(p)
-    _add_sampling_args(p)
+    p = sub.add_parser("chat", help="interactive multi-turn chat",
+                       description=f"Chat with the model. {CHAT_HELP}. Each turn computes only its new tokens: the "
+                                   f"conversation so far is in the prompt cache. When the conversation outgrows the "
+                                   f"context, its oldest turns are left out (never the system message).")
+    _add_model_args(p, verbose_help="print the time to the first token, cached and new prompt tokens and speeds "
+                                    "to stderr")
+    _add_sampling_args(p, max_tokens_help="most tokens per answer (default: a quarter of the context, at most "
+                                          "256, so that the conversation can go on)")
     p.add_argument("--system", default=None, help="a system message to start every conversation with")
     p.set_defaults(func=cmd_chat)
 
