@@ -226,7 +226,9 @@ NB_MODULE(_core, m) {
         .def("assign", &KVCache::assign, "blocks"_a, "Hold these blocks (retained) instead of the current ones.")
         .def("truncate", &KVCache::truncate, "positions"_a, "Keep the blocks of the first `positions` positions.")
         .def("share_prefix", &KVCache::share_prefix, "other"_a, "positions"_a,
-             "Hold the blocks of other's first `positions` positions, without copying.");
+             "Hold the blocks of other's first `positions` positions, without copying.")
+        .def("prepare", &KVCache::prepare, "start"_a, "end"_a,
+             "Take the blocks for positions up to `end` now, those of [start, end) held by this cache alone.");
 
     m.def(
         "f16_round",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
+
+import httpx
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import ternlm
 from ternlm import _core
 from ternlm.reference import KV_BLOCK
 from conftest import random_bitnet, write_checkpoint
+from test_server import MODEL_ID, GatedEngine, client, metrics, running_server, wait_until
 
 PROMPT = [int(t) for t in np.random.default_rng(0).integers(2, 300, 56)]
 PREFIXES = [1, KV_BLOCK - 1, KV_BLOCK, KV_BLOCK + 1, 2 * KV_BLOCK, 45]
@@ -146,7 +150,7 @@ def test_prompt_cache_evicts_least_recently_used_within_its_budget(model_dir):
     model.logits(a)  # a is now the most recently used
     model.logits([t + 2 for t in PROMPT[:17]])  # one more block: b's last goes
     assert cache.blocks == 4 and cache.stats.evictions == 1
-    assert len(cache.lookup(a, 33)) == 2 and len(cache.lookup(b, 33)) == 1
+    assert len(cache.lookup(a)) == 2 and len(cache.lookup(b)) == 1
     assert cache.pool.free_blocks == cache.pool.capacity - 4  # nothing else is held
 
 
@@ -198,3 +202,123 @@ def test_cli_chat_goes_on_past_the_context(model_dir):
     assert "outgrew the context of 96 tokens" in result.stderr
     assert "error" not in result.stderr and "Warning" not in result.stderr  # one plain line, not a Python warning
     assert result.stdout.count("\n") == 6
+
+
+# ---- the server ----
+
+LONG_PROMPT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer "
+               "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles "
+               "and by opposing end them.")
+
+
+@pytest.fixture(scope="module")
+def uncached():
+    """The independent path: the shipped model, one sequence at a time, without a prompt cache."""
+    return ternlm.load(threads=1, prompt_cache_mb=0)
+
+
+def test_server_reuses_prompts_across_requests(uncached):
+    """The second request with a known prefix computes only the rest (usage and /metrics say how
+    much came from the cache) and answers as the model without a cache does."""
+    with running_server(ternlm.load(threads=1)) as (url, served):
+        api = client(url)
+        first = api.completions.create(model=MODEL_ID, prompt=LONG_PROMPT, max_tokens=8, temperature=0)
+        second = api.completions.create(model=MODEL_ID, prompt=LONG_PROMPT + " Ay, there's the rub",
+                                        max_tokens=8, temperature=0)
+        chat = api.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": LONG_PROMPT}],
+                                           max_tokens=8, temperature=0)
+        chat_again = api.chat.completions.create(model=MODEL_ID, max_tokens=8, temperature=0, messages=[
+            {"role": "user", "content": LONG_PROMPT}, {"role": "assistant", "content": chat.choices[0].message.content},
+            {"role": "user", "content": "Ay, there's the rub"}])
+        samples = metrics(url)
+    assert first.choices[0].text == uncached.generate(LONG_PROMPT, max_tokens=8)
+    assert second.choices[0].text == uncached.generate(LONG_PROMPT + " Ay, there's the rub", max_tokens=8)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    prompt_ids = uncached.prompt_ids(LONG_PROMPT)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached == len(prompt_ids) // KV_BLOCK * KV_BLOCK  # the common prompt's whole blocks
+    assert chat_again.usage.prompt_tokens_details.cached_tokens >= KV_BLOCK * (len(prompt_ids) // KV_BLOCK)
+    assert chat_again.choices[0].message.content == uncached.chat([
+        {"role": "user", "content": LONG_PROMPT}, {"role": "assistant", "content": chat.choices[0].message.content},
+        {"role": "user", "content": "Ay, there's the rub"}], max_tokens=8)
+    assert samples["ternlm_prompt_cache_hits_total"] == 2
+    assert samples["ternlm_prompt_cache_cached_tokens_total"] == cached + chat_again.usage.prompt_tokens_details.cached_tokens
+    assert samples["ternlm_prompt_cache_bytes"] > 0 and samples["ternlm_kv_cache_bytes"] == 0
+
+
+def test_concurrent_streams_hold_one_copy_of_their_common_prefix(uncached):
+    """Four streams with a long common prompt: the first computes it, the others start from its
+    blocks as soon as they are computed, and the server holds them once."""
+    model = ternlm.load(threads=1)
+    model.engine = GatedEngine(model.engine)
+    prompts = [LONG_PROMPT + f" {name}:" for name in ("ROMEO", "JULIET", "HAMLET", "OPHELIA")]
+    with running_server(model, max_batch=4, prefill_chunk=16) as (url, served):
+        results = {}
+
+        def run(i):
+            results[i] = client(url).completions.create(model=MODEL_ID, prompt=prompts[i], max_tokens=100,
+                                                        temperature=0)
+
+        scheduler = served.scheduler
+        with model.engine.held():
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            wait_until(lambda: len(scheduler.running) + len(scheduler.waiting) == 4, "the four requests")
+        with model.engine.held(after_steps=30):  # every prompt prefilled, no answer finished
+            wait_until(lambda: len(served.scheduler.running) == 4 and all(
+                s.prefilled == len(s.prompt) for s in served.scheduler.running), "every prompt to be prefilled")
+            held = [set(s.cache.blocks) for s in scheduler.running]
+            in_use = scheduler.kv_bytes_in_use
+        for t in threads:
+            t.join(timeout=60)
+    shared = set.intersection(*held)
+    prefix_blocks = len(uncached.prompt_ids(LONG_PROMPT)) // KV_BLOCK
+    assert len(shared) >= prefix_blocks - 1  # all but the chunk two prompts computed in the same step
+    assert in_use == len(set.union(*held)) * scheduler.block_bytes < sum(map(len, held)) * scheduler.block_bytes
+    for i in range(4):
+        assert results[i].choices[0].text == uncached.generate(prompts[i], max_tokens=100)
+    assert sum(results[i].usage.prompt_tokens_details.cached_tokens for i in range(4)) >= 3 * (prefix_blocks - 1) * KV_BLOCK
+
+
+def test_a_burst_is_admitted_up_to_max_batch_plus_max_queue():
+    """40 requests at once to a server with 4 slots and a queue of 8: 12 are answered, 28 refused —
+    those about to take a free slot do not count as waiting."""
+    model = ternlm.load(threads=1)
+    model.engine = GatedEngine(model.engine)
+    with running_server(model, max_batch=4, max_waiting=8) as (url, served):
+        statuses = []
+
+        def run(i):
+            body = {"model": MODEL_ID, "prompt": f"To be {i}", "max_tokens": 2}
+            statuses.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code)
+
+        with model.engine.held():
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(40)]
+            for t in threads:
+                t.start()
+            wait_until(lambda: statuses.count(429) == 28, "the refusals")
+        for t in threads:
+            t.join(timeout=60)
+    assert sorted(statuses) == [200] * 12 + [429] * 28
+
+
+def test_a_client_that_leaves_mid_prefill_leaves_only_whole_computed_blocks(uncached):
+    model = ternlm.load(threads=1)
+    model.engine = GatedEngine(model.engine)
+    prompt = LONG_PROMPT * 3
+    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True}
+    with running_server(model, prefill_chunk=24) as (url, served):
+        with model.engine.held(after_steps=2):  # 48 of the prompt's tokens, then the client leaves
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+                assert response.status_code == 200
+                wait_until(lambda: served.scheduler.running and served.scheduler.running[0].prefilled == 48,
+                           "two prompt chunks")
+            wait_until(lambda: all(s.cancelled for s in served.scheduler.running), "the server to notice")
+        wait_until(lambda: not served.scheduler.running, "the slot to be freed")
+        # the chunks computed, and the one under way when the client left if the step had begun
+        kept = served.scheduler.prompt_cache.blocks
+        assert kept in (3, 4)
+        again = client(url).completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == kept * KV_BLOCK
+    assert again.choices[0].text == uncached.generate(prompt, max_tokens=4)

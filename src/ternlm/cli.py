@@ -367,12 +367,20 @@ def cmd_list(args) -> int:
 
 
 def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0, "0 or a positive integer")
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 
@@ -406,7 +414,8 @@ def cmd_serve(args) -> int:
     options = ServerOptions(api_key=api_key, max_batch=args.max_batch, max_waiting=args.max_queue,
                             kv_budget_bytes=args.kv_memory * 2**20 if args.kv_memory else None,
                             prefill_chunk=args.prefill_chunk, cors_origins=args.cors_origin,
-                            request_timeout=args.request_timeout)
+                            request_timeout=args.request_timeout,
+                            prompt_cache_bytes=None if args.prompt_cache_mb is None else args.prompt_cache_mb * 2**20)
     if args.ray:
         return _serve_on_ray(args, options)
     if any(flag is not None for flag in (args.address, args.replicas, args.autoscale, args.threads_per_replica)):
@@ -500,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-memory", type=_positive_int, default=None, metavar="MB",
                    help="KV-cache budget of all sequences together, in MiB; a request waits until its cache fits "
                         "(default: --max-batch sequences of the full context)")
+    g.add_argument("--prompt-cache-mb", type=_non_negative_int, default=None, metavar="MB",
+                   help="of the KV budget, how much computed prompts may keep once their requests are done, for "
+                        "later requests that start the same way; requests running together share their common "
+                        "prefix whatever this is, and cached blocks give way to new requests (default: half of "
+                        "--kv-memory; 0: off)")
     g.add_argument("--prefill-chunk", type=_positive_int, default=64, metavar="N",
                    help="most prompt tokens processed per step, so a long prompt does not stall running streams "
                         "(default 64)")

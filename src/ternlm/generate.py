@@ -101,10 +101,10 @@ def generate_tokens(engine, prompt: list[int], max_tokens: int, params: Sampling
         yield from _decode(engine, cache, state, logits, stats)
     finally:  # also when the consumer stops early: what was computed is kept
         if prompt_cache is not None:
-            prompt_cache.keep(state.history[:_positions_computed(state)], cache)
+            prompt_cache.keep(state.history[:positions_computed(state)], cache)
 
 
-def _positions_computed(state: GenerationState) -> int:
+def positions_computed(state: GenerationState) -> int:
     """How many tokens of the history have their keys and values in the cache: all but the last
     sampled, which never ran, unless a stop token (not in the history) came after it."""
     return len(state.history) - int(state.generated > 0 and state.finish_reason != "stop")

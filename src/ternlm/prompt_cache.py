@@ -29,6 +29,11 @@ def blocks_for(positions: int) -> int:
     return -(-positions // KV_BLOCK)
 
 
+def block_bytes(engine) -> int:
+    """Bytes of one block of the engine's KV cache."""
+    return engine.new_block_pool(1).block_bytes
+
+
 def block_keys(tokens: list[int]) -> list[bytes]:
     """One key per full block of `tokens`: a digest of every token up to the block's end."""
     keys, digest = [], hashlib.blake2b(digest_size=16)
@@ -40,14 +45,13 @@ def block_keys(tokens: list[int]) -> list[bytes]:
 
 @dataclass
 class PromptCacheStats:
-    lookups: int = 0
-    hits: int = 0            # lookups that found at least one block
-    cached_tokens: int = 0   # prompt tokens taken from the cache, over all lookups
-    evictions: int = 0       # blocks dropped to stay within the budget or make room
+    hits: int = 0            # sequences that took blocks from the cache
+    cached_tokens: int = 0   # prompt tokens taken from the cache rather than computed
+    evictions: int = 0       # blocks dropped to stay within the budget or to make room
 
 
 class PromptCache:
-    """Full KV blocks of computed tokens in `pool`, at most `budget_blocks` of them (0: none kept)."""
+    """Full KV blocks of computed tokens in `pool`, at most `budget_blocks` of them."""
 
     def __init__(self, engine, pool, budget_blocks: int):
         self.engine, self.pool, self.budget_blocks = engine, pool, budget_blocks
@@ -59,8 +63,7 @@ class PromptCache:
     def for_engine(cls, engine, budget_bytes: int, running_positions: int) -> PromptCache:
         """A cache of `budget_bytes` in a pool that also holds `running_positions` of sequences
         being computed."""
-        probe = engine.new_block_pool(1)
-        budget = budget_bytes // probe.block_bytes
+        budget = budget_bytes // block_bytes(engine)
         return cls(engine, engine.new_block_pool(budget + blocks_for(running_positions)), budget)
 
     @property
@@ -71,36 +74,43 @@ class PromptCache:
     def nbytes(self) -> int:
         return self.blocks * self.pool.block_bytes
 
-    def lookup(self, tokens: list[int], limit: int) -> list[int]:
-        """The blocks of the longest cached prefix of tokens[:limit] (full blocks only), now most
-        recently used."""
+    def lookup(self, tokens: list[int]) -> list[int]:
+        """The blocks of the longest cached prefix of the tokens but the last (which is computed
+        for its logits), whole blocks only; they are now the most recently used."""
         found = []
         with self._lock:
-            for key in block_keys(tokens[:limit]):
+            for key in block_keys(tokens[:-1]):
                 block = self._index.get(key)
                 if block is None:
                     break
                 found.append((key, block))
-            # the prefix's last block most recent but one, its first most recent: an eviction
-            # takes a chain's tail before its head, which every later block needs
+            # the prefix's first block most recent, its last the least: eviction takes a chain's
+            # tail before its head, which every later block needs
             for key, _ in reversed(found):
                 self._index.move_to_end(key)
-            self.stats.lookups += 1
-            self.stats.hits += bool(found)
         return [block for _, block in found]
+
+    def share(self, cache, tokens: list[int], held: int = 0) -> int:
+        """Lets `cache`, whose first `held` positions hold tokens[:held], hold the cached blocks of
+        the longest cached prefix of `tokens` instead of its own where they go further; returns how
+        many positions of `tokens` it now holds."""
+        blocks = self.lookup(tokens)
+        if len(blocks) * KV_BLOCK <= held:
+            return held
+        cache.assign(blocks + list(cache.blocks[len(blocks):]))
+        with self._lock:
+            self.stats.hits += int(held == 0)
+            self.stats.cached_tokens += len(blocks) * KV_BLOCK - held
+        return len(blocks) * KV_BLOCK
 
     def start(self, tokens: list[int], n_positions: int):
         """A KV cache for a sequence of at most n_positions that begins with `tokens`, and how many
-        of them it already holds (at most all but one: the last is computed for its logits)."""
-        blocks = self.lookup(tokens, len(tokens))
-        cached = min(len(blocks) * KV_BLOCK, len(tokens) - 1)
-        if not self.make_room(blocks_for(n_positions) - cached // KV_BLOCK):
-            return self.engine.new_cache(n_positions), 0  # the pool is taken by other sequences: one of its own
+        of them it already holds."""
         cache = self.engine.new_cache(n_positions, self.pool)
-        cache.assign(blocks[:blocks_for(cached)])
-        with self._lock:
-            self.stats.cached_tokens += cached
-        return cache, cached
+        held = self.share(cache, tokens)
+        if not self.make_room(blocks_for(n_positions) - len(cache.blocks)):
+            return self.engine.new_cache(n_positions), 0  # the pool is taken by other sequences: one of its own
+        return cache, held
 
     def new_cache(self, n_positions: int):
         """An empty KV cache in the pool, or of its own while other sequences take the pool."""
