@@ -227,6 +227,35 @@ NB_MODULE(_core, m) {
         .def("truncate", &KVCache::truncate, "positions"_a, "Keep the blocks of the first `positions` positions.")
         .def("share_prefix", &KVCache::share_prefix, "other"_a, "positions"_a,
              "Hold the blocks of other's first `positions` positions, without copying.")
+        .def(
+            "export_rows",
+            [](const KVCache& c, int64_t positions) {
+                const KVBlockPool& pool = *c.pool();
+                const std::vector<size_t> shape = {size_t(pool.layers()), size_t(positions), size_t(pool.width())};
+                if (pool.f16()) {
+                    auto k = owned_array<uint16_t>(shape), v = owned_array<uint16_t>(shape);
+                    c.export_rows(positions, k.data(), v.data());
+                    return nb::make_tuple(k, v);
+                }
+                auto k = owned_array<float>(shape), v = owned_array<float>(shape);
+                c.export_rows(positions, k.data(), v.data());
+                return nb::make_tuple(k, v);
+            },
+            "positions"_a, "Keys and values of positions [0, positions): [layers, positions, kv width] each, "
+                           "uint16 (f16 bits) or float32.")
+        .def(
+            "import_rows",
+            [](KVCache& c, nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<3>> keys,
+               nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<3>> values) {
+                const KVBlockPool& pool = *c.pool();
+                const size_t element = pool.f16() ? 2 : 4;
+                if (keys.itemsize() != element || values.itemsize() != element || keys.shape(0) != size_t(pool.layers()) ||
+                    keys.shape(2) != size_t(pool.width()) || values.shape(0) != keys.shape(0) ||
+                    values.shape(1) != keys.shape(1) || values.shape(2) != keys.shape(2))
+                    throw std::invalid_argument("keys and values do not have this cache's layers, width and type");
+                c.import_rows(static_cast<int64_t>(keys.shape(1)), keys.data(), values.data());
+            },
+            "keys"_a, "values"_a, "Write positions [0, n) from arrays shaped as export_rows returns them.")
         .def("prepare", &KVCache::prepare, "start"_a, "end"_a,
              "Take the blocks for positions up to `end` now, those of [start, end) held by this cache alone.");
 

@@ -146,6 +146,42 @@ void KVCache::prepare(int64_t start, int64_t end) {
     while (static_cast<int64_t>(blocks_.size()) < blocks_for(end)) blocks_.push_back(pool_->allocate());
 }
 
+namespace {
+
+// Calls copy(block memory, offset in a [layers, positions, width] buffer, bytes) for each block's
+// run of rows of each layer, keys and values alike.
+template <typename Copy>
+void over_rows(KVBlockPool& pool, const std::vector<int32_t>& blocks, int64_t positions, const Copy& copy) {
+    const size_t element = pool.f16() ? 2 : 4, row = static_cast<size_t>(pool.width()) * element;
+    for (int64_t layer = 0; layer < pool.layers(); ++layer)
+        for (int64_t first = 0; first < positions; first += kKVBlock) {
+            const int32_t block = blocks[static_cast<size_t>(first / kKVBlock)];
+            const size_t at = static_cast<size_t>(layer * positions + first) * row;
+            const size_t bytes = static_cast<size_t>(std::min(kKVBlock, positions - first)) * row;
+            copy(pool.keys(block, layer), pool.values(block, layer), at, bytes);
+        }
+}
+
+}  // namespace
+
+void KVCache::export_rows(int64_t positions, void* keys, void* values) const {
+    if (positions < 0 || blocks_for(positions) > static_cast<int64_t>(blocks_.size()))
+        throw std::invalid_argument("the cache holds fewer than " + std::to_string(positions) + " positions");
+    over_rows(*pool_, blocks_, positions, [&](void* k, void* v, size_t at, size_t bytes) {
+        std::memcpy(static_cast<uint8_t*>(keys) + at, k, bytes);
+        std::memcpy(static_cast<uint8_t*>(values) + at, v, bytes);
+    });
+}
+
+void KVCache::import_rows(int64_t positions, const void* keys, const void* values) {
+    if (positions <= 0) throw std::invalid_argument("nothing to import");
+    prepare(0, positions);
+    over_rows(*pool_, blocks_, positions, [&](void* k, void* v, size_t at, size_t bytes) {
+        std::memcpy(k, static_cast<const uint8_t*>(keys) + at, bytes);
+        std::memcpy(v, static_cast<const uint8_t*>(values) + at, bytes);
+    });
+}
+
 void KVCache::store(int64_t layer, int64_t pos, const float* k, const float* v, F16StoreFn f16_store) {
     const int32_t block = blocks_[static_cast<size_t>(pos / kKVBlock)];
     const int64_t width = pool_->width(), row = pos % kKVBlock * width;

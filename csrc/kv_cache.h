@@ -27,6 +27,7 @@ public:
     int64_t free_blocks() const;
     bool f16() const { return f16_; }
     int64_t width() const { return width_; }  // elements of one position's keys (or values) in a layer
+    int64_t layers() const { return layers_; }
     bool fits(const ModelShape& shape) const;
     int64_t block_bytes() const { return 2 * layers_ * kKVBlock * width_ * static_cast<int64_t>(element_); }
 
@@ -92,6 +93,10 @@ public:
         for (int32_t b : blocks_)
             out.push_back(static_cast<const Element*>(values ? pool_->values(b, layer) : pool_->keys(b, layer)) + column);
     }
+    // Copies the raw keys and values (f16 bit patterns or f32) of positions [0, positions) out to,
+    // or in from, buffers of [layers, positions, kv_heads * head_dim] elements each.
+    void export_rows(int64_t positions, void* keys, void* values) const;
+    void import_rows(int64_t positions, const void* keys, const void* values);
     // Stores one position's keys and values (kv_heads * head_dim floats each), rounding to f16 if
     // that is the cache's type. The position's block must have been prepared.
     void store(int64_t layer, int64_t pos, const float* k, const float* v, F16StoreFn f16_store);

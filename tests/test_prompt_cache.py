@@ -322,3 +322,34 @@ def test_a_client_that_leaves_mid_prefill_leaves_only_whole_computed_blocks(unca
         again = client(url).completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4, temperature=0)
     assert again.usage.prompt_tokens_details.cached_tokens == kept * KV_BLOCK
     assert again.choices[0].text == uncached.generate(prompt, max_tokens=4)
+
+
+# ---- ternlm generate --prompt-cache FILE ----
+
+def test_prompt_cache_file_reused_and_bad_files_recomputed(model_dir, tmp_path):
+    """The second run loads the prompt's blocks (and prints what the first printed); a file from
+    another model, options or prompt, truncated or not safetensors at all, is one warning line,
+    then the prompt is computed and the file rewritten."""
+    file = tmp_path / "prompt.kv"
+    prompt = "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer"
+    args = ("generate", prompt, "-m", str(model_dir), "-n", "6", "--verbose", "--prompt-cache", str(file))
+    first = run_cli(*args)
+    assert first.returncode == 0 and file.exists(), first.stderr
+    assert "(0 cached" in first.stderr
+    second = run_cli(*args)
+    assert second.returncode == 0 and second.stdout == first.stdout, second.stderr
+    assert "warning" not in second.stderr and "(0 cached" not in second.stderr
+    good = file.read_bytes()
+    other_options = run_cli(*args, "--kv-cache", "f32")
+    assert "another model or other load options" in other_options.stderr and other_options.stdout == first.stdout
+    file.write_bytes(good)
+    other_prompt = run_cli("generate", "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar",
+                           *args[2:])
+    assert "another prompt" in other_prompt.stderr
+    for broken in (good[: len(good) // 2], b"not safetensors", b""):
+        file.write_bytes(broken)
+        result = run_cli(*args)
+        assert result.returncode == 0 and result.stdout == first.stdout, result.stderr
+        assert len([line for line in result.stderr.splitlines() if "warning" in line]) == 1
+        assert "Traceback" not in result.stderr
+        assert run_cli(*args).stderr.count("warning") == 0  # rewritten

@@ -78,10 +78,23 @@ def _print_stats(model, args, first_token_seconds: float | None = None) -> None:
 
 def cmd_generate(args) -> int:
     model = _load(args)
+    if args.prompt_cache:
+        from .prompt_file import load_prompt_file
+
+        if model.backend != "native":
+            raise ValueError("--prompt-cache needs the native backend")
+        problem = load_prompt_file(model, Path(args.prompt_cache), model.prompt_ids(args.prompt))
+        if problem:
+            print(f"ternlm: warning: prompt cache {args.prompt_cache}: {problem}; computing the prompt and "
+                  f"writing the file again", file=sys.stderr)
     for piece in model.stream(args.prompt, max_tokens=args.max_tokens, **_sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.prompt_cache:
+        from .prompt_file import save_prompt_file
+
+        save_prompt_file(model, Path(args.prompt_cache), model.prompt_ids(args.prompt))
     _print_stats(model, args)
     return 0
 
@@ -466,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the text to continue")
     _add_model_args(p)
     _add_sampling_args(p)
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="keep the prompt's keys and values in FILE; a later run whose prompt starts the same way "
+                        "loads them instead of computing them (a file that does not fit is recomputed and rewritten)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat",
