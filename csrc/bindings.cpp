@@ -1,6 +1,7 @@
 // Python bindings. Every heavy call releases the GIL.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -203,11 +204,61 @@ NB_MODULE(_core, m) {
         },
         "head"_a, "The q4 head format of rows [rows, cols]: (nibbles uint8 [rows, padded / 2], f16 scales uint16 [rows, padded / 32]).");
 
+    m.attr("KV_BLOCK") = kKVBlock;
+    nb::class_<KVBlockPool>(m, "KVBlockPool")
+        .def(nb::init<const ModelShape&, int64_t, bool>(), "shape"_a, "blocks"_a, "f16"_a = true)
+        .def_prop_ro("capacity", &KVBlockPool::capacity)
+        .def_prop_ro("free_blocks", &KVBlockPool::free_blocks)
+        .def_prop_ro("block_bytes", &KVBlockPool::block_bytes)
+        .def_prop_ro("f16", &KVBlockPool::f16)
+        .def("retain", &KVBlockPool::retain, "block"_a)
+        .def("release", &KVBlockPool::release, "block"_a)
+        .def("references", &KVBlockPool::references, "block"_a);
+
     nb::class_<KVCache>(m, "KVCache")
-        .def(nb::init<const ModelShape&, int64_t, bool>(), "shape"_a, "n_ctx"_a, "f16"_a = true)
+        .def(nb::init<const ModelShape&, int64_t, bool>(), "shape"_a, "n_ctx"_a, "f16"_a = true,
+             "A sequence with a block pool of its own, just large enough for n_ctx positions.")
+        .def(nb::init<std::shared_ptr<KVBlockPool>, int64_t>(), "pool"_a, "n_ctx"_a, "A sequence in a shared pool.")
         .def_prop_ro("n_ctx", &KVCache::n_ctx)
         .def_prop_ro("f16", &KVCache::f16)
-        .def_prop_ro("nbytes", &KVCache::bytes);
+        .def_prop_ro("pool", &KVCache::pool)
+        .def_prop_ro("blocks", &KVCache::blocks, "the block table: block p // KV_BLOCK holds position p")
+        .def_prop_ro("nbytes", &KVCache::bytes, "bytes of the blocks the sequence holds")
+        .def("assign", &KVCache::assign, "blocks"_a, "Hold these blocks (retained) instead of the current ones.")
+        .def("truncate", &KVCache::truncate, "positions"_a, "Keep the blocks of the first `positions` positions.")
+        .def("share_prefix", &KVCache::share_prefix, "other"_a, "positions"_a,
+             "Hold the blocks of other's first `positions` positions, without copying.")
+        .def(
+            "export_rows",
+            [](const KVCache& c, int64_t positions) {
+                const KVBlockPool& pool = *c.pool();
+                const std::vector<size_t> shape = {size_t(pool.layers()), size_t(positions), size_t(pool.width())};
+                if (pool.f16()) {
+                    auto k = owned_array<uint16_t>(shape), v = owned_array<uint16_t>(shape);
+                    c.export_rows(positions, k.data(), v.data());
+                    return nb::make_tuple(k, v);
+                }
+                auto k = owned_array<float>(shape), v = owned_array<float>(shape);
+                c.export_rows(positions, k.data(), v.data());
+                return nb::make_tuple(k, v);
+            },
+            "positions"_a, "Keys and values of positions [0, positions): [layers, positions, kv width] each, "
+                           "uint16 (f16 bits) or float32.")
+        .def(
+            "import_rows",
+            [](KVCache& c, nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<3>> keys,
+               nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<3>> values) {
+                const KVBlockPool& pool = *c.pool();
+                const size_t element = pool.f16() ? 2 : 4;
+                if (keys.itemsize() != element || values.itemsize() != element || keys.shape(0) != size_t(pool.layers()) ||
+                    keys.shape(2) != size_t(pool.width()) || values.shape(0) != keys.shape(0) ||
+                    values.shape(1) != keys.shape(1) || values.shape(2) != keys.shape(2))
+                    throw std::invalid_argument("keys and values do not have this cache's layers, width and type");
+                c.import_rows(static_cast<int64_t>(keys.shape(1)), keys.data(), values.data());
+            },
+            "keys"_a, "values"_a, "Write positions [0, n) from arrays shaped as export_rows returns them.")
+        .def("prepare", &KVCache::prepare, "start"_a, "end"_a,
+             "Take the blocks for positions up to `end` now, those of [start, end) held by this cache alone.");
 
     m.def(
         "f16_round",
@@ -221,22 +272,31 @@ NB_MODULE(_core, m) {
     m.def(
         "f16_attention",
         [](Array<const float, nb::ndim<2>> q, Array<const uint16_t, nb::ndim<2>> keys,
-           Array<const uint16_t, nb::ndim<2>> values, int64_t column, float scale, const std::string& kernel) {
+           Array<const uint16_t, nb::ndim<2>> values, int64_t column, float scale, const std::string& kernel,
+           int log2_block) {
             const int64_t heads = q.shape(0), head_dim = q.shape(1), count = keys.shape(0), width = keys.shape(1);
             if (count == 0 || values.shape(0) != keys.shape(0) || values.shape(1) != keys.shape(1) || column < 0 ||
                 column + head_dim > width)
                 throw std::invalid_argument("keys and values must be [count > 0, width] with the head inside width");
             auto out = owned_array<float>({size_t(heads), size_t(head_dim)});
             const F16AttentionFn attention = kernels_named(kernel).f16_attention;
+            if (log2_block < 0 || log2_block > 30) throw std::invalid_argument("log2_block must be in [0, 30]");
             nb::gil_scoped_release release;
+            // Blocks of 2^log2_block positions cut from the contiguous arrays, visited through a table.
+            std::vector<const uint16_t*> key_blocks, value_blocks;
+            for (int64_t j = 0; j < count; j += int64_t{1} << log2_block) {
+                key_blocks.push_back(keys.data() + j * width + column);
+                value_blocks.push_back(values.data() + j * width + column);
+            }
             std::vector<float> scratch(static_cast<size_t>(heads * count));
-            attention(q.data(), heads, head_dim, keys.data() + column, values.data() + column, width, count, scale,
-                      scratch.data(), out.data());
+            attention(q.data(), heads, head_dim, {key_blocks.data(), log2_block, width}, {value_blocks.data(), log2_block, width},
+                      count, scale, scratch.data(), out.data());
             return out;
         },
-        "q"_a, "keys"_a, "values"_a, "column"_a, "scale"_a, "kernel"_a = "",
+        "q"_a, "keys"_a, "values"_a, "column"_a, "scale"_a, "kernel"_a = "", "log2_block"_a = 30,
         "softmax(scale * q k^T) v for the query heads q [heads, head_dim] sharing the KV head at columns "
-        "[column, column + head_dim) of f16 keys and values [count, width] (tests).");
+        "[column, column + head_dim) of f16 keys and values [count, width], read in blocks of 2^log2_block "
+        "positions (tests).");
 
     m.def(
         "temper",

@@ -102,20 +102,33 @@ using F16StoreFn = void (*)(const float* x, int64_t n, uint16_t* out);
 uint16_t f32_to_f16(float x);
 void f16_store_ref(const float* x, int64_t n, uint16_t* out);
 
+// Cached key (or value) rows of one KV head, in blocks of 2^log2_block positions (the paged KV
+// cache): position j's row starts at blocks[j >> log2_block] + (j & mask) * stride. A contiguous
+// cache is one block.
+template <typename Element>
+struct PagedRows {
+    const Element* const* blocks;
+    int log2_block;
+    int64_t stride;  // elements from one position's row to the next within a block
+    TERNLM_INLINE const Element* row(int64_t j) const {
+        return blocks[j >> log2_block] + (j & ((int64_t{1} << log2_block) - 1)) * stride;
+    }
+};
+
 // Attention of the `heads` query heads that share one KV head (grouped-query attention) over
 // `count` cached positions: out[h] = sum_j softmax_j(scale * q[h] . k[j]) * v[j]. q and out are
-// [heads, head_dim]; key and value rows are `stride` elements apart; scratch holds heads * count
-// floats. Float sums: variants agree with the reference to rounding, not bit for bit.
-using F16AttentionFn = void (*)(const float* q, int64_t heads, int64_t head_dim, const uint16_t* keys,
-                                const uint16_t* values, int64_t stride, int64_t count, float scale,
-                                float* scratch, float* out);
+// [heads, head_dim]; scratch holds heads * count floats. Positions are taken in order whatever
+// the blocks, so the result depends on the keys and values only, not on where they are stored.
+// Float sums: variants agree with the reference to rounding, not bit for bit.
+using F16AttentionFn = void (*)(const float* q, int64_t heads, int64_t head_dim, const PagedRows<uint16_t>& keys,
+                                const PagedRows<uint16_t>& values, int64_t count, float scale, float* scratch,
+                                float* out);
 
-void f16_attention_ref(const float* q, int64_t heads, int64_t head_dim, const uint16_t* keys,
-                       const uint16_t* values, int64_t stride, int64_t count, float scale, float* scratch,
-                       float* out);
+void f16_attention_ref(const float* q, int64_t heads, int64_t head_dim, const PagedRows<uint16_t>& keys,
+                       const PagedRows<uint16_t>& values, int64_t count, float scale, float* scratch, float* out);
 // The same over an f32 cache (`--kv-cache f32`, the exact-but-slow option): scalar only.
-void f32_attention_ref(const float* q, int64_t heads, int64_t head_dim, const float* keys, const float* values,
-                       int64_t stride, int64_t count, float scale, float* scratch, float* out);
+void f32_attention_ref(const float* q, int64_t heads, int64_t head_dim, const PagedRows<float>& keys,
+                       const PagedRows<float>& values, int64_t count, float scale, float* scratch, float* out);
 
 // The sampler's tempering (sampler.cpp): distance[i] = (max - logits[i]) * inverse_temperature and
 // weight[i] = e^-distance[i] (0 past 87). Elementwise, nothing fused: variants are bit-identical.

@@ -228,20 +228,22 @@ float exp_minus_max(float* s, int64_t n) {
 // Scores of H heads against K consecutive keys: H * K independent FMA chains, each key converted
 // from f16 once for all heads of the group.
 template <int H, int K>
-TERNLM_INLINE void score_keys(const float* q, int64_t head_dim, const uint16_t* keys, int64_t stride, int64_t j,
+TERNLM_INLINE void score_keys(const float* q, int64_t head_dim, const PagedRows<uint16_t>& keys, int64_t j,
                               int64_t count, float scale, float* scores) {
     const int64_t vec = head_dim / 8 * 8;
+    const uint16_t* key_rows[K];
+    for (int k = 0; k < K; ++k) key_rows[k] = keys.row(j + k);
     __m256 acc[K][H];
     for (int k = 0; k < K; ++k)
         for (int h = 0; h < H; ++h) acc[k][h] = _mm256_setzero_ps();
     for (int64_t d = 0; d < vec; d += 8)
         for (int k = 0; k < K; ++k) {
-            const __m256 key = load8<DType::F16>(keys + (j + k) * stride, d);
+            const __m256 key = load8<DType::F16>(key_rows[k], d);
             for (int h = 0; h < H; ++h) acc[k][h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * head_dim + d), key, acc[k][h]);
         }
     for (int k = 0; k < K; ++k) {
         float tail[8];
-        if (vec < head_dim) load_elements(keys + (j + k) * stride, DType::F16, vec, head_dim - vec, tail);
+        if (vec < head_dim) load_elements(key_rows[k], DType::F16, vec, head_dim - vec, tail);
         for (int h = 0; h < H; ++h) {
             float s = horizontal_sum(acc[k][h]);
             for (int64_t d = vec; d < head_dim; ++d) s += q[h * head_dim + d] * tail[d - vec];
@@ -253,14 +255,15 @@ TERNLM_INLINE void score_keys(const float* q, int64_t head_dim, const uint16_t* 
 // out[h, d0 : d0 + 8 * V] = inv_total[h] * sum_j p[h, j] * v[j, d0 : ...]: each value vector is
 // converted once for all heads.
 template <int H, int V>
-TERNLM_INLINE void mix_values(const float* p, int64_t count, const uint16_t* values, int64_t stride, int64_t head_dim,
+TERNLM_INLINE void mix_values(const float* p, int64_t count, const PagedRows<uint16_t>& values, int64_t head_dim,
                               int64_t d0, const float* inv_total, float* out) {
     __m256 acc[H][V];
     for (int h = 0; h < H; ++h)
         for (int v = 0; v < V; ++v) acc[h][v] = _mm256_setzero_ps();
     for (int64_t j = 0; j < count; ++j) {
+        const uint16_t* row = values.row(j);
         __m256 value[V];
-        for (int v = 0; v < V; ++v) value[v] = load8<DType::F16>(values + j * stride, d0 + 8 * v);
+        for (int v = 0; v < V; ++v) value[v] = load8<DType::F16>(row, d0 + 8 * v);
         for (int h = 0; h < H; ++h) {
             const __m256 weight = _mm256_broadcast_ss(p + h * count + j);
             for (int v = 0; v < V; ++v) acc[h][v] = _mm256_fmadd_ps(weight, value[v], acc[h][v]);
@@ -272,22 +275,22 @@ TERNLM_INLINE void mix_values(const float* p, int64_t count, const uint16_t* val
 }
 
 template <int H>
-void attention_group(const float* q, int64_t head_dim, const uint16_t* keys, const uint16_t* values, int64_t stride,
-                     int64_t count, float scale, float* scores, float* out) {
+void attention_group(const float* q, int64_t head_dim, const PagedRows<uint16_t>& keys,
+                     const PagedRows<uint16_t>& values, int64_t count, float scale, float* scores, float* out) {
     int64_t j = 0;
-    for (; j + 2 <= count; j += 2) score_keys<H, 2>(q, head_dim, keys, stride, j, count, scale, scores);
-    if (j < count) score_keys<H, 1>(q, head_dim, keys, stride, j, count, scale, scores);
+    for (; j + 2 <= count; j += 2) score_keys<H, 2>(q, head_dim, keys, j, count, scale, scores);
+    if (j < count) score_keys<H, 1>(q, head_dim, keys, j, count, scale, scores);
     float inv_total[H];
     for (int h = 0; h < H; ++h) inv_total[h] = 1.0f / exp_minus_max(scores + h * count, count);
     int64_t d = 0;
-    for (; d + 16 <= head_dim; d += 16) mix_values<H, 2>(scores, count, values, stride, head_dim, d, inv_total, out);
-    for (; d + 8 <= head_dim; d += 8) mix_values<H, 1>(scores, count, values, stride, head_dim, d, inv_total, out);
+    for (; d + 16 <= head_dim; d += 16) mix_values<H, 2>(scores, count, values, head_dim, d, inv_total, out);
+    for (; d + 8 <= head_dim; d += 8) mix_values<H, 1>(scores, count, values, head_dim, d, inv_total, out);
     for (; d < head_dim; ++d)
         for (int h = 0; h < H; ++h) {
             float sum = 0.0f;
             for (int64_t k = 0; k < count; ++k) {
                 float value;
-                load_elements(values + k * stride, DType::F16, d, 1, &value);
+                load_elements(values.row(k), DType::F16, d, 1, &value);
                 sum += scores[h * count + k] * value;
             }
             out[h * head_dim + d] = sum * inv_total[h];
@@ -296,11 +299,10 @@ void attention_group(const float* q, int64_t head_dim, const uint16_t* keys, con
 
 }  // namespace
 
-void f16_attention_avx2(const float* q, int64_t heads, int64_t head_dim, const uint16_t* keys,
-                        const uint16_t* values, int64_t stride, int64_t count, float scale, float* scratch,
-                        float* out) {
+void f16_attention_avx2(const float* q, int64_t heads, int64_t head_dim, const PagedRows<uint16_t>& keys,
+                        const PagedRows<uint16_t>& values, int64_t count, float scale, float* scratch, float* out) {
     in_fours(heads, [&](auto group, int64_t h) {
-        attention_group<decltype(group)::value>(q + h * head_dim, head_dim, keys, values, stride, count, scale,
+        attention_group<decltype(group)::value>(q + h * head_dim, head_dim, keys, values, count, scale,
                                                 scratch + h * count, out + h * head_dim);
     });
 }

@@ -162,15 +162,15 @@ float to_float(float x) { return x; }
 float to_float(uint16_t h) { return f16_to_f32(h); }
 
 template <typename Element>
-void attention_ref(const float* q, int64_t heads, int64_t head_dim, const Element* keys, const Element* values,
-                   int64_t stride, int64_t count, float scale, float* scratch, float* out) {
+void attention_ref(const float* q, int64_t heads, int64_t head_dim, const PagedRows<Element>& keys,
+                   const PagedRows<Element>& values, int64_t count, float scale, float* scratch, float* out) {
     for (int64_t h = 0; h < heads; ++h) {
         const float* qh = q + h * head_dim;
         float* scores = scratch + h * count;
         float max_score = -INFINITY;
         for (int64_t j = 0; j < count; ++j) {
             float s = 0.0f;
-            for (int64_t d = 0; d < head_dim; ++d) s += qh[d] * to_float(keys[j * stride + d]);
+            for (int64_t d = 0; d < head_dim; ++d) s += qh[d] * to_float(keys.row(j)[d]);
             scores[j] = s * scale;
             max_score = std::max(max_score, scores[j]);
         }
@@ -180,22 +180,21 @@ void attention_ref(const float* q, int64_t heads, int64_t head_dim, const Elemen
         std::fill(oh, oh + head_dim, 0.0f);
         for (int64_t j = 0; j < count; ++j) {
             const float p = scores[j] / total;
-            for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * to_float(values[j * stride + d]);
+            for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * to_float(values.row(j)[d]);
         }
     }
 }
 
 }  // namespace
 
-void f16_attention_ref(const float* q, int64_t heads, int64_t head_dim, const uint16_t* keys,
-                       const uint16_t* values, int64_t stride, int64_t count, float scale, float* scratch,
-                       float* out) {
-    attention_ref(q, heads, head_dim, keys, values, stride, count, scale, scratch, out);
+void f16_attention_ref(const float* q, int64_t heads, int64_t head_dim, const PagedRows<uint16_t>& keys,
+                       const PagedRows<uint16_t>& values, int64_t count, float scale, float* scratch, float* out) {
+    attention_ref(q, heads, head_dim, keys, values, count, scale, scratch, out);
 }
 
-void f32_attention_ref(const float* q, int64_t heads, int64_t head_dim, const float* keys, const float* values,
-                       int64_t stride, int64_t count, float scale, float* scratch, float* out) {
-    attention_ref(q, heads, head_dim, keys, values, stride, count, scale, scratch, out);
+void f32_attention_ref(const float* q, int64_t heads, int64_t head_dim, const PagedRows<float>& keys,
+                       const PagedRows<float>& values, int64_t count, float scale, float* scratch, float* out) {
+    attention_ref(q, heads, head_dim, keys, values, count, scale, scratch, out);
 }
 
 void q4_gemv_ref(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,

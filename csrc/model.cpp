@@ -4,7 +4,6 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -87,27 +86,6 @@ TernaryMatrix TernaryMatrix::from_ternary(const int8_t* ternary, int64_t rows, i
     }
     if (invalid) throw shape_error("ternary weights must be -1, 0 or 1");
     return m;
-}
-
-KVCache::KVCache(const ModelShape& shape, int64_t n_ctx, bool f16)
-    : n_ctx_(n_ctx), layers_(positive_dimensions(shape).layers), width_(shape.kv_heads * shape.head_dim), f16_(f16),
-      element_(f16 ? 2 : 4) {
-    if (n_ctx <= 0) throw shape_error("context length must be positive");
-    if (n_ctx > std::numeric_limits<int64_t>::max() / 4 / (layers_ * width_))
-        throw shape_error("context length " + std::to_string(n_ctx) + " is too large for a KV cache");
-    const size_t n = static_cast<size_t>(shape.layers * n_ctx * width_) * element_;
-    k_.assign(n, 0);
-    v_.assign(n, 0);
-}
-
-void KVCache::store(int64_t layer, int64_t pos, const float* k, const float* v, F16StoreFn f16_store) {
-    if (f16_) {
-        f16_store(k, width_, static_cast<uint16_t*>(keys(layer, pos)));
-        f16_store(v, width_, static_cast<uint16_t*>(values(layer, pos)));
-    } else {
-        std::copy_n(k, width_, static_cast<float*>(keys(layer, pos)));
-        std::copy_n(v, width_, static_cast<float*>(values(layer, pos)));
-    }
 }
 
 Model::Model(ModelShape shape, int threads)
@@ -387,22 +365,27 @@ void Model::attention(const std::vector<RowPlace>& rows, int64_t layer, const fl
     const int64_t jobs_per_row = shape_.heads / heads_per_job;
     pool_->parallel_for(N * jobs_per_row, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scratch(static_cast<size_t>(heads_per_job * longest));
+        std::vector<const uint16_t*> f16_keys, f16_values;
+        std::vector<const float*> f32_keys, f32_values;
         for (int64_t job = begin; job < end; ++job) {
             // Later rows of a prompt attend to more positions: they go first, so that the threads
             // that claim the last, short jobs finish together.
             const int64_t n = N - 1 - job / jobs_per_row, h = job % jobs_per_row * heads_per_job;
-            KVCache& cache = *rows[static_cast<size_t>(n)].cache;
+            const KVCache& cache = *rows[static_cast<size_t>(n)].cache;
             const int64_t kv_offset = (h / group) * hd, count = rows[static_cast<size_t>(n)].pos + 1;
             const float* qh = q + n * q_width + h * hd;
             float* oh = out + n * q_width + h * hd;
-            if (cache.f16())
-                f16_attention(qh, heads_per_job, hd, static_cast<const uint16_t*>(cache.keys(layer, 0)) + kv_offset,
-                              static_cast<const uint16_t*>(cache.values(layer, 0)) + kv_offset, kv_width, count,
-                              scale, scratch.data(), oh);
-            else
-                f32_attention_ref(qh, heads_per_job, hd, static_cast<const float*>(cache.keys(layer, 0)) + kv_offset,
-                                  static_cast<const float*>(cache.values(layer, 0)) + kv_offset, kv_width, count,
-                                  scale, scratch.data(), oh);
+            if (cache.f16()) {
+                cache.block_rows(layer, kv_offset, false, f16_keys);
+                cache.block_rows(layer, kv_offset, true, f16_values);
+                f16_attention(qh, heads_per_job, hd, {f16_keys.data(), kKVLog2Block, kv_width},
+                              {f16_values.data(), kKVLog2Block, kv_width}, count, scale, scratch.data(), oh);
+            } else {
+                cache.block_rows(layer, kv_offset, false, f32_keys);
+                cache.block_rows(layer, kv_offset, true, f32_values);
+                f32_attention_ref(qh, heads_per_job, hd, {f32_keys.data(), kKVLog2Block, kv_width},
+                                  {f32_values.data(), kKVLog2Block, kv_width}, count, scale, scratch.data(), oh);
+            }
         }
     });
 }
@@ -433,6 +416,7 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
             tokens.push_back(seg.tokens[t]);
         }
     }
+    for (const Segment& seg : segments) seg.cache->prepare(seg.start_pos, seg.start_pos + seg.T);
     const int64_t T = static_cast<int64_t>(tokens.size());  // rows of the batch, all sequences together
 
     const int64_t H = s.hidden, I = s.intermediate, hd = s.head_dim;

@@ -8,6 +8,7 @@
 
 #include "formats.h"
 #include "kernels.h"
+#include "kv_cache.h"
 #include "threads.h"
 
 namespace ternlm {
@@ -39,29 +40,6 @@ enum class HeadFormat : int { Dense = 0, Int8 = 1, Q4 = 2 };
 struct Layer {
     std::vector<float> input_layernorm, post_attention_layernorm, attn_sub_norm, ffn_sub_norm;
     TernaryMatrix q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
-};
-
-// Keys and values of one sequence: [layer][position][kv_heads * head_dim], f16 (default) or f32.
-class KVCache {
-public:
-    KVCache(const ModelShape& shape, int64_t n_ctx, bool f16 = true);
-    int64_t n_ctx() const { return n_ctx_; }
-    bool fits(const ModelShape& shape) const { return layers_ == shape.layers && width_ == shape.kv_heads * shape.head_dim; }
-    bool f16() const { return f16_; }
-    int64_t bytes() const { return static_cast<int64_t>(k_.size() + v_.size()); }
-    void* keys(int64_t layer, int64_t pos) { return k_.data() + offset(layer, pos); }
-    void* values(int64_t layer, int64_t pos) { return v_.data() + offset(layer, pos); }
-    // Stores one position's keys and values (kv_heads * head_dim floats each), rounding to f16 if
-    // that is the cache's type.
-    void store(int64_t layer, int64_t pos, const float* k, const float* v, F16StoreFn f16_store);
-
-private:
-    size_t offset(int64_t layer, int64_t pos) const { return static_cast<size_t>((layer * n_ctx_ + pos) * width_) * element_; }
-
-    int64_t n_ctx_, layers_, width_;
-    bool f16_;
-    size_t element_;
-    std::vector<uint8_t> k_, v_;
 };
 
 // T tokens of one sequence at positions start_pos.., appended to its cache.

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import ternlm
 from ternlm.cli import build_parser
 from ternlm.server import ServerOptions, create_app, serving_in_thread
+from ternlm.prompt_cache import KV_BLOCK
 
 MODEL_ID = "ternlm-default"
 PROMPTS = ["To be, or not to be", "ROMEO:", "Now is the winter", "KING HENRY:", "O, what a rogue", "Friends, Romans"]
@@ -452,14 +453,14 @@ def test_stopped_scheduler_answers_503_at_once():
 
 def test_kv_budget_makes_requests_wait_or_refuses_them(reference):
     model = ternlm.load(threads=1)
-    per_position = model.engine.new_cache(1).nbytes
+    per_position = model.engine.new_block_pool(1).block_bytes // KV_BLOCK
     with running_server(model, kv_budget_bytes=64 * per_position) as (url, _):
         with pytest.raises(openai.BadRequestError) as refused:
             client(url).completions.create(model=MODEL_ID, prompt=PROMPTS[0], max_tokens=100)
         assert refused.value.body["code"] == "kv_cache_budget_exceeded"
         results = {}
 
-        def run(i):  # each needs 8-9 prompt + 40 positions: two do not fit together
+        def run(i):  # each needs 8-9 prompt + 40 positions, 4 blocks of 16: two do not fit together
             results[i] = client(url).completions.create(model=MODEL_ID, prompt=PROMPTS[i], max_tokens=40,
                                                         temperature=0).choices[0].text
 

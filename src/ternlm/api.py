@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -14,6 +15,7 @@ from .errors import FormatError
 from .generate import ContextOverflowError, GenerationStats, generate_tokens, stream_text
 from .hub import resolve_model_path
 from .model import build_engine
+from .prompt_cache import PromptCache
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .tools import AssistantTurn, ToolUse, history_messages, parse_envelope
@@ -23,9 +25,12 @@ from .weights.checkpoint import Checkpoint
 
 class LanguageModel:
     def __init__(self, path: Path, engine, tokenizer: Tokenizer, stop_ids: set[int], n_ctx: int, backend: str,
-                 sampling_defaults: dict | None = None):
+                 prompt_cache_mb: float = 0, sampling_defaults: dict | None = None):
         self.path = path
         self.engine = engine
+        # The keys and values of computed tokens, for the next prompt that starts with them (None: off).
+        self.prompt_cache = PromptCache.for_engine(engine, int(prompt_cache_mb * 2**20), n_ctx) \
+            if prompt_cache_mb > 0 else None
         self.config: BitNetConfig = engine.config
         self.tokenizer = tokenizer
         self.backend = backend
@@ -48,10 +53,21 @@ class LanguageModel:
         return self.engine.threads
 
     def logits(self, ids) -> np.ndarray:
-        """float32 [len(ids), vocab]: every position of a fresh sequence starting at position 0."""
+        """float32 [len(ids), vocab]: every position of a fresh sequence starting at position 0.
+        Every position is computed (the logits of a cached prefix are not kept), and the keys and
+        values are left in the prompt cache for a later generation."""
         ids = self.check_ids(ids)
-        cache = self.engine.new_cache(len(ids))
-        return self.engine.forward(cache, ids, 0, all_logits=True)
+        if self.prompt_cache is None:
+            return self.engine.forward(self.engine.new_cache(len(ids)), ids, 0, all_logits=True)
+        cache = self.prompt_cache.new_cache(len(ids))
+        logits = self.engine.forward(cache, ids, 0, all_logits=True)
+        self.prompt_cache.keep(ids, cache)
+        return logits
+
+    def reset_prompt_cache(self) -> None:
+        """Drops every cached prompt (new prompts are computed whole, then cached again)."""
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
 
     def check_ids(self, ids) -> list[int]:
         """The ids as ints; raises ValueError unless they are a non-empty sequence in the vocabulary and context."""
@@ -96,7 +112,7 @@ class LanguageModel:
         constraint = self.constraint(json_schema, regex, grammar, tool_use)
         self.last_stats = GenerationStats()
         return generate_tokens(self.engine, prompt_ids, max_tokens, params, self.stop_ids, self.n_ctx,
-                               self.last_stats, constraint)
+                               self.last_stats, constraint, self.prompt_cache)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """A plain prompt's tokens: BOS, then the text."""
@@ -117,9 +133,30 @@ class LanguageModel:
     def generate(self, prompt: str, max_tokens: int = 128, **kwargs) -> str:
         return "".join(self.stream(prompt, max_tokens, **kwargs))
 
+    def fit_chat(self, messages: list[dict], max_tokens: int, tool_use: ToolUse | None = None) -> tuple[list[int], int]:
+        """The prompt ids of the conversation once its oldest turns are dropped (never the system
+        message, nor the last message) until the prompt and max_tokens fit the context; and how
+        many messages were dropped, counted after the system message."""
+        system = 1 if messages and messages[0].get("role") == "system" else 0
+        dropped = 0
+        while True:
+            kept = messages[:system] + messages[system + dropped:]
+            ids = self.chat_prompt_ids(kept, tool_use)
+            if len(ids) + max_tokens <= self.n_ctx or len(kept) <= system + 1:
+                return ids, dropped
+            dropped += 1
+            while system + dropped < len(messages) - 1 and messages[system + dropped].get("role") in ("assistant", "tool"):
+                dropped += 1  # a conversation starts with the user's turn
+
     def stream_chat(self, messages: list[dict], max_tokens: int = 128, stop: list[str] | None = None,
                     tool_use: ToolUse | None = None, **sampling) -> Iterator[str]:
-        tokens = self.stream_tokens(self.chat_prompt_ids(messages, tool_use), max_tokens, tool_use=tool_use, **sampling)
+        """When the conversation and max_tokens outgrow the context, its oldest turns are dropped
+        (fit_chat) with a warning."""
+        ids, dropped = self.fit_chat(messages, max_tokens, tool_use)
+        if dropped:
+            warnings.warn(f"the conversation outgrew the context of {self.n_ctx} tokens: its oldest {dropped} "
+                          f"messages were left out", stacklevel=2)
+        tokens = self.stream_tokens(ids, max_tokens, tool_use=tool_use, **sampling)
         return stream_text(tokens, self.tokenizer, [stop] if isinstance(stop, str) else stop, self.last_stats)
 
     def chat(self, messages: list[dict], max_tokens: int = 128, tools: list[dict] | None = None,
@@ -133,8 +170,12 @@ class LanguageModel:
         return parse_envelope(text, kwargs.get("json_schema") is not None) if use.tools else AssistantTurn(text)
 
 
+DEFAULT_PROMPT_CACHE_MB = 256
+
+
 def load(model: str | Path | None = None, threads: int | None = None, backend: str = "native",
-         n_ctx: int | None = None, head: str | None = None, kv_cache: str = "f16", progress=None) -> LanguageModel:
+         n_ctx: int | None = None, head: str | None = None, kv_cache: str = "f16", progress=None,
+         prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB) -> LanguageModel:
     """Load a model directory (or HF repo id in the local cache; None: the shipped default model).
 
     threads: worker threads for the native backend (default: all cores).
@@ -144,14 +185,18 @@ def load(model: str | Path | None = None, threads: int | None = None, backend: s
           "float16", "bfloat16", "float32", or "int8" (per-row scales; half the bytes of float16).
     kv_cache: "f16" (default, half the memory) or "f32" keys and values (native backend; the
           reference keeps float32).
+    prompt_cache_mb: keys and values of computed tokens kept for later prompts that start with the
+          same tokens (a conversation's next turn), least recently used out first; 0 turns it off.
+          Each cached position of the model takes layers * 2 * kv_heads * head_dim * 2 bytes
+          (f16): 2B4T, about 77 KB, so 256 MB hold some 3,300 positions. Memory is taken as used.
     """
     path = resolve_model_path(model)
-    return load_checkpoint(open_checkpoint(path), threads, backend, n_ctx, head, kv_cache, progress)
+    return load_checkpoint(open_checkpoint(path), threads, backend, n_ctx, head, kv_cache, progress, prompt_cache_mb)
 
 
 def load_checkpoint(checkpoint: Checkpoint, threads: int | None = None, backend: str = "native",
                     n_ctx: int | None = None, head: str | None = None, kv_cache: str = "f16",
-                    progress=None) -> LanguageModel:
+                    progress=None, prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB) -> LanguageModel:
     """A LanguageModel from an open checkpoint (e.g. a synthetic one); the other arguments are load()'s."""
     path = Path(checkpoint.source)
     config = checkpoint.config
@@ -165,4 +210,7 @@ def load_checkpoint(checkpoint: Checkpoint, threads: int | None = None, backend:
         raise ValueError(f"n_ctx must be between 1 and the model's {limit} positions, got {n_ctx}")
     engine = build_engine(checkpoint, backend, threads, progress, head, kv_cache)
     stop_ids = checkpoint.stop_ids(tokenizer)
-    return LanguageModel(path, engine, tokenizer, stop_ids, n_ctx or limit, backend, checkpoint.generation_defaults())
+    if prompt_cache_mb < 0:
+        raise ValueError(f"prompt_cache_mb must be 0 (off) or positive, got {prompt_cache_mb}")
+    return LanguageModel(path, engine, tokenizer, stop_ids, n_ctx or limit, backend, prompt_cache_mb,
+                         checkpoint.generation_defaults())

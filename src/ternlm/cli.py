@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 from .errors import FormatError, HubError, MissingExtraError
@@ -36,9 +37,12 @@ SAMPLING_HELP = ("Unset sampling flags take the model's generation_config.json v
                  "order: repeat penalty, temperature, top-k, top-p, min-p.")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens_help: str | None = None) -> None:
     g = p.add_argument_group("sampling", SAMPLING_HELP)
-    g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    if max_tokens_help:
+        g.add_argument("-n", "--max-tokens", type=int, default=None, help=max_tokens_help)
+    else:
+        g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     _add_filter_args(g)
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: random)")
 
@@ -81,10 +85,12 @@ def _load(args):
                     kv_cache=args.kv_cache, progress=step)
 
 
-def _print_stats(model, args) -> None:
+def _print_stats(model, args, first_token_seconds: float | None = None) -> None:
     if args.verbose:
         s = model.last_stats
-        print(f"\nprompt: {s.prompt_tokens} tokens, {s.prompt_tokens_per_second:.1f} tokens/s | "
+        ttft = f"first token after {first_token_seconds:.2f} s | " if first_token_seconds is not None else ""
+        print(f"\n{ttft}prompt: {s.prompt_tokens} tokens ({s.cached_prompt_tokens} cached, "
+              f"{s.prompt_tokens - s.cached_prompt_tokens} new), {s.prompt_tokens_per_second:.1f} tokens/s | "
               f"generation: {s.generated_tokens} tokens, {s.generation_tokens_per_second:.1f} tokens/s | "
               f"threads: {model.threads} | finish: {s.finish_reason}", file=sys.stderr)
 
@@ -106,21 +112,36 @@ def _constraint(args) -> dict:
 def cmd_generate(args) -> int:
     constraint = _constraint(args)
     model = _load(args)
+    if args.prompt_cache:
+        from .prompt_file import load_prompt_file
+
+        if model.backend != "native":
+            raise ValueError("--prompt-cache needs the native backend")
+        problem = load_prompt_file(model, Path(args.prompt_cache), model.prompt_ids(args.prompt))
+        if problem:
+            print(f"ternlm: warning: prompt cache {args.prompt_cache}: {problem}; computing the prompt and "
+                  f"writing the file again", file=sys.stderr)
     for piece in model.stream(args.prompt, max_tokens=args.max_tokens, **constraint, **_sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.prompt_cache:
+        from .prompt_file import save_prompt_file
+
+        save_prompt_file(model, Path(args.prompt_cache), model.prompt_ids(args.prompt))
     _print_stats(model, args)
     return 0
 
 
 CHAT_HELP = "commands: /reset starts a new conversation, /exit quits; Ctrl-C stops the current answer"
+CHAT_ANSWER_SHARE = 4  # by default an answer takes at most a quarter of the context, leaving room for more turns
 
 
 def cmd_chat(args) -> int:
     model = _load(args)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     start = len(messages)
+    max_tokens = args.max_tokens if args.max_tokens is not None else min(256, model.n_ctx // CHAT_ANSWER_SHARE)
     print(f"ternlm chat with {model.path.name} — {CHAT_HELP}", file=sys.stderr)
     while True:
         try:
@@ -133,14 +154,24 @@ def cmd_chat(args) -> int:
             return 0
         if command == "/reset":
             del messages[start:]
+            model.reset_prompt_cache()
             print("(new conversation)", file=sys.stderr)
             continue
         if not command:
             continue
         messages.append({"role": "user", "content": line})
         answer = []
+        asked = time.perf_counter()
+        first_token_seconds = None
         try:
-            for piece in model.stream_chat(messages, max_tokens=args.max_tokens, **_sampling(args)):
+            _, dropped = model.fit_chat(messages, max_tokens)
+            if dropped:
+                del messages[start:start + dropped]
+                print(f"(the conversation outgrew the context of {model.n_ctx} tokens: its oldest {dropped} "
+                      f"messages are left out)", file=sys.stderr)
+            for piece in model.stream_chat(messages, max_tokens=max_tokens, **_sampling(args)):
+                if first_token_seconds is None:
+                    first_token_seconds = time.perf_counter() - asked
                 answer.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -152,7 +183,7 @@ def cmd_chat(args) -> int:
             continue
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(answer)})
-        _print_stats(model, args)
+        _print_stats(model, args, first_token_seconds)
 
 
 def cmd_info(args) -> int:
@@ -385,12 +416,20 @@ def cmd_list(args) -> int:
 
 
 def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0, "0 or a positive integer")
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 
@@ -424,7 +463,8 @@ def cmd_serve(args) -> int:
     options = ServerOptions(api_key=api_key, max_batch=args.max_batch, max_waiting=args.max_queue,
                             kv_budget_bytes=args.kv_memory * 2**20 if args.kv_memory else None,
                             prefill_chunk=args.prefill_chunk, cors_origins=args.cors_origin,
-                            request_timeout=args.request_timeout)
+                            request_timeout=args.request_timeout,
+                            prompt_cache_bytes=None if args.prompt_cache_mb is None else args.prompt_cache_mb * 2**20)
     if args.ray:
         return _serve_on_ray(args, options)
     if any(flag is not None for flag in (args.address, args.replicas, args.autoscale, args.threads_per_replica)):
@@ -479,11 +519,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid against this JSON schema")
     g.add_argument("--grammar", metavar="FILE", help="the output follows this Lark grammar (llguidance's syntax)")
     g.add_argument("--regex", metavar="RE", help="the whole output matches this regular expression")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="keep the prompt's keys and values in FILE; a later run whose prompt starts the same way "
+                        "loads them instead of computing them (a file that does not fit is recomputed and rewritten)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat", description=f"Chat with the model. {CHAT_HELP}.")
-    _add_model_args(p)
-    _add_sampling_args(p)
+    p = sub.add_parser("chat", help="interactive multi-turn chat",
+                       description=f"Chat with the model. {CHAT_HELP}. Each turn computes only its new tokens: the "
+                                   f"conversation so far is in the prompt cache. When the conversation outgrows the "
+                                   f"context, its oldest turns are left out (never the system message).")
+    _add_model_args(p, verbose_help="print the time to the first token, cached and new prompt tokens and speeds "
+                                    "to stderr")
+    _add_sampling_args(p, max_tokens_help="most tokens per answer (default: a quarter of the context, at most "
+                                          "256, so that the conversation can go on)")
     p.add_argument("--system", default=None, help="a system message to start every conversation with")
     p.set_defaults(func=cmd_chat)
 
@@ -517,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-memory", type=_positive_int, default=None, metavar="MB",
                    help="KV-cache budget of all sequences together, in MiB; a request waits until its cache fits "
                         "(default: --max-batch sequences of the full context)")
+    g.add_argument("--prompt-cache-mb", type=_non_negative_int, default=None, metavar="MB",
+                   help="of the KV budget, how much computed prompts may keep once their requests are done, for "
+                        "later requests that start the same way; requests running together share their common "
+                        "prefix whatever this is, and cached blocks give way to new requests (default: half of "
+                        "--kv-memory; 0: off)")
     g.add_argument("--prefill-chunk", type=_positive_int, default=64, metavar="N",
                    help="most prompt tokens processed per step, so a long prompt does not stall running streams "
                         "(default 64)")

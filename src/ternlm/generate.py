@@ -23,6 +23,7 @@ class ContextOverflowError(ValueError):
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, taken from the prompt cache rather than computed
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
@@ -37,9 +38,10 @@ class GenerationStats:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
 
-def prefill(engine, cache, prompt: list[int]) -> np.ndarray:
-    """Runs the whole prompt; returns the logits [vocab] of its last position."""
-    return engine.forward(cache, prompt, 0)[-1]
+def prefill(engine, cache, prompt: list[int], cached: int = 0) -> np.ndarray:
+    """Runs the prompt after its first `cached` tokens (already in the cache); returns the logits
+    [vocab] of its last position."""
+    return engine.forward(cache, prompt[cached:], cached)[-1]
 
 
 def decode_one_token(engine, cache, token: int, position: int) -> np.ndarray:
@@ -65,6 +67,7 @@ class GenerationState:
         self.rng = np.random.default_rng(params.seed)
         self.n_positions = min(n_ctx, len(prompt) + max(max_tokens, 1))  # the KV cache this generation needs
         self.generated = 0
+        self.ended_on_stop_id = False  # the last token sampled was a stop id (and so never joined the history)
         self.finish_reason = "" if max_tokens > 0 else "length"  # "stop" (a stop token) or "length" once finished
 
     @property
@@ -85,7 +88,7 @@ class GenerationState:
         """Takes the sampled token: returns it, or None for a stop token. Raises
         constraints.ConstraintFailed if the constraint's grammar fails."""
         if token in self.stop_ids:
-            self.finish_reason = "stop"
+            self.finish_reason, self.ended_on_stop_id = "stop", True
             return None
         if self.constraint is not None:
             self.constraint.advance(token)
@@ -115,16 +118,35 @@ def draw_tokens(states: list[GenerationState], masked_logits: np.ndarray) -> lis
 
 
 def generate_tokens(engine, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: set[int],
-                    n_ctx: int, stats: GenerationStats | None = None,
-                    constraint: TokenConstraint | None = None) -> Iterator[int]:
+                    n_ctx: int, stats: GenerationStats | None = None, constraint: TokenConstraint | None = None,
+                    prompt_cache=None) -> Iterator[int]:
     """Yields generated token ids; stops on a stop id (not yielded), max_tokens, the context end or
-    the end of the constraint's grammar."""
+    the end of the constraint's grammar. With a prompt_cache (prompt_cache.py), the longest cached
+    prefix of the prompt is not computed again, and the tokens computed are kept there for later prompts."""
     stats = stats if stats is not None else GenerationStats()
     state = GenerationState(prompt, max_tokens, params, stop_ids, n_ctx, constraint)
-    cache = engine.new_cache(state.n_positions)
     start = time.perf_counter()
-    logits = prefill(engine, cache, prompt)
+    if prompt_cache is None:
+        cache, cached = engine.new_cache(state.n_positions), 0
+    else:
+        cache, cached = prompt_cache.start(prompt, state.n_positions)
+    logits = prefill(engine, cache, prompt, cached)
     stats.prompt_tokens, stats.prompt_seconds = len(prompt), time.perf_counter() - start
+    stats.cached_prompt_tokens = cached
+    try:
+        yield from _decode(engine, cache, state, logits, stats)
+    finally:  # also when the consumer stops early: what was computed is kept
+        if prompt_cache is not None:
+            prompt_cache.keep(state.history[:positions_computed(state)], cache)
+
+
+def positions_computed(state: GenerationState) -> int:
+    """How many tokens of the history have their keys and values in the cache: all but the last
+    sampled, which never ran, unless a stop token (not in the history) came after it."""
+    return len(state.history) - int(state.generated > 0 and not state.ended_on_stop_id)
+
+
+def _decode(engine, cache, state: GenerationState, logits: np.ndarray, stats: GenerationStats) -> Iterator[int]:
     stats.finish_reason = "length"
     start = time.perf_counter()
     while not state.finished:

@@ -1,7 +1,7 @@
 """Engines: a checkpoint turned into something that maps token ids to logits.
 
 Both engines expose the same calls, used by generation and by the server's batches:
-    cache = engine.new_cache(n_ctx)
+    cache = engine.new_cache(n_ctx)          # or engine.new_cache(n_ctx, pool) to share blocks
     logits = engine.forward(cache, tokens, start_pos, all_logits)   # float32 [T or 1, vocab]
     logits = engine.forward_batch([(cache, tokens, start_pos), ...])  # [sequences, vocab]
 `native` runs the C++ core; `reference` runs reference.py (NumPy).
@@ -134,8 +134,15 @@ class NativeEngine:
     def head_bytes(self) -> int:
         return self._model.head_bytes
 
-    def new_cache(self, n_ctx: int):
-        return _core.KVCache(self.shape, n_ctx, self.kv_cache == "f16")
+    def new_block_pool(self, blocks: int) -> _core.KVBlockPool:
+        """Blocks of KV_BLOCK positions that caches made with it share (see csrc/kv_cache.h)."""
+        return _core.KVBlockPool(self.shape, blocks, self.kv_cache == "f16")
+
+    def new_cache(self, n_ctx: int, pool: _core.KVBlockPool | None = None):
+        """A sequence's KV cache: in `pool`, or with a pool of its own just large enough for n_ctx."""
+        if pool is None:
+            return _core.KVCache(self.shape, n_ctx, self.kv_cache == "f16")
+        return _core.KVCache(pool, n_ctx)
 
     def forward(self, cache, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)

@@ -61,29 +61,132 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: int) -> np.ndarray:
-    """Causal GQA. q: [T, heads, hd]; keys/values: [start_pos + T, kv_heads, hd]."""
+    """Causal GQA. q: [T, heads, hd]; keys/values: [start_pos + T, kv_heads, hd]. Each query row is
+    computed over exactly the positions it sees, so its result does not depend on how the sequence
+    was split into calls (a cached prefix gives the logits of recomputing it, bit for bit)."""
     T, heads, hd = q.shape
     group = heads // keys.shape[1]
-    k = np.repeat(keys, group, axis=1)  # [S, heads, hd]
-    v = np.repeat(values, group, axis=1)
-    scores = np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd))  # [heads, T, S]
-    S = keys.shape[0]
-    visible = np.arange(S)[None, :] <= (start_pos + np.arange(T))[:, None]  # [T, S]
-    scores = np.where(visible[None], scores, -np.inf)
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs = scores / scores.sum(axis=-1, keepdims=True)
-    return np.einsum("hts,shd->thd", probs, v).reshape(T, heads * hd).astype(np.float32)
+    out = np.empty((T, heads * hd), np.float32)
+    for t in range(T):
+        seen = start_pos + t + 1
+        k = np.repeat(keys[:seen], group, axis=1)  # [seen, heads, hd]
+        v = np.repeat(values[:seen], group, axis=1)
+        scores = np.einsum("hd,shd->hs", q[t], k) / np.float32(np.sqrt(hd))
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs = scores / scores.sum(axis=-1, keepdims=True)
+        out[t] = np.einsum("hs,shd->hd", probs, v).reshape(heads * hd)
+    return out
+
+
+KV_BLOCK = 16  # positions per block, as the native core's
+
+
+class ReferenceBlockPool:
+    """The native KVBlockPool in NumPy: float32 keys and values in reference-counted blocks of
+    KV_BLOCK positions, [block, layer, position in block, kv_heads, head_dim]."""
+
+    def __init__(self, config: BitNetConfig, blocks: int):
+        if blocks <= 0:
+            raise ValueError("a KV block pool needs at least one block")
+        shape = (blocks, config.num_hidden_layers, KV_BLOCK, config.num_key_value_heads, config.head_dim)
+        self.keys, self.values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.block_bytes = 2 * self.keys[0].nbytes
+        self.capacity = blocks
+        self.f16 = False
+        self._references = [0] * blocks
+        self._free = list(range(blocks - 1, -1, -1))
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError(f"the KV cache is full (all {self.capacity} blocks in use)")
+        block = self._free.pop()
+        self._references[block] = 1
+        return block
+
+    def retain(self, block: int) -> None:
+        if self._references[block] == 0:
+            raise ValueError(f"KV block {block} is free")
+        self._references[block] += 1
+
+    def release(self, block: int) -> None:
+        if self._references[block] == 0:
+            raise ValueError(f"KV block {block} is already free")
+        self._references[block] -= 1
+        if self._references[block] == 0:
+            self._free.append(block)
+
+    def references(self, block: int) -> int:
+        return self._references[block]
 
 
 class ReferenceCache:
-    """Keys and values per layer, each [positions, kv_heads, head_dim]."""
+    """One sequence's table of blocks in a ReferenceBlockPool (the native KVCache's twin)."""
 
-    def __init__(self, config: BitNetConfig, n_ctx: int):
+    def __init__(self, config: BitNetConfig, n_ctx: int, pool: ReferenceBlockPool | None = None):
+        if n_ctx <= 0:
+            raise ValueError("context length must be positive")
         self.n_ctx = n_ctx
-        self.keys = [None] * config.num_hidden_layers
-        self.values = [None] * config.num_hidden_layers
-        # what the float32 keys and values take once the context is full (the native cache's nbytes)
-        self.nbytes = 2 * config.num_hidden_layers * n_ctx * config.num_key_value_heads * config.head_dim * 4
+        self.pool = pool or ReferenceBlockPool(config, _blocks_for(n_ctx))
+        self.blocks: list[int] = []
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks the sequence holds."""
+        return len(self.blocks) * self.pool.block_bytes
+
+    def __del__(self):
+        for block in getattr(self, "blocks", ()):
+            self.pool.release(block)
+
+    def assign(self, blocks: list[int]) -> None:
+        if len(blocks) > _blocks_for(self.n_ctx):
+            raise ValueError(f"more KV blocks than the context of {self.n_ctx} needs")
+        for block in blocks:
+            self.pool.retain(block)
+        for block in self.blocks:
+            self.pool.release(block)
+        self.blocks = list(blocks)
+
+    def truncate(self, positions: int) -> None:
+        while len(self.blocks) > _blocks_for(positions):
+            self.pool.release(self.blocks.pop())
+
+    def share_prefix(self, other: ReferenceCache, positions: int) -> None:
+        if other.pool is not self.pool:
+            raise ValueError("only caches of one block pool can share blocks")
+        self.assign(other.blocks[:_blocks_for(positions)])
+
+    def prepare(self, start: int, end: int) -> None:
+        """Blocks up to `end`; a block written into that others also hold is copied first."""
+        for b in range(start // KV_BLOCK, min(len(self.blocks), _blocks_for(end))):
+            if self.pool.references(self.blocks[b]) > 1:
+                own = self.pool.allocate()
+                self.pool.keys[own], self.pool.values[own] = self.pool.keys[self.blocks[b]], self.pool.values[self.blocks[b]]
+                self.pool.release(self.blocks[b])
+                self.blocks[b] = own
+        while len(self.blocks) < _blocks_for(end):
+            self.blocks.append(self.pool.allocate())
+
+    def store(self, layer: int, start: int, keys: np.ndarray, values: np.ndarray) -> None:
+        for i in range(len(keys)):
+            block, row = divmod(start + i, KV_BLOCK)
+            self.pool.keys[self.blocks[block], layer, row] = keys[i]
+            self.pool.values[self.blocks[block], layer, row] = values[i]
+
+    def read(self, layer: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values [positions, kv_heads, head_dim] of one layer."""
+        table = self.blocks[:_blocks_for(positions)]
+        width = self.pool.keys.shape[3:]
+        return (self.pool.keys[table, layer].reshape(-1, *width)[:positions],
+                self.pool.values[table, layer].reshape(-1, *width)[:positions])
+
+
+def _blocks_for(positions: int) -> int:
+    return -(-positions // KV_BLOCK)
 
 
 class ReferenceModel:
@@ -108,8 +211,11 @@ class ReferenceModel:
             if progress:
                 progress(i + 1, c.num_hidden_layers)
 
-    def new_cache(self, n_ctx: int) -> ReferenceCache:
-        return ReferenceCache(self.config, n_ctx)
+    def new_block_pool(self, blocks: int) -> ReferenceBlockPool:
+        return ReferenceBlockPool(self.config, blocks)
+
+    def new_cache(self, n_ctx: int, pool: ReferenceBlockPool | None = None) -> ReferenceCache:
+        return ReferenceCache(self.config, n_ctx, pool)
 
     def forward_batch(self, segments, logits_for=None) -> np.ndarray:
         """Each (cache, tokens, start_pos) on its own: the oracle for the native batched step."""
@@ -124,6 +230,7 @@ class ReferenceModel:
         T = len(tokens)
         if start_pos + T > cache.n_ctx:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the context of {cache.n_ctx}")
+        cache.prepare(start_pos, start_pos + T)
         positions = np.arange(start_pos, start_pos + T)
         act = relu2 if c.hidden_act == "relu2" else silu
         eps = c.rms_norm_eps
@@ -134,12 +241,8 @@ class ReferenceModel:
             k = bit_linear(h, *layer["k_proj"]).reshape(T, c.num_key_value_heads, c.head_dim)
             v = bit_linear(h, *layer["v_proj"]).reshape(T, c.num_key_value_heads, c.head_dim)
             q, k = rope(q, positions, self.inv_freq), rope(k, positions, self.inv_freq)
-            if start_pos == 0:
-                cache.keys[i], cache.values[i] = k, v
-            else:
-                cache.keys[i] = np.concatenate([cache.keys[i][:start_pos], k])
-                cache.values[i] = np.concatenate([cache.values[i][:start_pos], v])
-            a = attention(q, cache.keys[i], cache.values[i], start_pos)  # [T, heads * head_dim]
+            cache.store(i, start_pos, k, v)
+            a = attention(q, *cache.read(i, start_pos + T), start_pos)  # [T, heads * head_dim]
             if c.has_sub_norms:
                 a = rms_norm(a, layer["attn_sub_norm"], eps)
             x = x + bit_linear(a, *layer["o_proj"])

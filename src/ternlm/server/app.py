@@ -37,7 +37,8 @@ from .scheduler import KVBudgetExceeded, Overloaded, Scheduler, Sequence, TokenL
 from .schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                       ChatCompletionRequest, ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs,
                       CompletionRequest, DeltaMessage, ErrorDetail, ErrorResponse, Health, ModelCard, ModelList,
-                      SamplingRequest, TokenLogprob as TokenLogprobSchema, ToolCallDelta, TopLogprob, Usage)
+                      PromptTokensDetails, SamplingRequest, TokenLogprob as TokenLogprobSchema, ToolCallDelta,
+                      TopLogprob, Usage)
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20  # a full 4096-token context is about 20 kB of text
@@ -55,6 +56,7 @@ class ServerOptions:
     prefill_chunk: int = 64           # prompt tokens per step
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
     request_timeout: float | None = None  # seconds from arrival: then it ends (running) or is refused (waiting)
+    prompt_cache_bytes: int | None = None  # computed prompts kept for later requests (default: half the KV budget; 0 off)
 
 
 # ---- errors ----
@@ -204,7 +206,8 @@ async def require_api_key(request: Request,
 
 def _usage(sequence: Sequence) -> Usage:
     return Usage(prompt_tokens=sequence.prompt_tokens, completion_tokens=sequence.completion_tokens,
-                 total_tokens=sequence.prompt_tokens + sequence.completion_tokens)
+                 total_tokens=sequence.prompt_tokens + sequence.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sequence.cached_tokens))
 
 
 class Reply:
@@ -511,7 +514,7 @@ def create_app(model: LanguageModel, model_id: str, options: ServerOptions | Non
     options = options or ServerOptions()
     metrics = ServerMetrics()
     scheduler = Scheduler(model, options.max_batch, options.max_waiting, options.kv_budget_bytes,
-                          options.prefill_chunk, metrics, options.request_timeout)
+                          options.prefill_chunk, metrics, options.request_timeout, options.prompt_cache_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

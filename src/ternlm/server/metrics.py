@@ -7,6 +7,7 @@ import time
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -61,10 +62,12 @@ class ServerMetrics:
             lambda: len(scheduler.waiting))
         Gauge("ternlm_active_sequences", "Sequences in the running batch", registry=r).set_function(
             lambda: len(scheduler.running))
-        Gauge("ternlm_kv_cache_bytes", "KV-cache bytes held by running sequences", registry=r).set_function(
-            lambda: scheduler.kv_bytes_in_use)
+        Gauge("ternlm_kv_cache_bytes", "KV-cache bytes held by running sequences (a block several share counted "
+              "once)", registry=r).set_function(lambda: scheduler.kv_bytes_in_use)
         Gauge("ternlm_kv_cache_budget_bytes", "KV-cache budget of all sequences together", registry=r).set_function(
             lambda: scheduler.kv_budget)
+        if scheduler.prompt_cache is not None:
+            r.register(_PromptCacheCollector(scheduler.prompt_cache))
 
     def step(self, sequences: int, prompt_tokens: int, generated_tokens: int) -> None:
         self.batch_size.observe(sequences)
@@ -74,3 +77,21 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PromptCacheCollector:
+    """The prompt cache's own counts (prompt_cache.py), read at each scrape."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def collect(self):
+        stats = self.cache.stats
+        yield CounterMetricFamily("ternlm_prompt_cache_hits", "Requests that started from cached prompt blocks",
+                                  value=stats.hits)
+        yield CounterMetricFamily("ternlm_prompt_cache_cached_tokens", "Prompt tokens taken from the prompt cache "
+                                  "rather than computed", value=stats.cached_tokens)
+        yield CounterMetricFamily("ternlm_prompt_cache_evictions", "Cached blocks dropped to make room",
+                                  value=stats.evictions)
+        yield GaugeMetricFamily("ternlm_prompt_cache_bytes", "KV-cache bytes the prompt cache holds (running "
+                                "sequences may share them)", value=self.cache.nbytes)

@@ -5,9 +5,13 @@ Requests join between steps and finished ones leave. A new prompt is prefilled i
 the running sequences' next tokens, so a long prompt never stalls the streams already generating.
 All of a step's tokens go through the engine's batched forward (the GEMM path) together.
 
-Each sequence owns a KV cache sized for its prompt plus max_tokens, allocated when it joins and freed
-when it leaves. The caches together stay within a byte budget: a request that does not fit yet waits
-(first come, first served); one that could never fit is refused when submitted.
+The KV caches of all sequences are blocks of one pool (csrc/kv_cache.h), the byte budget: a sequence
+reserves the blocks for its prompt plus max_tokens when it joins and frees them when it leaves. A
+request that does not fit yet waits (first come, first served); one that could never fit is refused
+when submitted. With the prompt cache (prompt_cache.py), a sequence starts from the blocks of the
+longest computed prefix of its prompt, whether another sequence is still running with it or has
+finished, so sequences with a common prefix hold one copy of it (counted once in the budget); the
+cache's own blocks are evicted, least recently used first, when a new sequence needs room.
 
 The scheduler runs in its own thread (the native engine releases the GIL while it computes); each
 sequence hands its updates to the asyncio loop of the request that submitted it.
@@ -26,7 +30,8 @@ import numpy as np
 
 from ..api import LanguageModel
 from ..constraints import ConstraintFailed, TokenConstraint
-from ..generate import GenerationState, TextStream, draw_tokens
+from ..generate import GenerationState, TextStream, draw_tokens, positions_computed
+from ..prompt_cache import PromptCache, blocks_for
 from ..sampling import SamplingParams, token_logprobs
 from .metrics import ServerMetrics
 
@@ -74,6 +79,7 @@ class Sequence:
         self.top_logprobs = top_logprobs  # None: no log probabilities
         self.cache = None                 # given when the sequence joins the batch
         self.prefilled = 0                # prompt tokens already in the cache
+        self.cached_tokens = 0            # of those, how many came from the prompt cache
         self.cancelled = False
         self.submitted_at = time.perf_counter()
         self.sampled_once = False
@@ -119,10 +125,12 @@ class _Segment:
 class Scheduler:
     def __init__(self, model: LanguageModel, max_batch: int = 8, max_waiting: int = 64,
                  kv_budget_bytes: int | None = None, prefill_chunk: int = 64, metrics: ServerMetrics | None = None,
-                 request_timeout: float | None = None):
+                 request_timeout: float | None = None, prompt_cache_bytes: int | None = None):
         """kv_budget_bytes: all KV caches together (default: max_batch sequences of the full context).
         request_timeout: seconds a request may take from its arrival; then a running one ends as if
-        it had reached max_tokens, and a waiting one is refused (default: no limit but max_tokens)."""
+        it had reached max_tokens, and a waiting one is refused (default: no limit but max_tokens).
+        prompt_cache_bytes: the most the prompt cache keeps of the budget once its sequences have left
+        (default: half the budget; 0: no prompt cache)."""
         if min(max_batch, max_waiting, prefill_chunk) < 1:
             raise ValueError("max_batch, max_waiting and prefill_chunk must be at least 1")
         if request_timeout is not None and not request_timeout > 0:
@@ -130,14 +138,18 @@ class Scheduler:
         self.model = model
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.request_timeout = request_timeout
-        self.bytes_per_position = model.engine.new_cache(1).nbytes
-        self.kv_budget = kv_budget_bytes or max_batch * model.n_ctx * self.bytes_per_position
+        pool = model.engine.new_block_pool(1)
+        self.block_bytes = pool.block_bytes
+        self.kv_budget = kv_budget_bytes or max_batch * blocks_for(model.n_ctx) * self.block_bytes
+        self.pool = model.engine.new_block_pool(max(1, self.kv_budget // self.block_bytes))
+        cache_bytes = self.kv_budget // 2 if prompt_cache_bytes is None else prompt_cache_bytes
+        self.prompt_cache = PromptCache(model.engine, self.pool, cache_bytes // self.block_bytes) \
+            if cache_bytes > 0 else None
         self.metrics = metrics or ServerMetrics()
         self.metrics.watch(self)
         # read anywhere; changed by the scheduler thread only, except `waiting`, which submit() appends to
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.kv_bytes_in_use = 0
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ternlm-scheduler", daemon=True)
@@ -160,8 +172,10 @@ class Scheduler:
         with self._wakeup:
             if self._stopping:
                 raise Unavailable("the server is shutting down")
-            if len(self.waiting) >= self.max_waiting:
-                raise Overloaded(f"{len(self.waiting)} requests are already waiting; try again later")
+            # those the scheduler will let in at its next step, to free slots, are not waiting
+            really_waiting = len(self.waiting) - max(0, self.max_batch - len(self.running))
+            if really_waiting >= self.max_waiting:
+                raise Overloaded(f"{really_waiting} requests are already waiting; try again later")
             self.waiting.append(sequence)
             self._wakeup.notify()
         return sequence
@@ -183,7 +197,12 @@ class Scheduler:
     # ---- the scheduler thread ----
 
     def _cache_bytes(self, positions: int) -> int:
-        return positions * self.bytes_per_position
+        return blocks_for(positions) * self.block_bytes
+
+    @property
+    def kv_bytes_in_use(self) -> int:
+        """Bytes of the blocks running sequences hold, a block shared by several counted once."""
+        return len({b for s in list(self.running) if s.cache is not None for b in s.cache.blocks}) * self.block_bytes
 
     def _run(self) -> None:
         try:
@@ -203,29 +222,25 @@ class Scheduler:
                     return
                 self._drop_cancelled()
                 self._drop_expired()
-                joining = self._admit()
-            for sequence in joining:  # allocating outside the lock: submit() is never kept waiting
-                try:
-                    sequence.cache = self.model.engine.new_cache(sequence.state.n_positions)
-                except MemoryError:
-                    sequence.send(Update(error="out of memory for the KV cache; lower --kv-memory"))
-                    self._leave(sequence, "error")
+                self._admit()
             if self.running:
                 self._step()
 
-    def _admit(self) -> list[Sequence]:
-        """Moves waiting sequences into the batch while there are free slots and KV-cache budget."""
-        joining = []
+    def _admit(self) -> None:
+        """Moves waiting sequences into the batch while there are free slots and KV-cache blocks."""
         while self.waiting and len(self.running) < self.max_batch:
             sequence = self.waiting[0]
-            needed = self._cache_bytes(sequence.state.n_positions)
-            if self.kv_bytes_in_use + needed > self.kv_budget:
+            n_positions = sequence.state.n_positions
+            cache = self.model.engine.new_cache(n_positions, self.pool)
+            held = self.prompt_cache.share(cache, sequence.prompt) if self.prompt_cache else 0
+            needed = blocks_for(n_positions) - len(cache.blocks)
+            room = self.prompt_cache.make_room(needed) if self.prompt_cache else self.pool.free_blocks >= needed
+            if not room:
                 break  # it waits for running sequences to finish, and so does everyone behind it
+            cache.prepare(held, n_positions)  # its blocks, reserved now: the sequence never runs out
+            sequence.cache, sequence.prefilled, sequence.cached_tokens = cache, held, held
             self.waiting.popleft()
-            self.kv_bytes_in_use += needed
             self.running.append(sequence)
-            joining.append(sequence)
-        return joining
 
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self.waiting if s.cancelled]:
@@ -250,8 +265,11 @@ class Scheduler:
 
     def _leave(self, sequence: Sequence, outcome: str) -> None:
         self.running.remove(sequence)
-        sequence.cache = None  # frees the KV cache
-        self.kv_bytes_in_use -= self._cache_bytes(sequence.state.n_positions)
+        if self.prompt_cache and outcome != "error":  # after an error, a step may have written half a block
+            computed = positions_computed(sequence.state) if sequence.prefilled == len(sequence.prompt) \
+                else sequence.prefilled
+            self.prompt_cache.keep(sequence.state.history[:computed], sequence.cache)
+        sequence.cache = None  # frees the blocks nobody else holds
         self.metrics.requests.labels(outcome).inc()
 
     def _plan(self) -> list[_Segment]:
@@ -262,6 +280,11 @@ class Scheduler:
                 history = sequence.state.history
                 segments.append(_Segment(sequence, history[-1:], len(history) - 1))
             elif prefill_budget > 0:
+                if self.prompt_cache:  # another sequence may have computed more of this prompt since
+                    held = self.prompt_cache.share(sequence.cache, sequence.prompt, sequence.prefilled)
+                    sequence.cached_tokens += held - sequence.prefilled
+                    sequence.prefilled = held
+                    remaining = len(sequence.prompt) - held
                 n = min(remaining, prefill_budget)
                 prefill_budget -= n
                 start = sequence.prefilled
@@ -278,7 +301,10 @@ class Scheduler:
                                                      logits_for=ends)
             for segment in segments:
                 if segment.prefill:
-                    segment.sequence.prefilled += len(segment.tokens)
+                    sequence = segment.sequence
+                    sequence.prefilled += len(segment.tokens)
+                    if self.prompt_cache:  # whole, computed blocks only: others may start from them
+                        self.prompt_cache.keep(sequence.prompt[:sequence.prefilled], sequence.cache)
             drawing, rows = [], []
             for sequence, row in zip([s.sequence for s, samples in zip(segments, ends) if samples], logits):
                 try:
