@@ -169,7 +169,7 @@ def test_nothing_is_unpickled():
 def test_core_refuses_shapes_and_contexts_that_would_overflow_its_buffers():
     from ternlm import _core
     from ternlm.config import BitNetConfig
-    from ternlm.model import model_shape
+    from ternlm.engines import model_shape
 
     shape = model_shape(BitNetConfig(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=1))

@@ -14,7 +14,7 @@ from .constraints import GrammarError, Grammars, TokenConstraint, grammar_text, 
 from .errors import FormatError
 from .generate import ContextOverflowError, GenerationStats, generate_tokens, stream_text
 from .hub import resolve_model_path
-from .model import build_engine
+from .engines import build_engine
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer

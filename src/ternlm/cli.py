@@ -9,7 +9,7 @@ import sys
 from .commands import (CHAT_HELP, DEFAULT_PERPLEXITY_CTX, cmd_bench, cmd_chat, cmd_convert, cmd_eval, cmd_generate,
                        cmd_info, cmd_list, cmd_perplexity, cmd_pull, cmd_serve)
 from .errors import FormatError, HubError, MissingExtraError
-from .model import HEADS, KV_CACHES
+from .engines import HEADS, KV_CACHES
 
 
 MODEL_HELP = "model: an HF directory, a GGUF file, or an HF repo id already downloaded (default: the model shipped with ternlm)"

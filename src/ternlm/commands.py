@@ -210,7 +210,7 @@ def _check_plotting(args) -> None:
 def cmd_bench(args) -> int:
     from . import bench
     from .hub import resolve_model_path
-    from .model import HEAD_DTYPES, NativeEngine
+    from .engines import HEAD_DTYPES, NativeEngine
     from .sampling import SamplingParams
     from .weights import open_checkpoint
     from .weights.synthetic import SyntheticCheckpoint
