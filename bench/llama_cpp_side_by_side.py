@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-HEAD_MATCH = {"q8_0": "int8", "f16": "float16"}
+HEAD_MATCH = {"q8_0": "int8", "f16": "f16"}
 
 
 def write_synthetic_hf(directory: Path) -> None:
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("-n", "--n-gen", type=int, default=64)
     parser.add_argument("-r", "--repetitions", type=int, default=7)
     parser.add_argument("--head", choices=sorted(HEAD_MATCH), default="q8_0", help="llama.cpp's head type")
-    parser.add_argument("--also-head", default="q4", choices=("q4", "int8", "float16", "none"),
+    parser.add_argument("--also-head", default="q4", choices=("q4", "int8", "f16", "none"),
                         help="one more ternlm head format to run alone, e.g. the 4-bit head for its peak RSS "
                              "(default q4; none skips it)")
     parser.add_argument("--no-repack", action="store_true",

@@ -15,7 +15,7 @@ def test_bench_json_on_a_synthetic_model():
     assert [(r["test"], r["threads"]) for r in rows] == [("pp8", 1), ("pp16", 1), ("tg4", 1),
                                                          ("pp8", 2), ("pp16", 2), ("tg4", 2)]
     for r in rows:
-        assert r["head"] == "float16" and r["t_s_median"] > 0 and r["t_s_min"] <= r["t_s_median"] <= r["t_s_max"]
+        assert r["head"] == "f16" and r["t_s_median"] > 0 and r["t_s_min"] <= r["t_s_median"] <= r["t_s_max"]
         assert r["peak_rss_mb"] > 0
         assert (r["gb_s"] is not None) == r["test"].startswith("tg")
         if r["gb_s"] is not None:
@@ -24,9 +24,9 @@ def test_bench_json_on_a_synthetic_model():
 
 def test_bench_markdown_and_bad_arguments():
     ok = subprocess.run([sys.executable, "-m", "ternlm.cli", "bench", "--synthetic", "tiny", "-p", "4", "-n", "2",
-                         "-r", "1", "--head", "bfloat16"], capture_output=True, text=True, timeout=300)
+                         "-r", "1", "--head", "bf16"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
-    assert "| pp4 |" in ok.stdout and "bfloat16" in ok.stdout and "GB/s" in ok.stdout
+    assert "| pp4 |" in ok.stdout and "bf16" in ok.stdout and "GB/s" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "ternlm.cli", "bench", "--synthetic", "tiny", "-t", "x"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "comma-separated" in bad.stderr

@@ -124,7 +124,7 @@ def test_int8_head_is_close_to_the_float_head(tmp_path, tiny_tokenizer_json):
     """The int8 head (per-row scales, int8 final hidden state) against a NumPy oracle built from the
     float head's inputs, and close to the exact head."""
     directory = write_checkpoint(random_bitnet(seed=9, vocab_size=320), tmp_path, tiny_tokenizer_json)
-    exact = ternlm.load(directory, head="float32", kv_cache="f32").logits(PROMPT)
+    exact = ternlm.load(directory, head="f32", kv_cache="f32").logits(PROMPT)
     int8 = ternlm.load(directory, head="int8", kv_cache="f32").logits(PROMPT)
     assert int8.shape == exact.shape
     rel = np.abs(int8 - exact).max(axis=1) / np.ptp(exact, axis=1)
@@ -191,7 +191,7 @@ def test_f16_kv_cache_is_close_to_f32(tmp_path, tiny_tokenizer_json):
 
 def test_q4_head_is_close_to_the_float_head(tmp_path, tiny_tokenizer_json):
     directory = write_checkpoint(random_bitnet(seed=12, vocab_size=320), tmp_path, tiny_tokenizer_json)
-    exact = ternlm.load(directory, head="float32", kv_cache="f32")
+    exact = ternlm.load(directory, head="f32", kv_cache="f32")
     q4 = ternlm.load(directory, head="q4", kv_cache="f32")
     assert q4.engine.head_bytes * 3 < exact.engine.head_bytes  # 4 bits + a float per 32 against 32 bits
     a, b = exact.logits(PROMPT), q4.logits(PROMPT)

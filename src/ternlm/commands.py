@@ -230,7 +230,7 @@ def cmd_bench(args) -> int:
             name = args.model
         else:
             shape = args.synthetic or "2b4t"
-            checkpoint = SyntheticCheckpoint(shape, args.head if args.head in HEAD_DTYPES else "float16")
+            checkpoint = SyntheticCheckpoint(shape, HEAD_DTYPES.get(args.head, "float16"))
             name = f"synthetic {shape}"
         engine = NativeEngine(checkpoint, max(args.threads), head=args.head)
     generation_runs = sum(1 for n in args.n_gen if n) * (2 if sampling else 1)

@@ -37,15 +37,16 @@ def model_shape(config: BitNetConfig) -> _core.ModelShape:
     return shape
 
 
-HEAD_DTYPES = ("float16", "bfloat16", "float32")
-HEADS = HEAD_DTYPES + ("int8", "q4")
+# head formats, spelt as in GGUF and `ternlm convert --head`: the float ones by the storage they convert to
+HEAD_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+HEADS = (*HEAD_DTYPES, "int8", "q4")
 KV_CACHES = ("f16", "f32")
 HEAD_CHUNK_ROWS = 2048  # 10 MB of a 2B4T f16 embedding resident at a time while quantizing: a lower peak RSS
 
 
 class NativeEngine:
     """head: the output matrix's format. None keeps the checkpoint's own storage, memory-mapped;
-    float16/bfloat16/float32 convert it (and a tied embedding); int8 quantizes each row with its
+    f16/bf16/f32 convert it (and a tied embedding); int8 quantizes each row with its
     own scale, q4 each group of 32 weights to 4 bits (as llama.cpp's Q4_0), and both multiply an
     int8-quantized final hidden state against it.
     kv_cache: "f16" (half the memory) or "f32" keys and values."""
@@ -57,7 +58,7 @@ class NativeEngine:
         if kv_cache not in KV_CACHES:
             raise ValueError(f"unknown KV cache type {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
         self.kv_cache = kv_cache
-        head_dtype = head if head in HEAD_DTYPES else None
+        head_dtype = HEAD_DTYPES.get(head)
         config = self.config = checkpoint.config
         self.shape = model_shape(config)
         self._model = _core.Model(self.shape, threads or default_threads(config))
@@ -108,14 +109,14 @@ class NativeEngine:
             raise FormatError(checkpoint.source, f"tensor {name!r} has shape {list(tensor.array.shape)}, "
                                                  f"expected {list(expected)}")
         dtype = dtype or ("float32" if tensor.dtype == "float64" else tensor.dtype)
-        if dtype not in HEAD_DTYPES:
-            raise ValueError(f"unknown head dtype {dtype!r}; choose one of {', '.join(HEAD_DTYPES)}")
+        if dtype not in HEAD_DTYPES.values():
+            raise ValueError(f"unknown head dtype {dtype!r}; choose one of {', '.join(HEAD_DTYPES.values())}")
         if dtype != tensor.dtype:
             tensor = convert_dense(tensor, dtype)
         # The core reads it in place (a memory-mapped file stays mapped); it needs aligned rows.
         array = np.require(tensor.array, requirements=["C", "A"])
         setter(array, dtype, array)
-        return dtype
+        return next(name for name, storage in HEAD_DTYPES.items() if storage == dtype)
 
     @property
     def threads(self) -> int:
