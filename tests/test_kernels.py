@@ -9,9 +9,12 @@ from ternlm import _core, reference
 from ternlm.weights.packing import pack_ternary_hf, quantize_ternary, unpack_ternary_hf
 
 SHAPES = [(1, 1, 1), (3, 5, 7), (4, 128, 8), (2, 129, 33), (7, 300, 65), (16, 256, 128), (5, 1000, 17),
-          (1, 2560, 13), (1, 6912, 9), (3, 2200, 6)]
+          (1, 2560, 13), (1, 6912, 9), (3, 2200, 6),
+          (8, 384, 8), (9, 256, 31), (15, 130, 32), (17, 2560, 41), (2, 6912, 16)]
 # (tokens, cols, rows); one token takes a separate path (groups of rows), and more than 16 blocks
-# per row exercise the AVX2 kernel's int16 -> int32 widening.
+# per row exercise the AVX2 kernel's int16 -> int32 widening. The last five: token counts at and
+# around the AVX-512 tile's 8 tokens, row counts at and around its 8 rows and 32-row chunks (the
+# rows past the last whole tile take another kernel).
 
 
 def random_ternary(rng, rows, cols):
@@ -32,14 +35,16 @@ def test_ternary_matmul_is_exact(kernel, tokens, cols, rows):
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
-@pytest.mark.parametrize("tokens", [1, 2])
-@pytest.mark.parametrize("value", [-128, 127])
-def test_extreme_activations_do_not_overflow(kernel, tokens, value):
-    """Extreme activations against all +1 over 6912 columns (the 2B4T FFN width) are exact."""
-    ternary = np.ones((5, 6912), dtype=np.int8)
+@pytest.mark.parametrize("tokens", [1, 2, 8, 9])
+@pytest.mark.parametrize("value", [-128, -127, 127])
+@pytest.mark.parametrize("weight", [-1, 1])
+def test_extreme_activations_do_not_overflow(kernel, tokens, value, weight):
+    """Extreme activations against all +1 or all -1 over 6912 columns (the 2B4T FFN width) are exact,
+    in whole row tiles and in the rows past them."""
+    ternary = np.full((13, 6912), weight, dtype=np.int8)
     xq = np.full((tokens, 6912), value, dtype=np.int8)
     got = _core.TernaryMatrix(ternary).matmul_int(xq, kernel)
-    assert np.all(got == value * 6912)
+    assert np.all(got == weight * value * 6912)
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
