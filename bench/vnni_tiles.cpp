@@ -43,7 +43,11 @@ struct Ymm {
     static TERNLM_INLINE Vec broadcast16(const int8_t* x) {
         return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
     }
-    static TERNLM_INLINE Vec dot(Vec acc, Vec c, Vec x) { return _mm256_dpbusd_epi32(acc, c, x); }
+    static TERNLM_INLINE Vec dot(Vec acc, Vec c, Vec x) {
+        acc = _mm256_dpbusd_epi32(acc, c, x);
+        asm("" : "+v"(acc));
+        return acc;
+    }
     static TERNLM_INLINE Vec zero() { return _mm256_setzero_si256(); }
     static TERNLM_INLINE void lane_sums(Vec acc, int32_t* sums) {
         Vec v = _mm256_add_epi32(acc, _mm256_shuffle_epi32(acc, _MM_SHUFFLE(1, 0, 3, 2)));
@@ -53,17 +57,22 @@ struct Ymm {
     }
 };
 
-template <class V, int NV>
+template <class V, int NV, int64_t kUnpackTokens>
 void rows_tile(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq, const int32_t* xq_sums,
                int64_t tokens, int32_t* acc, int64_t out_stride) {
-    interleaved_gemm<V, NV, 8>(w, row_begin, row_end, xq, xq_sums, tokens, acc, out_stride, row_by_row);
+    interleaved_gemm<V, NV, 8, kUnpackTokens>(w, row_begin, row_end, xq, xq_sums, tokens, acc, out_stride, row_by_row);
 }
 
 struct Tile {
     const char* name;
     TernaryGemmFn gemm;
 };
-const Tile tiles[] = {{"row_by_row", row_by_row}, {"zmm 8x8", rows_tile<Zmm, 2>}, {"ymm 4x8", rows_tile<Ymm, 2>}};
+constexpr int64_t kNever = int64_t{1} << 40;
+const Tile tiles[] = {{"row_by_row", row_by_row},
+                      {"zmm 8x8", rows_tile<Zmm, 2, kNever>},
+                      {"ymm 4x8", rows_tile<Ymm, 2, kNever>},
+                      {"zmm 8x8 unpacked once", rows_tile<Zmm, 2, 1>},
+                      {"ymm 4x8 unpacked once", rows_tile<Ymm, 2, 1>}};
 constexpr int kTiles = sizeof(tiles) / sizeof(tiles[0]);
 
 double median(std::vector<double> values) {

@@ -10,11 +10,13 @@ from ternlm.weights.packing import pack_ternary_hf, quantize_ternary, unpack_ter
 
 SHAPES = [(1, 1, 1), (3, 5, 7), (4, 128, 8), (2, 129, 33), (7, 300, 65), (16, 256, 128), (5, 1000, 17),
           (1, 2560, 13), (1, 6912, 9), (3, 2200, 6),
-          (8, 384, 8), (9, 256, 31), (15, 130, 32), (17, 2560, 41), (2, 6912, 16)]
+          (8, 384, 8), (9, 256, 31), (15, 130, 32), (17, 2560, 41), (2, 6912, 16), (31, 640, 24), (32, 300, 16), (40, 8192, 9),
+          (33, 8320, 17)]
 # (tokens, cols, rows); one token takes a separate path (groups of rows), and more than 16 blocks
-# per row exercise the AVX2 kernel's int16 -> int32 widening. The last five: token counts at and
-# around the AVX-512 tile's 8 tokens, row counts at and around its 8 rows and 32-row chunks (the
-# rows past the last whole tile take another kernel).
+# per row exercise the AVX2 kernel's int16 -> int32 widening. The last nine: token counts at and
+# around the AVX-512 tile's 8 tokens and the 32 from which it unpacks rows once, row counts at and
+# around its 8 rows (the rows past the last whole tile take another kernel), and rows at and past
+# the 64 blocks that the unpacked rows may have.
 
 
 def random_ternary(rng, rows, cols):
@@ -35,7 +37,7 @@ def test_ternary_matmul_is_exact(kernel, tokens, cols, rows):
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
-@pytest.mark.parametrize("tokens", [1, 2, 8, 9])
+@pytest.mark.parametrize("tokens", [1, 2, 8, 9, 33])
 @pytest.mark.parametrize("value", [-128, -127, 127])
 @pytest.mark.parametrize("weight", [-1, 1])
 def test_extreme_activations_do_not_overflow(kernel, tokens, value, weight):
