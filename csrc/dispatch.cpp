@@ -67,7 +67,7 @@ static const std::vector<KernelSet>& all_kernels() {
         if (__builtin_cpu_supports("avx2")) k.push_back({"avx2", "1 token: 4 rows at a time; several: 1 row x 4 tokens; 256-bit vpmaddubsw", quantize_row_avx2, ternary_gemm_avx2, dense_gemv_avx2, int8_gemv_avx2, q4_gemv_avx2, f16_store_avx2, f16_attention_avx2});
         if (__builtin_cpu_supports("avxvnni")) k.push_back({"avxvnni", "1 token: 4 rows at a time; several: 1 row x 8 tokens; 256-bit vpdpbusd", quantize_row_avx2, ternary_gemm_avxvnni, dense_gemv_avx2, int8_gemv_avx2, q4_gemv_avx2, f16_store_avx2, f16_attention_avx2});
         if (has_avx512vnni()) k.push_back({"avx512", "1 token: 4 rows at a time, 256-bit vpdpbusd; several: 8 rows x 8 tokens, 512-bit vpdpbusd "
-                                                "(rows unpacked once from 32 tokens on)", quantize_row_avx2, ternary_gemm_avx512vnni, dense_gemv_avx2, int8_gemv_avx2, q4_gemv_avx2, f16_store_avx2, f16_attention_avx2});
+                                                "(rows unpacked once from 32 tokens on)", quantize_row_avx2, ternary_gemm_avx512vnni, dense_gemv_avx2, int8_gemv_avx512vnni, q4_gemv_avx2, f16_store_avx2, f16_attention_avx2});
 #elif defined(__aarch64__)
         k.push_back({"neon", "1 row x 4 tokens; NEON multiply-adds", quantize_row_int8, ternary_gemm_neon, dense_gemv_ref, int8_gemv_neon, q4_gemv_ref, f16_store_ref, f16_attention_ref});
         if (has_dotprod()) k.push_back({"dotprod", "1 row x 4 tokens; sdot", quantize_row_int8, ternary_gemm_dotprod, dense_gemv_ref, int8_gemv_dotprod, q4_gemv_ref, f16_store_ref, f16_attention_ref});

@@ -134,13 +134,24 @@ def test_dense_gemv_matches_numpy(kernel, dtype, tokens, cols, rows):
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
-@pytest.mark.parametrize("tokens,cols,rows", [(1, 1, 1), (2, 33, 5), (3, 2560, 17), (6, 200, 40)])
+@pytest.mark.parametrize("tokens,cols,rows", [(1, 1, 1), (2, 33, 5), (3, 2560, 17), (6, 200, 40), (8, 2560, 9),
+                                              (9, 300, 7), (17, 129, 3)])
 def test_int8_head_product_is_exact(kernel, tokens, cols, rows):
     rng = np.random.default_rng(cols)
     q = rng.integers(-127, 128, size=(rows, cols), dtype=np.int8)
     xq = rng.integers(-127, 128, size=(tokens, cols), dtype=np.int8)  # absmax quantization never gives -128
     got = _core.int8_gemv(q, xq, kernel)
     assert np.array_equal(got, xq.astype(np.int64) @ q.T.astype(np.int64))
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("tokens", [1, 9])
+@pytest.mark.parametrize("weight,value", [(127, 127), (-127, 127), (127, -127), (-127, -127)])
+def test_int8_head_extremes_are_exact(kernel, tokens, weight, value):
+    """Every product at its largest, over 6912 columns."""
+    q = np.full((3, 6912), weight, dtype=np.int8)
+    xq = np.full((tokens, 6912), value, dtype=np.int8)
+    assert np.all(_core.int8_gemv(q, xq, kernel) == weight * value * 6912)
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
