@@ -2,9 +2,11 @@
 // interleaved run by run (so a noisy moment hits every tile alike), medians of the runs:
 //   row_by_row   the 1 row x 8 tokens tile over 256-bit registers (kernels_x86_gemm.inc), the
 //                kernel for several tokens before kernels_vnni_rows.inc;
-//   zmm 8x8      what ternary_gemm_avx512vnni runs for several tokens: 8 rows x 8 tokens, four
+//   zmm 8x8      what ternary_gemm_avx512vnni runs for 2 to 31 tokens: 8 rows x 8 tokens, four
 //                rows per 512-bit register;
-//   ymm 4x8      the same tile over 256-bit registers (two rows each), in as many registers.
+//   ymm 4x8      the same tile over 256-bit registers (two rows each), in as many registers;
+//   ... unpacked once: the same two, each row tile unpacked once for all the token tiles, which
+//                ternary_gemm_avx512vnni does from 32 tokens on.
 // zmm against ymm is the rule for choosing 512-bit registers (see kernels_avx512vnni.cpp).
 //
 //     g++ -O2 -std=c++17 -mavx512f -mavx512bw -mavx512vl -mavx512vnni -Icsrc bench/vnni_tiles.cpp
@@ -57,10 +59,10 @@ struct Ymm {
     }
 };
 
-template <class V, int NV, int64_t kUnpackTokens>
+template <class V, int NV, int NT, int64_t kUnpackTokens>
 void rows_tile(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq, const int32_t* xq_sums,
                int64_t tokens, int32_t* acc, int64_t out_stride) {
-    interleaved_gemm<V, NV, 8, kUnpackTokens>(w, row_begin, row_end, xq, xq_sums, tokens, acc, out_stride, row_by_row);
+    interleaved_gemm<V, NV, NT, kUnpackTokens>(w, row_begin, row_end, xq, xq_sums, tokens, acc, out_stride, row_by_row);
 }
 
 struct Tile {
@@ -69,10 +71,10 @@ struct Tile {
 };
 constexpr int64_t kNever = int64_t{1} << 40;
 const Tile tiles[] = {{"row_by_row", row_by_row},
-                      {"zmm 8x8", rows_tile<Zmm, 2, kNever>},
-                      {"ymm 4x8", rows_tile<Ymm, 2, kNever>},
-                      {"zmm 8x8 unpacked once", rows_tile<Zmm, 2, 1>},
-                      {"ymm 4x8 unpacked once", rows_tile<Ymm, 2, 1>}};
+                      {"zmm 8x8", rows_tile<Zmm, 2, 8, kNever>},
+                      {"ymm 4x8", rows_tile<Ymm, 2, 8, kNever>},
+                      {"zmm 8x8 unpacked once", rows_tile<Zmm, 2, 8, 1>},
+                      {"ymm 4x8 unpacked once", rows_tile<Ymm, 2, 8, 1>}};
 constexpr int kTiles = sizeof(tiles) / sizeof(tiles[0]);
 
 double median(std::vector<double> values) {
