@@ -62,6 +62,8 @@ NB_MODULE(_core, m) {
 
     m.def("cpu_features", &cpu_features, "SIMD features this CPU reports");
     m.def("kernel_name", [] { return active_kernels().name; }, "the kernel variant in use");
+    m.def("ternary_gemm_paths", [] { return active_kernels().ternary_paths; },
+          "how the variant in use multiplies ternary weights by one token and by several");
     m.def("available_kernels", &available_kernel_names, "kernel variants this build and CPU can run");
     m.def("default_threads", &default_thread_count);
     m.def("measure_read_bandwidth", &measure_read_bandwidth, "bytes"_a, "threads"_a, "repeats"_a = 5,

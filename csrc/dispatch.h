@@ -9,6 +9,7 @@ namespace ternlm {
 
 struct KernelSet {
     std::string name;
+    std::string ternary_paths;  // how the ternary GEMM takes one token and several (ternlm info)
     QuantizeRowFn quantize_row;
     TernaryGemmFn ternary_gemm;
     DenseGemvFn dense_gemv;

@@ -1,10 +1,92 @@
-// AVX-512 VNNI (Ice Lake, Zen 4): the EVEX form of vpdpbusd on 256-bit registers. Zen 4 executes
-// 512-bit operations as two 256-bit halves, so the wider form would not be faster there.
+// AVX-512 VNNI (Ice Lake, Zen 4). One token (decode, memory-bound) takes the 256-bit kernel of
+// kernels_x86_gemm.inc, four rows at a time; several tokens take 8 rows x 8 tokens with four rows
+// per 512-bit register (kernels_vnni_rows.inc). Zen 4 splits 512-bit operations into two 256-bit
+// halves, and there the same tile over 256-bit registers (two rows each, so 4 rows x 8 tokens in
+// as many registers) is as fast, within 3 % (bench/vnni_tiles.cpp); cores that run 512-bit
+// operations at full width do twice the products per instruction. So the 512-bit form is used
+// wherever AVX-512 VNNI is.
 #include "kernels_x86.h"
 
+// GCC 12's AVX-512 intrinsics initialise their "undefined" operands from themselves, which
+// -Wmaybe-uninitialized reports at every use (GCC bug 105593); the warning says nothing about this code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace ternlm {
+static void row_by_row(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                       const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
+}
+
 #define TERNLM_DPBUSD _mm256_dpbusd_epi32
-#define TERNLM_KERNEL_NAME ternary_gemm_avx512vnni
+#define TERNLM_KERNEL_NAME row_by_row
 #include "kernels_vnni.inc"
+#include "kernels_vnni_rows.inc"
+
+namespace ternlm {
+
+// From this many tokens on, each row tile is unpacked once for all of them (measured with
+// bench/vnni_tiles.cpp: 5-10 % faster at 128 tokens, slower at 8).
+constexpr int64_t kUnpackTokens = 32;
+
+void ternary_gemm_avx512vnni(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                             const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {
+    if (tokens == 1) return row_by_row(w, row_begin, row_end, xq, xq_sums, tokens, acc, out_stride);
+    interleaved_gemm<Zmm, 2, 8, kUnpackTokens>(w, row_begin, row_end, xq, xq_sums, tokens, acc, out_stride, row_by_row);
+}
+
+}  // namespace ternlm
+
+// The int8 head. vpdpbusd multiplies unsigned bytes by signed ones, so each weight q is read as the
+// unsigned byte q ^ 0x80 = q + 128 and 128 * sum(x) is taken off each token's sum. The sums wrap
+// modulo 2^32 on the way (vpdpbusd does not saturate), which leaves the final difference exact.
+namespace ternlm {
+namespace {
+
+// As in kernels_avx2.cpp: requesting the head's bytes ahead keeps more of them in flight.
+constexpr int64_t kHeadPrefetchAhead = 4096;
+constexpr int64_t kInt8VnniTokens = 4;
+
+inline uint32_t activation_sum(const int8_t* x, int64_t padded) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t k = 0; k < padded; k += 64)
+        sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), _mm512_loadu_si512(x + k));
+    return static_cast<uint32_t>(_mm512_reduce_add_epi32(sum));
+}
+
+// One row against NT tokens: each weight register is offset once for all of them.
+template <int NT>
+inline void int8_row_tile(const int8_t* row, int64_t padded, const int8_t* x, const uint32_t* x_sums, int32_t* acc,
+                          int64_t out_stride) {
+    __m512i sums[NT];
+    for (int t = 0; t < NT; ++t) sums[t] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < padded; k += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k + kHeadPrefetchAhead), _MM_HINT_T0);
+        const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(row + k), _mm512_set1_epi8(-128));
+        for (int t = 0; t < NT; ++t) sums[t] = Zmm::dot(sums[t], w, _mm512_loadu_si512(x + t * padded + k));
+    }
+    for (int t = 0; t < NT; ++t)
+        acc[t * out_stride] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(sums[t])) - 128u * x_sums[t]);
+}
+
+}  // namespace
+
+void int8_gemv_avx512vnni(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                          int64_t tokens, int32_t* acc, int64_t out_stride) {
+    // Few tokens are bound by memory, where this kernel was measured no faster (one row at a time:
+    // tiles of two or four rows streamed the head slower).
+    if (tokens < kInt8VnniTokens) return int8_gemv_avx2(m, row_begin, row_end, xq, tokens, acc, out_stride);
+    constexpr int kTokens = 8;
+    const int64_t padded = padded_cols(m.cols);
+    for (int64_t t0 = 0; t0 < tokens; t0 += kTokens)
+        with_count<kTokens>(static_cast<int>(tokens - t0 < kTokens ? tokens - t0 : kTokens), [&](auto count) {
+            constexpr int C = decltype(count)::value;
+            uint32_t x_sums[C];
+            for (int t = 0; t < C; ++t) x_sums[t] = activation_sum(xq + (t0 + t) * padded, padded);
+            for (int64_t r = row_begin; r < row_end; ++r)
+                int8_row_tile<C>(m.q + r * padded, padded, xq + t0 * padded, x_sums, acc + t0 * out_stride + r, out_stride);
+        });
+}
+
+}  // namespace ternlm
 
 // The sampler's tempering, vectorized 16 floats wide.
 #include "tempering.h"

@@ -18,6 +18,8 @@ void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, c
 
 void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                     int64_t tokens, int32_t* acc, int64_t out_stride);
+void int8_gemv_avx512vnni(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                          int64_t tokens, int32_t* acc, int64_t out_stride);
 
 void q4_gemv_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
                   float* out, int64_t out_stride);

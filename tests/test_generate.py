@@ -180,6 +180,7 @@ def test_cli_info_shows_kernels(model_dir):
     result = run_cli("info", "-m", str(model_dir))
     assert result.returncode == 0, result.stderr
     assert "kernels" in result.stdout and "relu2" in result.stdout
+    assert "ternary GEMM" in result.stdout
 
 
 def test_cli_reports_bad_model_without_traceback(tmp_path):

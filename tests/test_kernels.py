@@ -9,9 +9,14 @@ from ternlm import _core, reference
 from ternlm.weights.packing import pack_ternary_hf, quantize_ternary, unpack_ternary_hf
 
 SHAPES = [(1, 1, 1), (3, 5, 7), (4, 128, 8), (2, 129, 33), (7, 300, 65), (16, 256, 128), (5, 1000, 17),
-          (1, 2560, 13), (1, 6912, 9), (3, 2200, 6)]
+          (1, 2560, 13), (1, 6912, 9), (3, 2200, 6),
+          (8, 384, 8), (9, 256, 31), (15, 130, 32), (17, 2560, 41), (2, 6912, 16), (31, 640, 24), (32, 300, 16), (40, 8192, 9),
+          (33, 8320, 17)]
 # (tokens, cols, rows); one token takes a separate path (groups of rows), and more than 16 blocks
-# per row exercise the AVX2 kernel's int16 -> int32 widening.
+# per row exercise the AVX2 kernel's int16 -> int32 widening. The last nine: token counts at and
+# around the AVX-512 tile's 8 tokens and the 32 from which it unpacks rows once, row counts at and
+# around its 8 rows (the rows past the last whole tile take another kernel), and rows at and past
+# the 64 blocks that the unpacked rows may have.
 
 
 def random_ternary(rng, rows, cols):
@@ -32,14 +37,16 @@ def test_ternary_matmul_is_exact(kernel, tokens, cols, rows):
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
-@pytest.mark.parametrize("tokens", [1, 2])
-@pytest.mark.parametrize("value", [-128, 127])
-def test_extreme_activations_do_not_overflow(kernel, tokens, value):
-    """Extreme activations against all +1 over 6912 columns (the 2B4T FFN width) are exact."""
-    ternary = np.ones((5, 6912), dtype=np.int8)
+@pytest.mark.parametrize("tokens", [1, 2, 8, 9, 33])
+@pytest.mark.parametrize("value", [-128, -127, 127])
+@pytest.mark.parametrize("weight", [-1, 1])
+def test_extreme_activations_do_not_overflow(kernel, tokens, value, weight):
+    """Extreme activations against all +1 or all -1 over 6912 columns (the 2B4T FFN width) are exact,
+    in whole row tiles and in the rows past them."""
+    ternary = np.full((13, 6912), weight, dtype=np.int8)
     xq = np.full((tokens, 6912), value, dtype=np.int8)
     got = _core.TernaryMatrix(ternary).matmul_int(xq, kernel)
-    assert np.all(got == value * 6912)
+    assert np.all(got == weight * value * 6912)
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
@@ -129,13 +136,24 @@ def test_dense_gemv_matches_numpy(kernel, dtype, tokens, cols, rows):
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
-@pytest.mark.parametrize("tokens,cols,rows", [(1, 1, 1), (2, 33, 5), (3, 2560, 17), (6, 200, 40)])
+@pytest.mark.parametrize("tokens,cols,rows", [(1, 1, 1), (2, 33, 5), (3, 2560, 17), (6, 200, 40), (8, 2560, 9),
+                                              (9, 300, 7), (17, 129, 3)])
 def test_int8_head_product_is_exact(kernel, tokens, cols, rows):
     rng = np.random.default_rng(cols)
     q = rng.integers(-127, 128, size=(rows, cols), dtype=np.int8)
     xq = rng.integers(-127, 128, size=(tokens, cols), dtype=np.int8)  # absmax quantization never gives -128
     got = _core.int8_gemv(q, xq, kernel)
     assert np.array_equal(got, xq.astype(np.int64) @ q.T.astype(np.int64))
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("tokens", [1, 9])
+@pytest.mark.parametrize("weight,value", [(127, 127), (-127, 127), (127, -127), (-127, -127)])
+def test_int8_head_extremes_are_exact(kernel, tokens, weight, value):
+    """Every product at its largest, over 6912 columns."""
+    q = np.full((3, 6912), weight, dtype=np.int8)
+    xq = np.full((tokens, 6912), value, dtype=np.int8)
+    assert np.all(_core.int8_gemv(q, xq, kernel) == weight * value * 6912)
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())

@@ -13,7 +13,7 @@ using namespace ternlm;
 int main() {
     std::mt19937 rng(1234);
     std::uniform_int_distribution<int> ternary(-1, 1), activation(-127, 127), weight8(-127, 127);
-    const int shapes[][3] = {{1, 1, 1}, {3, 5, 7}, {4, 128, 8}, {2, 129, 33}, {7, 300, 65}, {16, 256, 128}, {5, 1000, 17}};
+    const int shapes[][3] = {{1, 1, 1}, {3, 5, 7}, {4, 128, 8}, {2, 129, 33}, {7, 300, 65}, {16, 256, 128}, {5, 1000, 17}, {9, 256, 31}, {17, 2560, 41}};
     int failures = 0, checks = 0;
     for (const std::string& name : available_kernel_names()) {
         const KernelSet& kernels = find_kernels(name);

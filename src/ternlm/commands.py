@@ -156,6 +156,7 @@ def cmd_info(args) -> int:
     table.add_row("CPU features", " ".join(_core.cpu_features()) or "(none detected)")
     table.add_row("kernels", f"{_core.kernel_name()} (available: {', '.join(_core.available_kernels())}; "
                              f"TERNLM_KERNELS overrides)")
+    table.add_row("ternary GEMM", _core.ternary_gemm_paths())
     table.add_row("threads", f"{_core.default_threads()} by default (one for very small models)")
     try:
         model = _load(args)
