@@ -13,10 +13,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=build/sanitize
-# what CI runs: the kernels, the forward pass against transformers, loading good and hostile files
-# (the atheris runs are left to plain pytest: under ASan they take minutes)
-TESTS=(tests/test_kernels.py tests/test_model.py tests/test_loading.py tests/test_hostile_files.py tests/test_fuzz.py
-       -k "not short_fuzz_run")
+# what CI runs: the kernels, the forward pass against transformers, the sampler, the paged KV cache and
+# prefix reuse, loading good and hostile files (the atheris runs and the HTTP server are left to plain
+# pytest: under ASan they take minutes)
+TESTS=(tests/test_kernels.py tests/test_model.py tests/test_sampling.py tests/test_prompt_cache.py tests/test_loading.py
+       tests/test_hostile_files.py tests/test_fuzz.py -k "not short_fuzz_run and not server")
 
 [ -x "$OUT/venv/bin/python" ] || "$PYTHON" -m venv "$OUT/venv"
 # the calling Python's packages, after the venv's own (a path added by a .pth file has its own .pth
