@@ -5,14 +5,16 @@
 
 The server is a real `ternlm serve` process (the shipped model unless -m) on a free loopback port.
 Each client loops until the time is up, sending in turn: a completion, a streamed chat completion
-read to [DONE], a stream it drops after the first chunk, random bytes as a body, valid JSON with
-bad parameters, and a body over the 1 MiB limit. A warm-up of WARM_UP_REQUESTS comes first; the
+read to [DONE], a stream it drops after the first chunk, a streamed completion that starts with one
+of a few long shared prefixes (so that the prompt cache shares and evicts blocks between clients),
+random bytes as a body, valid JSON with bad parameters, and a body over the 1 MiB limit. A warm-up of WARM_UP_REQUESTS comes first; the
 server's resident memory (RSS) is read after it and again after the run, once the server is idle.
 
 It checks that every answer is one the API documents for that request (200 or 429 for generation,
 400 for bad bodies, 413 for the oversized one; no 5xx), that every stream which is read to the end
 ends with [DONE], that no slot is left in use (/metrics: no active sequence, no queued request, no
-KV-cache bytes), and that RSS grew by less than --rss-tolerance-mb. Exits 1 if a check fails.
+KV-cache bytes), that the KV-cache bytes in use, read every 0.2 s during the run, never exceeded the
+server's KV budget, and that RSS grew by less than --rss-tolerance-mb. Exits 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ MODEL_ID = "ternlm-default"
 WARM_UP_REQUESTS = 200
 OVERSIZE_BYTES = (1 << 20) + 1024
 EXPECTED = {  # kind -> statuses the API documents for it
-    "completion": {200, 429}, "chat_stream": {200, 429}, "disconnect": {200, 429},
+    "completion": {200, 429}, "chat_stream": {200, 429}, "disconnect": {200, 429}, "shared_prefix": {200, 429},
     "garbage": {400}, "bad_parameters": {400},
     # the server answers 413 from the Content-Length alone and closes the connection: a client still
     # sending may see it reset instead of the answer
@@ -43,6 +45,7 @@ EXPECTED = {  # kind -> statuses the API documents for it
 }
 KINDS = tuple(EXPECTED)
 WORDS = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()
+SHARED_PREFIXES = [" ".join(random.Random(n).choices(WORDS, k=random.Random(n).randint(48, 128))) for n in range(4)]
 
 
 @dataclass
@@ -97,6 +100,8 @@ def request_for(kind: str, rng: random.Random) -> tuple[str, bytes, bool]:
     prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 20)))
     if kind == "completion":
         body = {"prompt": prompt, "max_tokens": rng.randint(1, 32), "temperature": 0.8, "seed": rng.randint(0, 1000)}
+    elif kind == "shared_prefix":
+        body = {"prompt": f"{rng.choice(SHARED_PREFIXES)} {prompt}", "max_tokens": rng.randint(1, 32), "stream": True}
     elif kind in ("chat_stream", "disconnect"):
         body = {"messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": rng.randint(8, 64),
                 "stream_options": {"include_usage": True}}
@@ -148,16 +153,33 @@ async def client_loop(url: str, seed: int, deadline: float, tally: Tally, limit:
             turn += 1
 
 
-async def drive(url: str, clients: int, seconds: float, tally: Tally, limit: int | None = None) -> None:
+async def peak_kv_bytes(url: str, deadline: float) -> float:
+    """The highest ternlm_kv_cache_bytes read every 0.2 s until the deadline."""
+    peak = 0.0
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        while time.monotonic() < deadline:
+            peak = max(peak, metric_value((await client.get("/metrics")).text, "ternlm_kv_cache_bytes"))
+            await asyncio.sleep(0.2)
+    return peak
+
+
+async def drive(url: str, clients: int, seconds: float, tally: Tally, limit: int | None = None) -> float:
+    """Runs the clients; returns the peak of KV-cache bytes in use meanwhile."""
     deadline = time.monotonic() + seconds
-    await asyncio.gather(*(client_loop(url, seed, deadline, tally, limit) for seed in range(clients)))
+    peak, *_ = await asyncio.gather(peak_kv_bytes(url, deadline if limit is None else time.monotonic()),
+                                    *(client_loop(url, seed, deadline, tally, limit) for seed in range(clients)))
+    return peak
 
 
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+def metric_value(metrics_text: str, name: str) -> float:
+    for line in metrics_text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise KeyError(name)
+
+
+def metric(url: str, name: str) -> float:
+    return metric_value(httpx.get(f"{url}/metrics", timeout=10).text, name)
 
 
 def idle(url: str) -> bool:
@@ -177,7 +199,7 @@ def run(clients: int, seconds: float, model: str | None = None, max_batch: int =
         rss_before = rss_bytes(server.pid)
         tally = Tally()
         started = time.monotonic()
-        asyncio.run(drive(url, clients, seconds, tally))
+        peak_kv = asyncio.run(drive(url, clients, seconds, tally))
         duration = time.monotonic() - started
         settle_deadline = time.monotonic() + 60
         while not idle(url) and time.monotonic() < settle_deadline:
@@ -185,6 +207,9 @@ def run(clients: int, seconds: float, model: str | None = None, max_batch: int =
         stuck = {name: metric(url, name) for name in ("ternlm_active_sequences", "ternlm_queue_length",
                                                        "ternlm_kv_cache_bytes")}
         rss_after = rss_bytes(server.pid)
+        kv_budget = metric(url, "ternlm_kv_cache_budget_bytes")
+        prompt_cache = {name: metric(url, name) for name in ("ternlm_prompt_cache_hits_total",
+                                                             "ternlm_prompt_cache_evictions_total")}
         alive = httpx.get(f"{url}/health", timeout=10).status_code == 200
     finally:
         server.terminate()
@@ -199,6 +224,7 @@ def run(clients: int, seconds: float, model: str | None = None, max_batch: int =
         "unexpected": tally.unexpected + warm_up.unexpected,
         "unfinished_streams": tally.unfinished_streams + warm_up.unfinished_streams,
         "stuck": stuck, "healthy_after": alive,
+        "peak_kv_mb": round(peak_kv / 2**20, 2), "kv_budget_mb": round(kv_budget / 2**20, 2), **prompt_cache,
         "rss_before_mb": round(rss_before / 2**20, 1), "rss_after_mb": round(rss_after / 2**20, 1),
     }
 
@@ -208,6 +234,9 @@ def failures(summary: dict, rss_tolerance_mb: float) -> list[str]:
     if summary["unfinished_streams"]:
         problems.append(f"{summary['unfinished_streams']} streams ended without [DONE]")
     problems += [f"{name} = {value} after the run" for name, value in summary["stuck"].items() if value]
+    if summary["peak_kv_mb"] > summary["kv_budget_mb"]:
+        problems.append(f"KV cache in use peaked at {summary['peak_kv_mb']} MB, over its budget of "
+                        f"{summary['kv_budget_mb']} MB")
     if not summary["healthy_after"]:
         problems.append("/health did not answer 200 after the run")
     growth = summary["rss_after_mb"] - summary["rss_before_mb"]

@@ -28,6 +28,45 @@ async function errorText(response) {
   }
 }
 
+// The oldest turn (a user message and what answered it; never the system prompt) leaves the
+// conversation; false if only the question being asked is left.
+function dropOldestTurn(messages) {
+  const first = messages.findIndex((m) => m.role !== "system");
+  const next = messages.findIndex((m, i) => i > first && m.role === "user");
+  if (first < 0 || next < 0) return false;
+  messages.splice(first, next - first);
+  return true;
+}
+
+async function isContextExceeded(response) {
+  if (response.status !== 400) return false;
+  try {
+    return (await response.clone().json()).error.code === "context_length_exceeded";
+  } catch {
+    return false;
+  }
+}
+
+// Sends the request; while the server answers that the conversation exceeds the model's context,
+// drops its oldest turn and asks again (as ollama does), with a one-line notice.
+async function fetchWithinContext(request, signal) {
+  let dropped = 0;
+  for (;;) {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(request), signal,
+    });
+    if (!(await isContextExceeded(response)) || !dropOldestTurn(request.messages)) {
+      if (dropped) {
+        const answer = conversation.lastChild; // the notice goes above the answer it made room for
+        conversation.insertBefore(bubble("notice", `The conversation outgrew the model's context: its ${dropped} `
+          + `oldest turn${dropped > 1 ? "s were" : " was"} dropped.`), answer);
+      }
+      return response;
+    }
+    dropped += 1;
+  }
+}
+
 function bubble(role, text) {
   const div = document.createElement("div");
   div.className = `message ${role}`;
@@ -103,9 +142,7 @@ async function send(text) {
   const sent = performance.now();
   let tokens = 0, first = 0, last = 0;
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(request), signal: chat.controller.signal,
-    });
+    const response = await fetchWithinContext(request, chat.controller.signal);
     if (!response.ok) throw new Error(await errorText(response));
     for await (const event of events(response)) {
       if (event.error) throw new Error(event.error.message);
