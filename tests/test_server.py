@@ -639,6 +639,20 @@ def test_chat_page_streams_keeps_the_conversation_and_stops(reference):
             assert answer.text_content() == expected
             history.append({"role": "assistant", "content": expected})
         expect(page.locator("#status")).to_contain_text("tokens/s")
+
+        # A question that, with the history and 200 tokens of answer, outgrows the 256-token context:
+        # the page drops the oldest turns until the server takes it, and says so in one line.
+        page.fill("#max-tokens", "200")
+        page.fill("#message", "And once more.")
+        page.keyboard.press("Enter")
+        answer = page.locator(".message.assistant").nth(2)
+        expect(answer).to_have_attribute("data-state", "done", timeout=60_000)
+        kept = history + [{"role": "user", "content": "And once more."}]
+        while len(reference.chat_prompt_ids(kept)) + 200 > reference.n_ctx:
+            kept = kept[2:]  # the oldest question and its answer
+        assert len(kept) < len(history) + 1
+        expect(page.locator(".message.notice")).to_contain_text("outgrew the model's context")
+        assert answer.text_content() == reference.chat(kept, max_tokens=200, temperature=0)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "chat_page.png"), full_page=True)
 
