@@ -184,3 +184,11 @@ def test_token_logprobs_match_a_float64_log_softmax():
     assert [i for i, _ in top] == best.tolist()
     assert [lp for _, lp in top] == pytest.approx(exact[best].tolist(), abs=1e-4)
     assert token_logprobs(logits, 0, 0)[1] == []
+
+
+def test_a_top_k_past_every_integer_type_keeps_every_token():
+    """top_k 2**65 (the server accepts any integer) is top_k off: the same draws as top_k 0."""
+    logits = np.linspace(-3.0, 3.0, 50, dtype=np.float32)
+    huge = [sample(logits, SamplingParams(temperature=1.0, top_k=2**65), np.random.default_rng(s), []) for s in range(20)]
+    off = [sample(logits, SamplingParams(temperature=1.0, top_k=0), np.random.default_rng(s), []) for s in range(20)]
+    assert huge == off

@@ -9,6 +9,9 @@ import numpy as np
 from . import _core
 
 
+INT32_MAX = 2**31 - 1
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.0  # 0 means greedy
@@ -32,8 +35,10 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     def native(self):
-        """These settings for the C++ sampler."""
-        return _core.SamplingSettings(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        """These settings for the C++ sampler (its top_k is an int32: any k past the vocabulary keeps
+        every token, so a larger one is the same as the largest)."""
+        return _core.SamplingSettings(self.temperature, min(self.top_k, INT32_MAX), self.top_p, self.min_p,
+                                      self.repetition_penalty)
 
     def recent(self, history: list[int]) -> list[int]:
         """The ids the repetition penalty applies to."""
