@@ -31,7 +31,7 @@ import numpy as np
 from ..api import LanguageModel
 from ..constraints import ConstraintFailed, TokenConstraint
 from ..generate import GenerationState, TextStream, draw_tokens, positions_computed
-from ..prompt_cache import PromptCache, blocks_for
+from ..prompt_cache import PromptCache, block_bytes, blocks_for
 from ..sampling import SamplingParams, token_logprobs
 from .metrics import ServerMetrics
 
@@ -138,8 +138,7 @@ class Scheduler:
         self.model = model
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.request_timeout = request_timeout
-        pool = model.engine.new_block_pool(1)
-        self.block_bytes = pool.block_bytes
+        self.block_bytes = block_bytes(model.engine)
         self.kv_budget = kv_budget_bytes or max_batch * blocks_for(model.n_ctx) * self.block_bytes
         self.pool = model.engine.new_block_pool(max(1, self.kv_budget // self.block_bytes))
         cache_bytes = self.kv_budget // 2 if prompt_cache_bytes is None else prompt_cache_bytes
