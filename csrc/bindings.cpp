@@ -40,6 +40,15 @@ static DenseMatrix dense_view(nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu,
     return {a.data(), d, static_cast<int64_t>(a.shape(0)), static_cast<int64_t>(a.shape(1))};
 }
 
+// `ternary_bits` as users spell it: 2 or 1.6.
+static TernaryLayout parse_ternary_bits(double bits) {
+    if (bits == 2.0) return TernaryLayout::TwoBit;
+    if (bits == 1.6) return TernaryLayout::Trits;
+    throw std::invalid_argument("ternary_bits must be 2 or 1.6, got " + std::to_string(bits));
+}
+
+static double ternary_bits_of(TernaryLayout layout) { return layout == TernaryLayout::Trits ? 1.6 : 2.0; }
+
 // The kernel set a test asks for by name; "" is the one in use.
 static const KernelSet& kernels_named(const std::string& name) {
     return name.empty() ? active_kernels() : find_kernels(name);
@@ -64,6 +73,9 @@ NB_MODULE(_core, m) {
     m.def("kernel_name", [] { return active_kernels().name; }, "the kernel variant in use");
     m.def("ternary_gemm_paths", [] { return active_kernels().ternary_paths; },
           "how the variant in use multiplies ternary weights by one token and by several");
+    m.def("default_ternary_bits", [] { return ternary_bits_of(faster_ternary_layout()); },
+          "the bits per ternary weight (2 or 1.6) that decode faster with the kernels in use");
+    m.def("ternary_bits_rule", &ternary_layout_rule, "how default_ternary_bits chooses");
     m.def("available_kernels", &available_kernel_names, "kernel variants this build and CPU can run");
     m.def("default_threads", &default_thread_count);
     m.def("measure_read_bandwidth", &measure_read_bandwidth, "bytes"_a, "threads"_a, "repeats"_a = 5,
@@ -91,23 +103,42 @@ NB_MODULE(_core, m) {
     nb::class_<TernaryMatrix>(m, "TernaryMatrix")
         .def(
             "__init__",
-            [](TernaryMatrix* self, Array<const int8_t, nb::ndim<2>> ternary, float scale) {
+            [](TernaryMatrix* self, Array<const int8_t, nb::ndim<2>> ternary, float scale, double ternary_bits) {
                 new (self) TernaryMatrix(TernaryMatrix::from_ternary(
                     ternary.data(), static_cast<int64_t>(ternary.shape(0)),
-                    static_cast<int64_t>(ternary.shape(1)), scale));
+                    static_cast<int64_t>(ternary.shape(1)), scale, parse_ternary_bits(ternary_bits)));
             },
-            "ternary"_a, "scale"_a = 1.0f)
+            "ternary"_a, "scale"_a = 1.0f, "ternary_bits"_a = 2.0)
         .def_ro("rows", &TernaryMatrix::rows)
         .def_ro("cols", &TernaryMatrix::cols)
         .def_ro("scale", &TernaryMatrix::scale)
+        .def_prop_ro("ternary_bits", [](const TernaryMatrix& w) { return ternary_bits_of(w.layout); })
         .def_prop_ro("nbytes", [](const TernaryMatrix& w) { return w.bytes.size(); })
+        .def(
+            "packed_bytes",
+            [](const TernaryMatrix& w) {
+                auto out = owned_array<uint8_t>({size_t(w.rows), size_t(w.row_bytes())});
+                std::memcpy(out.data(), w.bytes.data(), w.bytes.size());
+                return out;
+            },
+            "The stored bytes [rows, row bytes] in the matrix's runtime layout (csrc/formats.h).")
+        .def(
+            "unpacked_to_two_bit",
+            [](const TernaryMatrix& w, const std::string& kernel) {
+                if (w.layout != TernaryLayout::Trits) throw std::invalid_argument("the matrix is already 2-bit");
+                const int64_t width = w.activation_cols();
+                auto out = owned_array<uint8_t>({size_t(w.rows), size_t(width / 4)});
+                kernels_named(kernel).trits_to_two_bit(w.bytes.data(), w.rows * width / kTritRowMultiple, out.data());
+                return out;
+            },
+            "kernel"_a = "", "A 1.6-bit matrix's rows in the 2-bit layout, trit_padded_cols(cols) wide.")
         .def(
             "matmul_int",
             [](const TernaryMatrix& w, Array<const int8_t, nb::ndim<2>> xq, const std::string& kernel) {
                 if (static_cast<int64_t>(xq.shape(1)) != w.cols)
                     throw std::invalid_argument("activation width does not match the matrix");
-                const TernaryGemmFn gemm = kernels_named(kernel).ternary_gemm;
-                const int64_t T = xq.shape(0), K = w.cols, padded = padded_cols(K);
+                const KernelSet& kernels = kernels_named(kernel);
+                const int64_t T = xq.shape(0), K = w.cols, padded = w.activation_cols();
                 auto out = owned_array<int32_t>({size_t(T), size_t(w.rows)});
                 {
                     nb::gil_scoped_release release;
@@ -118,12 +149,16 @@ NB_MODULE(_core, m) {
                             padded_x[t * padded + k] = xq.data()[t * K + k];
                             sums[t] += xq.data()[t * K + k];
                         }
-                    gemm(w.view(), 0, w.rows, padded_x.data(), sums.data(), T, out.data(), w.rows);
+                    if (w.layout == TernaryLayout::Trits)
+                        kernels.trit_gemm(w.trit_view(), 0, w.rows, padded_x.data(), sums.data(), T, out.data(), w.rows);
+                    else
+                        kernels.ternary_gemm(w.view(), 0, w.rows, padded_x.data(), sums.data(), T, out.data(), w.rows);
                 }
                 return out;
             },
             "xq"_a, "kernel"_a = "",
-            "Exact integer product xq [T, cols] . W^T -> int32 [T, rows] with the chosen kernel.");
+            "Exact integer product xq [T, cols] . W^T -> int32 [T, rows] with the chosen kernel's GEMM for the "
+            "matrix's layout.");
 
     m.def(
         "dense_gemv",
@@ -375,10 +410,12 @@ NB_MODULE(_core, m) {
     nb::class_<PyModel>(m, "Model")
         .def(
             "__init__",
-            [](PyModel* self, const ModelShape& shape, int threads) {
-                new (self) PyModel{std::make_unique<Model>(shape, threads), nb::none(), nb::none()};
+            [](PyModel* self, const ModelShape& shape, int threads, double ternary_bits) {
+                new (self) PyModel{std::make_unique<Model>(shape, threads, parse_ternary_bits(ternary_bits)),
+                                   nb::none(), nb::none()};
             },
-            "shape"_a, "threads"_a)
+            "shape"_a, "threads"_a, "ternary_bits"_a = 2.0)
+        .def_prop_ro("ternary_bits", [](const PyModel& p) { return ternary_bits_of(p.model->ternary_layout()); })
         .def_prop_rw(
             "threads", [](const PyModel& p) { return p.model->threads(); },
             [](PyModel& p, int threads) { p.model->set_threads(threads); })

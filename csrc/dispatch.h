@@ -12,6 +12,8 @@ struct KernelSet {
     std::string ternary_paths;  // how the ternary GEMM takes one token and several (ternlm info)
     QuantizeRowFn quantize_row;
     TernaryGemmFn ternary_gemm;
+    TritGemmFn trit_gemm;            // the 1.6-bit layout, for one token and a few
+    TritsToTwoBitFn trits_to_two_bit;
     DenseGemvFn dense_gemv;
     Int8GemvFn int8_gemv;
     Q4GemvFn q4_gemv;
@@ -23,6 +25,10 @@ struct KernelSet {
 const KernelSet& active_kernels();
 const KernelSet& find_kernels(const std::string& name);  // throws std::invalid_argument
 std::vector<std::string> available_kernel_names();
-std::vector<std::string> cpu_features();  // the SIMD features this CPU reports
+std::vector<std::string> cpu_features();
+
+// The ternary layout that decodes faster with the active kernels, and the measured rule behind it.
+TernaryLayout faster_ternary_layout();
+std::string ternary_layout_rule();  // the SIMD features this CPU reports
 
 }  // namespace ternlm

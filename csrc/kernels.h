@@ -33,6 +33,27 @@ using TernaryGemmFn = void (*)(const TernaryView& w, int64_t row_begin, int64_t 
 void ternary_gemm_ref(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                       const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
 
+// A ternary matrix in the 1.6-bit layout (formats.h): rows of trit_padded_cols(cols) / 5 bytes.
+struct TritView {
+    const uint8_t* data;
+    int64_t rows;
+    int64_t cols;
+};
+
+// As TernaryGemmFn over the 1.6-bit layout; xq rows are trit_padded_cols(w.cols) long.
+using TritGemmFn = void (*)(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                            const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
+
+void trit_gemm_ref(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                   const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
+
+// Rewrites `chunks` runs of kTritRowMultiple weights from the 1.6-bit layout (128 bytes each) into
+// the 2-bit layout (160 bytes each): the same codes, so that the 2-bit GEMM can take a tile of
+// 1.6-bit rows (as rows of trit_padded_cols(cols) columns) once several tokens share it.
+using TritsToTwoBitFn = void (*)(const uint8_t* trits, int64_t chunks, uint8_t* two_bit);
+
+void trits_to_two_bit_ref(const uint8_t* trits, int64_t chunks, uint8_t* two_bit);
+
 // A float matrix [rows, cols] whose memory belongs to someone else (usually a memory-mapped file).
 struct DenseMatrix {
     const void* data = nullptr;

@@ -14,6 +14,7 @@
 namespace ternlm {
 namespace {
 constexpr int64_t kBlocksPerWiden = 16;
+constexpr int kTritCodeShift = 0;  // kernels_x86_trits.inc
 
 TERNLM_INLINE __m256i lane_dot(__m256i acc, __m256i codes, __m256i x) {
     acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, x));
@@ -32,6 +33,35 @@ TERNLM_INLINE __m256i widen(__m256i wide, __m256i acc) {
 #define TERNLM_KERNEL_NAME ternary_gemm_avx2
 #define TERNLM_TOKEN_TILE 4  // each token takes two accumulators (int16 and int32): 8 of the 16 registers
 #include "kernels_x86_gemm.inc"
+#define TERNLM_TRIT_KERNEL_NAME trit_gemm_avx2
+#include "kernels_x86_trits.inc"
+
+namespace ternlm {
+
+// Each run of 640 weights: 20 lanes of 32 codes (lane 10b + 2n + h is block b's half h, digit n),
+// four lanes to a 2-bit block.
+void trits_to_two_bit_avx2(const uint8_t* trits, int64_t chunks, uint8_t* two_bit) {
+    constexpr int kLanes = kTritRowMultiple / kCodesPerLane;
+    for (int64_t c = 0; c < chunks; ++c, trits += kTritRowMultiple / 5, two_bit += kTritRowMultiple / 4) {
+        __m256i lanes[kLanes];
+        for (int b = 0; b < kTritRowMultiple / kTritBlock; ++b)
+            for (int h = 0; h < 2; ++h) {
+                __m256i digits = load32(trits + b * kTritBlockBytes + 32 * h);
+                for (int n = 0; n < kTritDigits; ++n) {
+                    lanes[10 * b + 2 * n + h] = top_trit(digits);
+                    digits = times3(digits);
+                }
+            }
+        for (int k = 0; k < kTritRowMultiple / kTernaryBlock; ++k) {
+            // codes are at most 2: shifted left by up to 6 they stay within their byte
+            const __m256i high = _mm256_or_si256(_mm256_slli_epi16(lanes[4 * k], 6), _mm256_slli_epi16(lanes[4 * k + 1], 4));
+            const __m256i low = _mm256_or_si256(_mm256_slli_epi16(lanes[4 * k + 2], 2), lanes[4 * k + 3]);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(two_bit + k * kTernaryBlockBytes), _mm256_or_si256(high, low));
+        }
+    }
+}
+
+}  // namespace ternlm
 
 // The head's kernels: float rows (f32/f16/bf16), int8 rows and q4 rows.
 namespace ternlm {

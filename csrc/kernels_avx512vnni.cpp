@@ -14,11 +14,15 @@
 namespace ternlm {
 static void row_by_row(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                        const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
+static void trit_tokens_256(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                            const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
 }
 
 #define TERNLM_DPBUSD _mm256_dpbusd_epi32
 #define TERNLM_KERNEL_NAME row_by_row
 #include "kernels_vnni.inc"
+#define TERNLM_TRIT_KERNEL_NAME trit_tokens_256
+#include "kernels_x86_trits.inc"
 #include "kernels_vnni_rows.inc"
 
 namespace ternlm {
@@ -26,6 +30,61 @@ namespace ternlm {
 // From this many tokens on, each row tile is unpacked once for all of them (measured with
 // bench/vnni_tiles.cpp: 5-10 % faster at 128 tokens, slower at 8).
 constexpr int64_t kUnpackTokens = 32;
+
+namespace {
+
+// The 1.6-bit kernel's decoding (kernels_x86_trits.inc) over 512-bit registers: a block of a row
+// is one register, its digit n the codes of weights 64n + j.
+TERNLM_INLINE __m512i times3(__m512i x) { return _mm512_add_epi8(x, _mm512_add_epi8(x, x)); }
+
+TERNLM_INLINE __m512i top_trit(__m512i x) {
+    const __m512i y = _mm512_subs_epu8(x, _mm512_set1_epi8(1));
+    return _mm512_and_si512(_mm512_avg_epu8(y, _mm512_avg_epu8(y, _mm512_setzero_si512())), _mm512_set1_epi8(-64));
+}
+
+template <int NR>
+inline void trit_rows_512(const uint8_t* rows, int64_t row_bytes, int64_t blocks, const int8_t* x, int32_t sums[NR]) {
+    __m512i acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m512i digits[NR];
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(rows + NR * row_bytes + kPrefetchAhead + (b * NR + r) * kTritBlockBytes),
+                         _MM_HINT_T0);
+            digits[r] = _mm512_loadu_si512(rows + r * row_bytes + b * kTritBlockBytes);
+        }
+#pragma GCC unroll 5
+        for (int n = 0; n < kTritDigits; ++n) {
+            const __m512i xv = _mm512_loadu_si512(x + b * kTritBlock + 64 * n);
+#pragma GCC unroll 8
+            for (int r = 0; r < NR; ++r) {
+                acc[r] = Zmm::dot(acc[r], top_trit(digits[r]), xv);
+                digits[r] = times3(digits[r]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; ++r) sums[r] = _mm512_reduce_add_epi32(acc[r]) >> kTritCodeShift;
+}
+
+}  // namespace
+
+void trit_gemm_avx512vnni(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                          const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {
+    if (tokens > 1) return trit_tokens_256(w, row_begin, row_end, xq, xq_sums, tokens, acc, out_stride);
+    const int64_t padded = trit_padded_cols(w.cols), row_bytes = padded / 5, blocks = padded / kTritBlock;
+    constexpr int kTritRows = 8;
+    int32_t sums[kTritRows];
+    int64_t r = row_begin;
+    for (; r + kTritRows <= row_end; r += kTritRows) {
+        trit_rows_512<kTritRows>(w.data + r * row_bytes, row_bytes, blocks, xq, sums);
+        for (int i = 0; i < kTritRows; ++i) acc[r + i] = sums[i] - xq_sums[0];
+    }
+    for (; r < row_end; ++r) {
+        trit_rows_512<1>(w.data + r * row_bytes, row_bytes, blocks, xq, sums);
+        acc[r] = sums[0] - xq_sums[0];
+    }
+}
 
 void ternary_gemm_avx512vnni(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                              const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {

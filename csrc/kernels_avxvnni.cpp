@@ -4,3 +4,5 @@
 #define TERNLM_DPBUSD _mm256_dpbusd_avx_epi32
 #define TERNLM_KERNEL_NAME ternary_gemm_avxvnni
 #include "kernels_vnni.inc"
+#define TERNLM_TRIT_KERNEL_NAME trit_gemm_avxvnni
+#include "kernels_x86_trits.inc"

@@ -54,6 +54,39 @@ void ternary_gemm_ref(const TernaryView& w, int64_t row_begin, int64_t row_end, 
     }
 }
 
+void trit_gemm_ref(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                   const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {
+    const int64_t padded = trit_padded_cols(w.cols);
+    const int64_t blocks = padded / kTritBlock;
+    std::vector<int32_t> sums(static_cast<size_t>(tokens));
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        const uint8_t* row = w.data + r * (padded / 5);
+        std::fill(sums.begin(), sums.end(), 0);
+        for (int64_t b = 0; b < blocks; ++b) {
+            uint8_t codes[kTritBlock];
+            unpack_trit_block(row + b * kTritBlockBytes, codes);
+            for (int64_t t = 0; t < tokens; ++t) {
+                const int8_t* x = xq + t * padded + b * kTritBlock;
+                int32_t sum = 0;
+                for (int i = 0; i < kTritBlock; ++i) sum += codes[i] * x[i];
+                sums[t] += sum;
+            }
+        }
+        for (int64_t t = 0; t < tokens; ++t) acc[t * out_stride + r] = sums[t] - xq_sums[t];
+    }
+}
+
+void trits_to_two_bit_ref(const uint8_t* trits, int64_t chunks, uint8_t* two_bit) {
+    constexpr int kBlocksIn = kTritRowMultiple / kTritBlock, kBlocksOut = kTritRowMultiple / kTernaryBlock;
+    uint8_t codes[kTritRowMultiple];
+    for (int64_t c = 0; c < chunks; ++c) {
+        for (int b = 0; b < kBlocksIn; ++b) unpack_trit_block(trits + b * kTritBlockBytes, codes + b * kTritBlock);
+        for (int b = 0; b < kBlocksOut; ++b) pack_ternary_block(codes + b * kTernaryBlock, two_bit + b * kTernaryBlockBytes);
+        trits += kBlocksIn * kTritBlockBytes;
+        two_bit += kBlocksOut * kTernaryBlockBytes;
+    }
+}
+
 float f16_to_f32(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
     const uint32_t exponent = (h >> 10) & 0x1f;

@@ -13,6 +13,14 @@ void ternary_gemm_avxvnni(const TernaryView& w, int64_t row_begin, int64_t row_e
 void ternary_gemm_avx512vnni(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                              const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
 
+void trit_gemm_avx2(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq, const int32_t* xq_sums,
+                    int64_t tokens, int32_t* acc, int64_t out_stride);
+void trit_gemm_avxvnni(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                       const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
+void trit_gemm_avx512vnni(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                          const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
+void trits_to_two_bit_avx2(const uint8_t* trits, int64_t chunks, uint8_t* two_bit);
+
 void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
                      int64_t tokens, float* out, int64_t out_stride);
 

@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -61,35 +62,52 @@ const ModelShape& positive_dimensions(const ModelShape& s) {
 
 }  // namespace
 
-TernaryMatrix TernaryMatrix::from_ternary(const int8_t* ternary, int64_t rows, int64_t cols,
-                                          float scale) {
+TernaryMatrix TernaryMatrix::allocate(int64_t rows, int64_t cols, float scale, TernaryLayout layout) {
     TernaryMatrix m;
     m.rows = rows;
     m.cols = cols;
     m.scale = scale;
-    const int64_t padded = padded_cols(cols);
-    m.bytes.resize(static_cast<size_t>(rows * padded / 4));
-    std::vector<uint8_t> codes(static_cast<size_t>(padded), 1);  // code 1 (weight 0) pads each row
-    uint8_t invalid = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t k = 0; k < cols; ++k) {
-            const uint8_t code = static_cast<uint8_t>(ternary[r * cols + k] + 1);
-            invalid |= code > 2;
-            codes[k] = code;
-        }
-        uint8_t* row = m.bytes.data() + r * padded / 4;
-        for (int64_t b = 0; b < padded / kTernaryBlock; ++b) {
-            const uint8_t* c = codes.data() + b * kTernaryBlock;
-            for (int j = 0; j < kCodesPerLane; ++j)  // formats.h: weights j, 32+j, 64+j, 96+j in one byte
-                row[b * kTernaryBlockBytes + j] = static_cast<uint8_t>(c[j] << 6 | c[32 + j] << 4 | c[64 + j] << 2 | c[96 + j]);
-        }
-    }
-    if (invalid) throw shape_error("ternary weights must be -1, 0 or 1");
+    m.layout = layout;
+    m.bytes.resize(static_cast<size_t>(rows * m.row_bytes()));
     return m;
 }
 
-Model::Model(ModelShape shape, int threads)
-    : shape_(positive_dimensions(shape)), layers_(static_cast<size_t>(shape_.layers)),
+void TernaryMatrix::pack_row(int64_t r, const uint8_t* codes) {
+    uint8_t* row = bytes.data() + r * row_bytes();
+    if (layout == TernaryLayout::Trits) {
+        for (int64_t b = 0; b < activation_cols() / kTritBlock; ++b)
+            pack_trit_block(codes + b * kTritBlock, row + b * kTritBlockBytes);
+    } else {
+        for (int64_t b = 0; b < activation_cols() / kTernaryBlock; ++b)
+            pack_ternary_block(codes + b * kTernaryBlock, row + b * kTernaryBlockBytes);
+    }
+}
+
+// The codes (w + 1) of a row of int8 ternary weights, padded with 1 (weight 0); false if a
+// weight is not -1, 0 or 1.
+static bool codes_of_ternary(const int8_t* ternary, int64_t cols, std::vector<uint8_t>& codes) {
+    uint8_t invalid = 0;
+    for (int64_t k = 0; k < cols; ++k) {
+        const uint8_t code = static_cast<uint8_t>(ternary[k] + 1);
+        invalid |= code > 2;
+        codes[k] = code;
+    }
+    return !invalid;
+}
+
+TernaryMatrix TernaryMatrix::from_ternary(const int8_t* ternary, int64_t rows, int64_t cols, float scale,
+                                          TernaryLayout layout) {
+    TernaryMatrix m = allocate(rows, cols, scale, layout);
+    std::vector<uint8_t> codes(static_cast<size_t>(m.activation_cols()), 1);
+    for (int64_t r = 0; r < rows; ++r) {
+        if (!codes_of_ternary(ternary + r * cols, cols, codes)) throw shape_error("ternary weights must be -1, 0 or 1");
+        m.pack_row(r, codes.data());
+    }
+    return m;
+}
+
+Model::Model(ModelShape shape, int threads, TernaryLayout layout)
+    : shape_(positive_dimensions(shape)), layout_(layout), layers_(static_cast<size_t>(shape_.layers)),
       pool_(std::make_unique<ThreadPool>(threads)) {
     if (shape_.heads % shape_.kv_heads != 0) throw shape_error("heads must be a multiple of kv_heads");
     if (static_cast<int64_t>(shape_.rope_inv_freq.size()) != shape_.head_dim / 2)
@@ -147,6 +165,18 @@ void Model::set_norm(int64_t layer, const std::string& name, const float* values
     slot->assign(values, values + n);
 }
 
+template <typename CodesOf>
+void Model::pack_rows(TernaryMatrix* slot, int64_t rows, int64_t cols, float scale, const CodesOf& codes_of) {
+    *slot = TernaryMatrix::allocate(rows, cols, scale, layout_);
+    pool_->parallel_for(rows, 64, [&](int64_t begin, int64_t end) {
+        std::vector<uint8_t> codes(static_cast<size_t>(slot->activation_cols()), 1);
+        for (int64_t r = begin; r < end; ++r) {
+            codes_of(r, codes);
+            slot->pack_row(r, codes.data());
+        }
+    });
+}
+
 void Model::set_linear(int64_t layer, const std::string& name, const int8_t* ternary, int64_t rows,
                        int64_t cols, float scale) {
     int64_t want_rows = 0, want_cols = 0;
@@ -155,7 +185,14 @@ void Model::set_linear(int64_t layer, const std::string& name, const int8_t* ter
         throw shape_error(name + " has shape [" + std::to_string(rows) + ", " + std::to_string(cols) +
                           "], expected [" + std::to_string(want_rows) + ", " + std::to_string(want_cols) + "]");
     if (!std::isfinite(scale)) throw shape_error(name + " has a non-finite weight scale");
-    *slot = TernaryMatrix::from_ternary(ternary, rows, cols, scale);
+    std::atomic<bool> invalid{false};
+    pack_rows(slot, rows, cols, scale, [&](int64_t r, std::vector<uint8_t>& codes) {
+        if (!codes_of_ternary(ternary + r * cols, cols, codes)) invalid = true;
+    });
+    if (invalid) {
+        *slot = TernaryMatrix();
+        throw shape_error("ternary weights must be -1, 0 or 1");
+    }
 }
 
 void Model::set_linear_packed(int64_t layer, const std::string& name, const uint8_t* bytes, int64_t rows,
@@ -170,10 +207,16 @@ void Model::set_linear_packed(int64_t layer, const std::string& name, const uint
     uint8_t code_three = 0;  // a 2-bit field 0b11 has both its bits set
     for (size_t i = 0; i < n; ++i) code_three |= bytes[i] & (bytes[i] >> 1) & 0x55;
     if (code_three) throw shape_error(name + " contains the invalid 2-bit code 3");
-    slot->rows = rows;
-    slot->cols = cols;
-    slot->scale = scale;
-    slot->bytes.assign(bytes, bytes + n);
+    if (layout_ == TernaryLayout::TwoBit) {
+        *slot = TernaryMatrix::allocate(rows, cols, scale, layout_);
+        slot->bytes.assign(bytes, bytes + n);
+        return;
+    }
+    pack_rows(slot, rows, cols, scale, [&](int64_t r, std::vector<uint8_t>& codes) {
+        const uint8_t* row = bytes + r * (cols / 4);
+        for (int64_t k = 0; k < cols; ++k)
+            codes[k] = (row[k / kTernaryBlock * kTernaryBlockBytes + k % kCodesPerLane] >> code_shift(k % kTernaryBlock)) & 3;
+    });
 }
 
 void Model::set_final_norm(const float* values, int64_t n) {
@@ -295,16 +338,17 @@ struct Model::Scratch {
         : x(T * s.hidden), normed(T * std::max(s.hidden, s.heads * s.head_dim)),
           q(T * s.heads * s.head_dim), k(T * s.kv_heads * s.head_dim), v(T * s.kv_heads * s.head_dim),
           attn(T * s.heads * s.head_dim), gate(T * s.intermediate), up(T * s.intermediate),
-          xq(T * padded_cols(std::max({s.hidden, s.intermediate, s.heads * s.head_dim}))),
+          xq(T * trit_padded_cols(std::max({s.hidden, s.intermediate, s.heads * s.head_dim}))),
           act_scale(T), xq_sums(T) {}
     std::vector<float> x, normed, q, k, v, attn, gate, up;
     std::vector<int8_t> xq;
     std::vector<float> act_scale;
     std::vector<int32_t> xq_sums;
 
-    // Quantizes T rows of width cols (optionally RMS-normalised first) into xq / act_scale / xq_sums.
-    void quantize(ThreadPool& pool, const float* rows, int64_t T, int64_t cols, const float* norm_weight, float eps) {
-        const int64_t padded = padded_cols(cols);
+    // Quantizes T rows of width cols (optionally RMS-normalised first) into xq / act_scale / xq_sums,
+    // rows `padded` apart and zero beyond cols.
+    void quantize(ThreadPool& pool, const float* rows, int64_t T, int64_t cols, int64_t padded, const float* norm_weight,
+                  float eps) {
         pool.parallel_for(T, 1, [&](int64_t begin, int64_t end) {
             std::vector<float> normed(static_cast<size_t>(norm_weight ? cols : 0));
             for (int64_t t = begin; t < end; ++t) {
@@ -313,11 +357,35 @@ struct Model::Scratch {
                     rms_norm(src, norm_weight, cols, eps, normed.data());
                     src = normed.data();
                 }
-                act_scale[t] = active_kernels().quantize_row(src, cols, xq.data() + t * padded, &xq_sums[t]);
+                int8_t* row = xq.data() + t * padded;
+                act_scale[t] = active_kernels().quantize_row(src, cols, row, &xq_sums[t]);
+                std::fill(row + padded_cols(cols), row + padded, int8_t{0});
             }
         });
     }
 };
+
+// Tokens from which a 1.6-bit matrix is unpacked, a tile of rows at a time, to the 2-bit layout
+// and multiplied there: the unpacking is then shared by every token, while the 2-bit GEMM's tiles
+// do more products per instruction than decoding base-3 digits allows.
+constexpr int64_t kTritUnpackTokens = 4;
+constexpr int64_t kTritTileRows = 64;  // 110 KB of 2-bit codes at 2B4T's widest rows: stays in L2
+
+// products [T, n] = rows [first, first + n) of w times the T activation rows xq.
+static void multiply_rows(const TernaryMatrix& w, int64_t first, int64_t n, const int8_t* xq, const int32_t* sums,
+                          int64_t T, int32_t* products) {
+    const KernelSet& kernels = active_kernels();
+    const uint8_t* rows = w.bytes.data() + first * w.row_bytes();
+    if (w.layout == TernaryLayout::TwoBit) return kernels.ternary_gemm({rows, n, w.cols}, 0, n, xq, sums, T, products, n);
+    if (T < kTritUnpackTokens) return kernels.trit_gemm({rows, n, w.cols}, 0, n, xq, sums, T, products, n);
+    const int64_t width = w.activation_cols();
+    std::vector<uint8_t> tile(static_cast<size_t>(std::min(n, kTritTileRows) * width / 4));
+    for (int64_t r0 = 0; r0 < n; r0 += kTritTileRows) {
+        const int64_t m = std::min(n - r0, kTritTileRows);
+        kernels.trits_to_two_bit(rows + r0 * w.row_bytes(), m * width / kTritRowMultiple, tile.data());
+        kernels.ternary_gemm({tile.data(), m, width}, 0, m, xq, sums, T, products + r0, n);
+    }
+}
 
 void Model::linear(std::initializer_list<LinearOutput> outputs, const int8_t* xq, const int32_t* sums,
                    const float* act_scale, int64_t T) {
@@ -335,8 +403,7 @@ void Model::linear(std::initializer_list<LinearOutput> outputs, const int8_t* xq
             const int64_t hi = std::min(end, first_row + w.rows) - first_row, n = hi - lo;
             first_row += w.rows;
             if (n <= 0) continue;
-            const TernaryView rows{w.bytes.data() + lo * (padded_cols(w.cols) / 4), n, w.cols};
-            active_kernels().ternary_gemm(rows, 0, n, xq, sums, T, products.get(), n);
+            multiply_rows(w, lo, n, xq, sums, T, products.get());
             for (int64_t t = 0; t < T; ++t) {
                 const float scale = w.scale / act_scale[t];
                 const int32_t* sums_t = products.get() + t * n;
@@ -445,7 +512,7 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
     for (int64_t li = 0; li < s.layers; ++li) {
         Layer& l = layers_[static_cast<size_t>(li)];
         // Attention block: one quantized input shared by q, k and v.
-        b.quantize(pool, b.x.data(), T, H, l.input_layernorm.data(), s.rms_norm_eps);
+        b.quantize(pool, b.x.data(), T, H, activation_cols(H), l.input_layernorm.data(), s.rms_norm_eps);
         linear({{&l.q_proj, b.q.data(), false}, {&l.k_proj, b.k.data(), false}, {&l.v_proj, b.v.data(), false}},
                b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
         for_each_token([&](int64_t t) {
@@ -456,11 +523,11 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
             places[t].cache->store(li, places[t].pos, &b.k[t * kv_width], &b.v[t * kv_width], active_kernels().f16_store);
         });
         attention(places, li, b.q.data(), b.attn.data());
-        b.quantize(pool, b.attn.data(), T, q_width, s.sub_norms ? l.attn_sub_norm.data() : nullptr, s.rms_norm_eps);
+        b.quantize(pool, b.attn.data(), T, q_width, activation_cols(q_width), s.sub_norms ? l.attn_sub_norm.data() : nullptr, s.rms_norm_eps);
         linear({{&l.o_proj, b.x.data(), true}}, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
 
         // Feed-forward block: one quantized input shared by gate and up.
-        b.quantize(pool, b.x.data(), T, H, l.post_attention_layernorm.data(), s.rms_norm_eps);
+        b.quantize(pool, b.x.data(), T, H, activation_cols(H), l.post_attention_layernorm.data(), s.rms_norm_eps);
         linear({{&l.gate_proj, b.gate.data(), false}, {&l.up_proj, b.up.data(), false}},
                b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
         for_each_token([&](int64_t t) {
@@ -475,7 +542,7 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
                 for (int64_t i = 0; i < I; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
             }
         });
-        b.quantize(pool, b.gate.data(), T, I, s.sub_norms ? l.ffn_sub_norm.data() : nullptr, s.rms_norm_eps);
+        b.quantize(pool, b.gate.data(), T, I, activation_cols(I), s.sub_norms ? l.ffn_sub_norm.data() : nullptr, s.rms_norm_eps);
         linear({{&l.down_proj, b.x.data(), true}}, b.xq.data(), b.xq_sums.data(), b.act_scale.data(), T);
     }
 

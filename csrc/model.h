@@ -22,15 +22,25 @@ struct ModelShape {
     std::vector<float> rope_inv_freq;  // [head_dim / 2]
 };
 
-// A ternary matrix in the runtime layout with its per-tensor scale (mean|W|, multiplies).
+// A ternary matrix in a runtime layout (formats.h) with its per-tensor scale (mean|W|, multiplies).
 struct TernaryMatrix {
     std::vector<uint8_t> bytes;
     int64_t rows = 0, cols = 0;
     float scale = 0.0f;
+    TernaryLayout layout = TernaryLayout::TwoBit;
 
+    // Room for rows x cols in `layout`, to be filled by pack_row.
+    static TernaryMatrix allocate(int64_t rows, int64_t cols, float scale, TernaryLayout layout);
     // ternary: int8 values in {-1, 0, 1}, row-major [rows, cols].
-    static TernaryMatrix from_ternary(const int8_t* ternary, int64_t rows, int64_t cols, float scale);
-    TernaryView view() const { return {bytes.data(), rows, cols}; }
+    static TernaryMatrix from_ternary(const int8_t* ternary, int64_t rows, int64_t cols, float scale,
+                                      TernaryLayout layout = TernaryLayout::TwoBit);
+    // Stores row r from its codes (w + 1), activation_cols() of them (the padding codes are 1).
+    void pack_row(int64_t r, const uint8_t* codes);
+    // The width of the int8 activation rows this matrix multiplies: its padded row.
+    int64_t activation_cols() const { return layout == TernaryLayout::Trits ? trit_padded_cols(cols) : padded_cols(cols); }
+    int64_t row_bytes() const { return layout == TernaryLayout::Trits ? activation_cols() / 5 : activation_cols() / 4; }
+    TernaryView view() const { return {bytes.data(), rows, cols}; }      // the 2-bit layout
+    TritView trit_view() const { return {bytes.data(), rows, cols}; }  // the 1.6-bit layout
     bool empty() const { return bytes.empty(); }
 };
 
@@ -52,9 +62,11 @@ struct Segment {
 
 class Model {
 public:
-    Model(ModelShape shape, int threads);
+    // Ternary weights are stored in `layout`, whatever the layout they are given in.
+    Model(ModelShape shape, int threads, TernaryLayout layout = TernaryLayout::TwoBit);
 
     const ModelShape& shape() const { return shape_; }
+    TernaryLayout ternary_layout() const { return layout_; }
     int threads() const { return pool_->size(); }
     void set_threads(int threads) { pool_ = std::make_unique<ThreadPool>(threads); }
 
@@ -62,8 +74,8 @@ public:
     void set_norm(int64_t layer, const std::string& name, const float* values, int64_t n);
     void set_linear(int64_t layer, const std::string& name, const int8_t* ternary, int64_t rows,
                     int64_t cols, float scale);
-    // The same from bytes already in the runtime layout (formats.h; cols a multiple of 128), e.g.
-    // an I2_S tensor: copied after checking that no 2-bit code is 3.
+    // The same from bytes in the 2-bit runtime layout (formats.h; cols a multiple of 128), e.g.
+    // an I2_S tensor: checked that no 2-bit code is 3, then copied or re-encoded in the model's layout.
     void set_linear_packed(int64_t layer, const std::string& name, const uint8_t* bytes, int64_t rows,
                            int64_t cols, float scale);
     void set_final_norm(const float* values, int64_t n);
@@ -115,7 +127,16 @@ private:
     std::vector<float>* norm_slot(Layer& layer, const std::string& name, int64_t* expected);
     TernaryMatrix* linear_slot(Layer& layer, const std::string& name, int64_t* rows, int64_t* cols);
 
+    // The width of the quantized activation rows for matrices of `cols` columns.
+    int64_t activation_cols(int64_t cols) const {
+        return layout_ == TernaryLayout::Trits ? trit_padded_cols(cols) : padded_cols(cols);
+    }
+    // Fills `slot` row by row, on every thread: codes_of(r, codes) writes row r's codes.
+    template <typename CodesOf>
+    void pack_rows(TernaryMatrix* slot, int64_t rows, int64_t cols, float scale, const CodesOf& codes_of);
+
     ModelShape shape_;
+    TernaryLayout layout_;
     std::vector<Layer> layers_;
     std::vector<float> final_norm_;
     DenseMatrix embedding_, head_;

@@ -25,11 +25,12 @@ def random_ternary(rng, rows, cols):
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
 @pytest.mark.parametrize("tokens,cols,rows", SHAPES)
-def test_ternary_matmul_is_exact(kernel, tokens, cols, rows):
+@pytest.mark.parametrize("bits", [2, 1.6])
+def test_ternary_matmul_is_exact(kernel, tokens, cols, rows, bits):
     rng = np.random.default_rng(tokens * 1000 + cols)
     ternary = random_ternary(rng, rows, cols)
     xq = rng.integers(-128, 128, size=(tokens, cols), dtype=np.int8)
-    got = _core.TernaryMatrix(ternary, 1.0).matmul_int(xq, kernel)
+    got = _core.TernaryMatrix(ternary, 1.0, bits).matmul_int(xq, kernel)
     expected = xq.astype(np.int64) @ ternary.T.astype(np.int64)
     assert got.dtype == np.int32
     assert np.array_equal(got, expected)
@@ -40,13 +41,88 @@ def test_ternary_matmul_is_exact(kernel, tokens, cols, rows):
 @pytest.mark.parametrize("tokens", [1, 2, 8, 9, 33])
 @pytest.mark.parametrize("value", [-128, -127, 127])
 @pytest.mark.parametrize("weight", [-1, 1])
-def test_extreme_activations_do_not_overflow(kernel, tokens, value, weight):
+@pytest.mark.parametrize("bits", [2, 1.6])
+def test_extreme_activations_do_not_overflow(kernel, tokens, value, weight, bits):
     """Extreme activations against all +1 or all -1 over 6912 columns (the 2B4T FFN width) are exact,
     in whole row tiles and in the rows past them."""
     ternary = np.full((13, 6912), weight, dtype=np.int8)
     xq = np.full((tokens, 6912), value, dtype=np.int8)
-    got = _core.TernaryMatrix(ternary).matmul_int(xq, kernel)
+    got = _core.TernaryMatrix(ternary, 1.0, bits).matmul_int(xq, kernel)
     assert np.all(got == weight * value * 6912)
+
+
+def trit_layout_bytes(ternary: np.ndarray) -> np.ndarray:
+    """The 1.6-bit layout as csrc/formats.h defines it, built here from that text alone: rows padded
+    with weight 0 to a multiple of 640, blocks of 320 weights, byte j of a block holding the codes of
+    weights j, 64 + j, 128 + j, 192 + j, 256 + j as base-3 digits (first most significant), the
+    number v stored as ceil(v * 256 / 243) (TQ1_0's scaling)."""
+    rows, cols = ternary.shape
+    padded = -(-cols // 640) * 640
+    codes = np.ones((rows, padded), dtype=np.int64)
+    codes[:, :cols] = ternary.astype(np.int64) + 1
+    digits = codes.reshape(rows, padded // 320, 5, 64)  # [row, block, digit, byte]
+    value = np.einsum("rbnj,n->rbj", digits, np.array([81, 27, 9, 3, 1]))
+    return ((value * 256 + 242) // 243).astype(np.uint8).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("cols", [1, 300, 640, 2560, 6912])
+def test_trit_layout_is_the_documented_one(cols):
+    ternary = random_ternary(np.random.default_rng(cols), 5, cols)
+    matrix = _core.TernaryMatrix(ternary, 1.0, 1.6)
+    assert matrix.ternary_bits == 1.6
+    assert np.array_equal(matrix.packed_bytes(), trit_layout_bytes(ternary))
+    assert matrix.nbytes == 5 * (-(-cols // 640) * 640) // 5
+
+
+def test_trit_bytes_decode_as_tq1_0_digits():
+    """Every stored byte value decodes, digit by digit, as gguf-py's TQ1_0 dequantizer reads the same
+    byte (an independent implementation of the base-3 decoding)."""
+    from gguf import GGMLQuantizationType, quants
+
+    values = np.arange(243)
+    stored = ((values * 256 + 242) // 243).astype(np.uint8)
+    # a TQ1_0 block: 48 + 4 digit bytes, then an f16 scale of 1; the first 32 bytes hold weights
+    # m + 32k (digit k of byte m), so put each stored byte in byte 0 of its own block
+    blocks = np.zeros((243, 54), dtype=np.uint8)
+    blocks[:, 0] = stored
+    blocks[:, 52:54] = np.frombuffer(np.float16(1).tobytes(), dtype=np.uint8)
+    weights = quants.dequantize(blocks.reshape(-1), GGMLQuantizationType.TQ1_0).reshape(243, 256)
+    tq1_0_digits = weights[:, [0, 32, 64, 96, 128]].astype(np.int64) + 1
+    expected = np.stack([values // 81, values // 27 % 3, values // 9 % 3, values // 3 % 3, values % 3], axis=1)
+    assert np.array_equal(tq1_0_digits, expected)
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 9])
+def test_every_trit_byte_decodes_exactly(kernel, tokens):
+    """243 rows in which every byte position holds every base-3 value once (so every digit reads every
+    byte value it can meet), against an exact NumPy product."""
+    values = (np.arange(243)[:, None] + np.arange(64)[None, :]) % 243  # [row, byte]
+    digits = np.stack([values // 81, values // 27 % 3, values // 9 % 3, values // 3 % 3, values % 3], axis=1)
+    ternary = np.tile(digits.reshape(243, 320) - 1, (1, 2)).astype(np.int8)  # two blocks a row: 640 columns
+    xq = np.random.default_rng(tokens).integers(-127, 128, size=(tokens, 640), dtype=np.int8)
+    got = _core.TernaryMatrix(ternary, 1.0, 1.6).matmul_int(xq, kernel)
+    assert np.array_equal(got, xq.astype(np.int64) @ ternary.T.astype(np.int64))
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("cols", [5, 640, 2560, 6912])
+def test_trits_unpack_to_the_two_bit_layout(kernel, cols):
+    """Prompts unpack 1.6-bit rows into the 2-bit layout: the bytes bitnet.cpp's I2_S packing gives
+    the same weights, rows padded with zeros to the 1.6-bit width (I2_S's layout is the 2-bit one)."""
+    from ternlm.weights.gguf_ternary import pack_i2_s
+
+    rows = 7
+    ternary = random_ternary(np.random.default_rng(cols), rows, cols)
+    padded = np.zeros((rows, -(-cols // 640) * 640), dtype=np.int8)
+    padded[:, :cols] = ternary
+    expected = pack_i2_s(padded, 1.0)[:-32].reshape(rows, -1)
+    assert np.array_equal(_core.TernaryMatrix(ternary, 1.0, 1.6).unpacked_to_two_bit(kernel), expected)
+
+
+def test_ternary_bits_must_be_2_or_1_6():
+    with pytest.raises(ValueError, match="2 or 1.6"):
+        _core.TernaryMatrix(np.zeros((1, 4), dtype=np.int8), 1.0, 1.5)
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())

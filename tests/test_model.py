@@ -113,6 +113,32 @@ def test_batched_step_equals_each_sequence_alone(tmp_path, tiny_tokenizer_json):
         engine.forward_batch([(other.engine.new_cache(8), [1], 0)])
 
 
+@pytest.mark.parametrize("source", ["hf", "i2_s"])
+def test_ternary_bits_give_identical_logits(source, tmp_path, tiny_tokenizer_json):
+    """1.6-bit weights (a different layout, other kernels, and for 4 tokens or more an unpacking to
+    the 2-bit layout) give exactly the logits of 2-bit ones: prompts, one-token steps and batches.
+    Loaded from int8 weights (HF) and from bytes already in the 2-bit layout (I2_S)."""
+    from ternlm.weights.convert import convert_to_gguf
+
+    directory = write_checkpoint(random_bitnet(seed=8, hidden_size=640, intermediate_size=1280), tmp_path,
+                                 tiny_tokenizer_json)
+    path = convert_to_gguf(directory, tmp_path / "m.gguf", ternary="i2_s", head="f16") if source == "i2_s" else directory
+    two, trits = (ternlm.load(path, ternary_bits=bits).engine for bits in (2, 1.6))
+    assert (two.ternary_bits, trits.ternary_bits) == (2, 1.6)
+    assert trits.weight_bytes < two.weight_bytes
+    for length in (1, 2, 3, 4, 5, 16):
+        assert np.array_equal(two.forward(two.new_cache(16), PROMPT[:length], 0, True),
+                              trits.forward(trits.new_cache(16), PROMPT[:length], 0, True))
+
+    def step(engine):
+        caches = [engine.new_cache(16) for _ in range(5)]
+        return engine.forward_batch([(cache, PROMPT[i: i + 2], 0) for i, cache in enumerate(caches)])
+
+    assert np.array_equal(step(two), step(trits))
+    with pytest.raises(ValueError, match="2 or 1.6"):
+        ternlm.load(path, ternary_bits=1)
+
+
 def test_threads_give_identical_logits(tmp_path, tiny_tokenizer_json):
     directory = write_checkpoint(random_bitnet(seed=7), tmp_path, tiny_tokenizer_json)
     one = ternlm.load(directory, threads=1).logits(PROMPT)

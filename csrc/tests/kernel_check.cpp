@@ -36,15 +36,26 @@ int main() {
             int8_gemv_ref(head, 0, rows, x.data(), tokens, expected.data(), rows);
             kernels.int8_gemv(head, 0, rows, x.data(), tokens, got.data(), rows);
             failures += expected != got;
-            checks += 2;
             // the reference itself against a direct sum over the unpacked weights
-            ternary_gemm_ref(m.view(), 0, rows, x.data(), sums.data(), tokens, expected.data(), rows);
+            std::vector<int32_t> direct(tokens * rows, 0);
             for (int t = 0; t < tokens; ++t)
-                for (int r = 0; r < rows; ++r) {
-                    int32_t direct = 0;
-                    for (int k = 0; k < cols; ++k) direct += w[r * cols + k] * x[t * padded + k];
-                    failures += expected[t * rows + r] != direct;
-                }
+                for (int r = 0; r < rows; ++r)
+                    for (int k = 0; k < cols; ++k) direct[t * rows + r] += w[r * cols + k] * x[t * padded + k];
+            ternary_gemm_ref(m.view(), 0, rows, x.data(), sums.data(), tokens, expected.data(), rows);
+            failures += expected != direct;
+            // the 1.6-bit layout: its GEMM, and its unpacking to the 2-bit layout for prompts
+            const int64_t wide = trit_padded_cols(cols);
+            std::vector<int8_t> xt(tokens * wide, 0);
+            for (int t = 0; t < tokens; ++t)
+                for (int k = 0; k < cols; ++k) xt[t * wide + k] = x[t * padded + k];
+            const TernaryMatrix trits = TernaryMatrix::from_ternary(w.data(), rows, cols, 1.0f, TernaryLayout::Trits);
+            kernels.trit_gemm(trits.trit_view(), 0, rows, xt.data(), sums.data(), tokens, got.data(), rows);
+            failures += got != direct;
+            std::vector<uint8_t> unpacked(rows * wide / 4), reference(rows * wide / 4);
+            trits_to_two_bit_ref(trits.bytes.data(), rows * wide / kTritRowMultiple, reference.data());
+            kernels.trits_to_two_bit(trits.bytes.data(), rows * wide / kTritRowMultiple, unpacked.data());
+            failures += unpacked != reference;
+            checks += 5;
         }
         std::printf("%s: checked\n", name.c_str());
     }

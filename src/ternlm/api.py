@@ -175,7 +175,7 @@ DEFAULT_PROMPT_CACHE_MB = 256
 
 def load(model: str | Path | None = None, threads: int | None = None, backend: str = "native",
          n_ctx: int | None = None, head: str | None = None, kv_cache: str = "f16", progress=None,
-         prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB) -> LanguageModel:
+         prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, ternary_bits: float | None = None) -> LanguageModel:
     """Load a model directory (or HF repo id in the local cache; None: the shipped default model).
 
     threads: worker threads for the native backend (default: all cores).
@@ -189,14 +189,19 @@ def load(model: str | Path | None = None, threads: int | None = None, backend: s
           same tokens (a conversation's next turn), least recently used out first; 0 turns it off.
           Each cached position of the model takes layers * 2 * kv_heads * head_dim * 2 bytes
           (f16): 2B4T, about 77 KB, so 256 MB hold some 3,300 positions. Memory is taken as used.
+    ternary_bits: the ternary weights in memory as 2 bits each (four to a byte) or 1.6 (five to a
+          byte: 20 % fewer bytes to stream per token, more work to decode them); None: the faster
+          one on this CPU (`ternlm info` says which). The logits are identical either way.
     """
     path = resolve_model_path(model)
-    return load_checkpoint(open_checkpoint(path), threads, backend, n_ctx, head, kv_cache, progress, prompt_cache_mb)
+    return load_checkpoint(open_checkpoint(path), threads, backend, n_ctx, head, kv_cache, progress, prompt_cache_mb,
+                           ternary_bits)
 
 
 def load_checkpoint(checkpoint: Checkpoint, threads: int | None = None, backend: str = "native",
                     n_ctx: int | None = None, head: str | None = None, kv_cache: str = "f16",
-                    progress=None, prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB) -> LanguageModel:
+                    progress=None, prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB,
+                    ternary_bits: float | None = None) -> LanguageModel:
     """A LanguageModel from an open checkpoint (e.g. a synthetic one); the other arguments are load()'s."""
     path = Path(checkpoint.source)
     config = checkpoint.config
@@ -208,7 +213,7 @@ def load_checkpoint(checkpoint: Checkpoint, threads: int | None = None, backend:
     limit = config.max_position_embeddings
     if n_ctx is not None and not 0 < n_ctx <= limit:
         raise ValueError(f"n_ctx must be between 1 and the model's {limit} positions, got {n_ctx}")
-    engine = build_engine(checkpoint, backend, threads, progress, head, kv_cache)
+    engine = build_engine(checkpoint, backend, threads, progress, head, kv_cache, ternary_bits)
     stop_ids = checkpoint.stop_ids(tokenizer)
     if prompt_cache_mb < 0:
         raise ValueError(f"prompt_cache_mb must be 0 (off) or positive, got {prompt_cache_mb}")

@@ -39,6 +39,7 @@ class BenchResult:
     pct_of_bound: float | None   # gb_s / measured read bandwidth at this thread count
     peak_rss_mb: float
     sampling: str = "greedy"     # how tg picks each token: greedy, or the sampling settings
+    ternary_bits: float = 2      # bits per ternary weight in memory: 2 or 1.6
 
     @property
     def kind(self) -> str:
@@ -82,34 +83,37 @@ def describe(params: SamplingParams) -> str:
                      if name == "temperature" or getattr(params, name) != getattr(defaults, name))
 
 
-def run(engine, prompt_lengths: list[int], generation_lengths: list[int], threads: list[int], repetitions: int,
+def run(engines, prompt_lengths: list[int], generation_lengths: list[int], threads: list[int], repetitions: int,
         progress=None, sampling: SamplingParams | None = None) -> list[BenchResult]:
-    """sampling: settings for a sampled run of each tg beside the greedy one."""
+    """engines: the same model in each layout to compare (e.g. 2- and 1.6-bit ternary weights);
+    sampling: settings for a sampled run of each tg beside the greedy one. Every engine and picker
+    of a test runs in turn within each repetition, so a slow spell of the host hits them all."""
     rng = np.random.default_rng(0)
-    vocab = engine.config.vocab_size
+    vocab = engines[0].config.vocab_size
     pickers = [SamplingParams()] + ([sampling] if sampling else [])
     results = []
     for t in threads:
-        engine.threads = t
-        tests = [("pp", n, [lambda tokens: time_prompt(engine, tokens)]) for n in prompt_lengths if n > 0] + \
-                [("tg", n, [lambda tokens, p=p: time_generation(engine, tokens, p) for p in pickers])
-                 for n in generation_lengths if n > 0]
-        for kind, n, timers in tests:
+        for engine in engines:
+            engine.threads = t
+        for kind, n in [("pp", n) for n in prompt_lengths if n > 0] + [("tg", n) for n in generation_lengths if n > 0]:
+            runs = [(engine, None) for engine in engines] if kind == "pp" else \
+                [(engine, picker) for engine in engines for picker in pickers]
             tokens = rng.integers(0, vocab, size=n).astype(np.int32)
-            timers[0](tokens)  # warm-up: page in the weights, size the caches
-            rates: list[list[float]] = [[] for _ in timers]
-            for _ in range(repetitions):
-                for timer, timer_rates in zip(timers, rates):  # interleaved: a slow spell of the host hits them all
-                    timer_rates.append(n / timer(tokens))
-                    if progress:
-                        progress()
-            for picker, timer_rates in zip(pickers, rates):
-                median = statistics.median(timer_rates)
+            rates: list[list[float]] = [[] for _ in runs]
+            for repetition in range(-1, repetitions):  # -1: a warm-up, to page in the weights and size the caches
+                for (engine, picker), run_rates in zip(runs, rates):
+                    seconds = time_prompt(engine, tokens) if picker is None else time_generation(engine, tokens, picker)
+                    if repetition >= 0:
+                        run_rates.append(n / seconds)
+                        if progress:
+                            progress()
+            for (engine, picker), run_rates in zip(runs, rates):
+                median = statistics.median(run_rates)
                 # a decode step streams every ternary weight and the whole head once
                 gb_s = (engine.weight_bytes + engine.head_bytes) * median / 1e9 if kind == "tg" else None
-                results.append(BenchResult(f"{kind}{n}", t, engine.head, _core.kernel_name(), median, min(timer_rates),
-                                           max(timer_rates), 1000 / median, gb_s, None, peak_rss_mb(),
-                                           describe(picker) if kind == "tg" else ""))
+                results.append(BenchResult(f"{kind}{n}", t, engine.head, _core.kernel_name(), median, min(run_rates),
+                                           max(run_rates), 1000 / median, gb_s, None, peak_rss_mb(),
+                                           describe(picker) if picker else "", engine.ternary_bits))
     return results
 
 
@@ -129,12 +133,13 @@ def format_markdown(results: list[BenchResult], model: str, bandwidth: dict[int,
              f"read bandwidth: " + ", ".join(f"{bw:.1f} GB/s at {t} thread{'s' if t > 1 else ''}"
                                              for t, bw in bandwidth.items()),
              "",
-             "| test | threads | head | tokens picked | t/s median | t/s min–max | ms/token | GB/s | % of bound | peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| test | threads | ternary bits | head | tokens picked | t/s median | t/s min–max | ms/token | GB/s | "
+             "% of bound | peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         gb = f"{r.gb_s:.1f}" if r.gb_s is not None else ""
         pct = f"{r.pct_of_bound:.0f} %" if r.pct_of_bound is not None else ""
-        lines.append(f"| {r.test} | {r.threads} | {r.head} | {r.sampling} | {r.t_s_median:.2f} | "
+        lines.append(f"| {r.test} | {r.threads} | {r.ternary_bits:g} | {r.head} | {r.sampling} | {r.t_s_median:.2f} | "
                      f"{r.t_s_min:.2f}–{r.t_s_max:.2f} | {r.ms_per_token:.1f} | {gb} | {pct} | "
                      f"{r.peak_rss_mb / 1000:.2f} GB |")
     return "\n".join(lines)

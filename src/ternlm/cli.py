@@ -9,7 +9,7 @@ import sys
 from .commands import (CHAT_HELP, DEFAULT_PERPLEXITY_CTX, cmd_bench, cmd_chat, cmd_convert, cmd_eval, cmd_generate,
                        cmd_info, cmd_list, cmd_perplexity, cmd_pull, cmd_serve)
 from .errors import FormatError, HubError, MissingExtraError
-from .engines import HEADS, KV_CACHES
+from .engines import HEADS, KV_CACHES, TERNARY_BITS
 
 
 MODEL_HELP = "model: an HF directory, a GGUF file, or an HF repo id already downloaded (default: the model shipped with ternlm)"
@@ -26,6 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_help: str = "context length 
     p.add_argument("--head", choices=HEADS, default=None,
                    help="format of the output matrix (default: as stored in the file; int8 halves its bytes, q4 quarters them)")
     p.add_argument("--kv-cache", choices=KV_CACHES, default="f16", help="keys and values in f16 (default) or f32")
+    p.add_argument("--ternary-bits", type=_ternary_bits, default=None, metavar="{2,1.6}",
+                   help=TERNARY_BITS_HELP)
     if verbose_help:
         p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
 
@@ -55,6 +57,24 @@ def _add_filter_args(g) -> None:
                                                             "(unset: the model's, else 0 = off)")
     g.add_argument("--repeat-penalty", type=float, default=None, help="penalty for the last 64 tokens (1.0 = off; "
                                                                      "unset: the model's, else 1.0)")
+
+
+TERNARY_BITS_HELP = ("ternary weights in memory as 2 bits each or 1.6 (five to a byte: fewer bytes per token, more "
+                     "work to decode); the logits are the same (default: the faster one on this CPU, see `ternlm info`)")
+
+
+def _ternary_bits(text: str) -> float:
+    try:
+        bits = float(text)
+    except ValueError:
+        bits = None
+    if bits not in TERNARY_BITS:
+        raise argparse.ArgumentTypeError(f"expected 2 or 1.6, got {text!r}")
+    return bits
+
+
+def _ternary_bits_list(text: str) -> list[float]:
+    return [_ternary_bits(v) for v in text.split(",") if v.strip()] or [_ternary_bits(text)]
 
 
 def _int_list(text: str) -> list[int]:
@@ -220,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test after a warm-up (default 5)")
     p.add_argument("--head", choices=HEADS, default=None,
                    help="format of the output matrix (default: as in the file; float16 for synthetic)")
+    p.add_argument("--ternary-bits", type=_ternary_bits_list, default=None, metavar="{2,1.6}[,...]",
+                   help=TERNARY_BITS_HELP.replace("(default", "; several, comma-separated, are measured interleaved "
+                                                              "(default"))
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="a markdown table or a JSON array")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="also draw tokens/s against threads and against prompt length into this PNG (needs matplotlib)")

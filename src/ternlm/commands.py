@@ -37,7 +37,7 @@ def _load(args):
             progress.update(task, completed=done, total=total)
 
         return load(args.model, threads=args.threads, backend=args.backend, n_ctx=args.ctx, head=args.head,
-                    kv_cache=args.kv_cache, progress=step)
+                    kv_cache=args.kv_cache, progress=step, ternary_bits=args.ternary_bits)
 
 
 def _print_stats(model, args, first_token_seconds: float | None = None) -> None:
@@ -147,6 +147,7 @@ def cmd_info(args) -> int:
 
     from . import _core
     from .bench import cpu_model
+    from .engines import default_ternary_bits
 
     console = Console()
     table = Table(title="ternlm", show_header=False)
@@ -157,6 +158,8 @@ def cmd_info(args) -> int:
     table.add_row("kernels", f"{_core.kernel_name()} (available: {', '.join(_core.available_kernels())}; "
                              f"TERNLM_KERNELS overrides)")
     table.add_row("ternary GEMM", _core.ternary_gemm_paths())
+    table.add_row("ternary weights", f"{default_ternary_bits():g} bits each by default on this CPU "
+                                     f"({_core.ternary_bits_rule()}; --ternary-bits overrides)")
     table.add_row("threads", f"{_core.default_threads()} by default (one for very small models)")
     try:
         model = _load(args)
@@ -176,7 +179,9 @@ def cmd_info(args) -> int:
                                 f"{'tied' if c.tie_word_embeddings else 'separate'} head")
     table.add_row("context", f"{model.n_ctx} of {c.max_position_embeddings}, RoPE θ {c.rope_theta:g}")
     table.add_row("stop tokens", ", ".join(f"{i} {model.tokenizer.id_to_token(i)!r}" for i in sorted(model.stop_ids)))
-    table.add_row("backend", f"{model.backend}, {model.threads} threads")
+    bits = getattr(model.engine, "ternary_bits", None)
+    table.add_row("backend", f"{model.backend}, {model.threads} threads" +
+                  (f", ternary weights in {bits:g} bits ({model.engine.weight_bytes / 1e6:.1f} MB)" if bits else ""))
     console.print(table)
     return 0
 
@@ -233,12 +238,13 @@ def cmd_bench(args) -> int:
             shape = args.synthetic or "2b4t"
             checkpoint = SyntheticCheckpoint(shape, HEAD_DTYPES.get(args.head, "float16"))
             name = f"synthetic {shape}"
-        engine = NativeEngine(checkpoint, max(args.threads), head=args.head)
+        engines = [NativeEngine(checkpoint, max(args.threads), head=args.head, ternary_bits=bits)
+                   for bits in args.ternary_bits or [None]]
     generation_runs = sum(1 for n in args.n_gen if n) * (2 if sampling else 1)
-    runs = len(args.threads) * args.repetitions * (sum(1 for n in args.n_prompt if n) + generation_runs)
+    runs = len(engines) * len(args.threads) * args.repetitions * (sum(1 for n in args.n_prompt if n) + generation_runs)
     with progress_bar() as progress:
         task = progress.add_task("benchmarking", total=runs)
-        results = bench.run(engine, args.n_prompt, args.n_gen, args.threads, args.repetitions,
+        results = bench.run(engines, args.n_prompt, args.n_gen, args.threads, args.repetitions,
                             progress=lambda: progress.advance(task), sampling=sampling)
     with console.status("measuring read bandwidth"):
         bandwidth = bench.measure_bandwidth(args.threads)
@@ -401,6 +407,7 @@ def _serve_on_ray(args, options) -> int:
     model = str(path.resolve()) if local else args.model
     ray_options = RayOptions(address=args.address, replicas=args.replicas or 1, autoscale=args.autoscale,
                              threads_per_replica=args.threads_per_replica or 1)
-    load_options = dict(backend=args.backend, n_ctx=args.ctx, head=args.head, kv_cache=args.kv_cache)
+    load_options = dict(backend=args.backend, n_ctx=args.ctx, head=args.head, kv_cache=args.kv_cache,
+                        ternary_bits=args.ternary_bits)
     serve_on_ray(model, served_model_id(args.model, path), load_options, options, ray_options, args.host, args.port)
     return 0

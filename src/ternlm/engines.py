@@ -41,6 +41,21 @@ def model_shape(config: BitNetConfig) -> _core.ModelShape:
 HEAD_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 HEADS = (*HEAD_DTYPES, "int8", "q4")
 KV_CACHES = ("f16", "f32")
+# bits a ternary weight takes in memory: 2 (four to a byte) or 1.6 (five to a byte, csrc/formats.h)
+TERNARY_BITS = (2, 1.6)
+
+
+def default_ternary_bits() -> float:
+    """The layout that decodes faster with this CPU's kernels (the rule: csrc/dispatch.cpp)."""
+    return _core.default_ternary_bits()
+
+
+def check_ternary_bits(bits: float | None) -> float:
+    if bits is None:
+        return default_ternary_bits()
+    if bits not in TERNARY_BITS:
+        raise ValueError(f"ternary_bits must be 2 or 1.6, got {bits!r}")
+    return float(bits)
 HEAD_CHUNK_ROWS = 2048  # 10 MB of a 2B4T f16 embedding resident at a time while quantizing: a lower peak RSS
 
 
@@ -49,10 +64,12 @@ class NativeEngine:
     f16/bf16/f32 convert it (and a tied embedding); int8 quantizes each row with its
     own scale, q4 each group of 32 weights to 4 bits (as llama.cpp's Q4_0), and both multiply an
     int8-quantized final hidden state against it.
-    kv_cache: "f16" (half the memory) or "f32" keys and values."""
+    kv_cache: "f16" (half the memory) or "f32" keys and values.
+    ternary_bits: 2 or 1.6 bits a ternary weight takes in memory (None: default_ternary_bits());
+    the logits are the same either way."""
 
     def __init__(self, checkpoint: Checkpoint, threads: int | None = None, progress=None,
-                 head: str | None = None, kv_cache: str = "f16"):
+                 head: str | None = None, kv_cache: str = "f16", ternary_bits: float | None = None):
         if head is not None and head not in HEADS:
             raise ValueError(f"unknown head format {head!r}; choose one of {', '.join(HEADS)}")
         if kv_cache not in KV_CACHES:
@@ -61,7 +78,8 @@ class NativeEngine:
         head_dtype = HEAD_DTYPES.get(head)
         config = self.config = checkpoint.config
         self.shape = model_shape(config)
-        self._model = _core.Model(self.shape, threads or default_threads(config))
+        self.ternary_bits = check_ternary_bits(ternary_bits)
+        self._model = _core.Model(self.shape, threads or default_threads(config), self.ternary_bits)
         for i in range(config.num_hidden_layers):
             for proj in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
                 name, (rows, cols) = linear_name(i, proj), linear_shape(config, proj)
@@ -182,9 +200,11 @@ def default_threads(config: BitNetConfig) -> int:
 
 
 def build_engine(checkpoint: Checkpoint, backend: str = "native", threads: int | None = None, progress=None,
-                 head: str | None = None, kv_cache: str = "f16"):
+                 head: str | None = None, kv_cache: str = "f16", ternary_bits: float | None = None):
     if backend == "native":
-        return NativeEngine(checkpoint, threads, progress, head, kv_cache)
+        return NativeEngine(checkpoint, threads, progress, head, kv_cache, ternary_bits)
+    if ternary_bits is not None:
+        check_ternary_bits(ternary_bits)
     if head is not None:
         raise ValueError("the reference backend computes the head in float32 from the file; head formats are native only")
     if backend == "reference":
