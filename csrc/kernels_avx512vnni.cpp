@@ -37,9 +37,8 @@ namespace {
 // is one register, its digit n the codes of weights 64n + j.
 TERNLM_INLINE __m512i times3(__m512i x) { return _mm512_add_epi8(x, _mm512_add_epi8(x, x)); }
 
-TERNLM_INLINE __m512i top_trit(__m512i x) {
-    const __m512i y = _mm512_subs_epu8(x, _mm512_set1_epi8(1));
-    return _mm512_and_si512(_mm512_avg_epu8(y, _mm512_avg_epu8(y, _mm512_setzero_si512())), _mm512_set1_epi8(-64));
+TERNLM_INLINE __m512i top_trit(__m512i x, __m512i next) {
+    return _mm512_sub_epi8(x, _mm512_avg_epu8(_mm512_avg_epu8(x, next), _mm512_setzero_si512()));
 }
 
 template <int NR>
@@ -59,8 +58,9 @@ inline void trit_rows_512(const uint8_t* rows, int64_t row_bytes, int64_t blocks
             const __m512i xv = _mm512_loadu_si512(x + b * kTritBlock + 64 * n);
 #pragma GCC unroll 8
             for (int r = 0; r < NR; ++r) {
-                acc[r] = Zmm::dot(acc[r], top_trit(digits[r]), xv);
-                digits[r] = times3(digits[r]);
+                const __m512i next = times3(digits[r]);
+                acc[r] = Zmm::dot(acc[r], top_trit(digits[r], next), xv);
+                digits[r] = next;
             }
         }
     }

@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -217,6 +218,120 @@ void Model::set_linear_packed(int64_t layer, const std::string& name, const uint
         for (int64_t k = 0; k < cols; ++k)
             codes[k] = (row[k / kTernaryBlock * kTernaryBlockBytes + k % kCodesPerLane] >> code_shift(k % kTernaryBlock)) & 3;
     });
+}
+
+namespace {
+
+constexpr int kTqBlock = 256;
+
+// The codes of one TQ2_0 block (64 bytes of 2-bit codes, then the scale): byte 32h + m holds
+// weights 128h + 32k + m in bits 2k+1:2k. Returns false on the invalid code 3.
+bool tq2_0_codes(const uint8_t* block, uint8_t* codes) {
+    uint8_t code_three = 0;
+    for (int h = 0; h < 2; ++h)
+        for (int k = 0; k < 4; ++k)
+            for (int m = 0; m < 32; ++m) {
+                const uint8_t code = (block[32 * h + m] >> (2 * k)) & 3;
+                code_three |= code == 3;
+                codes[128 * h + 32 * k + m] = code;
+            }
+    return !code_three;
+}
+
+// The codes of one TQ1_0 block (48 + 4 bytes of base-3 digits, then the scale): digit k of byte m
+// is weight 32k + m (bytes 0..31, five digits), 160 + 16k + m (bytes 32..47) and 240 + 4k + m
+// (bytes 48..51, four digits). The digits decode as the 1.6-bit layout's (formats.h).
+void tq1_0_codes(const uint8_t* block, uint8_t* codes) {
+    struct Digits {  // every byte's five digits, decoded once: loading decodes two billion of them for 2B4T
+        uint8_t of[256][kTritDigits];
+        Digits() {
+            for (int byte = 0; byte < 256; ++byte)
+                for (int k = 0; k < kTritDigits; ++k) of[byte][k] = decode_trit(static_cast<uint8_t>(byte), k);
+        }
+    };
+    static const Digits digits;
+    for (int m = 0; m < 32; ++m)
+        for (int k = 0; k < kTritDigits; ++k) codes[32 * k + m] = digits.of[block[m]][k];
+    for (int m = 0; m < 16; ++m)
+        for (int k = 0; k < kTritDigits; ++k) codes[160 + 16 * k + m] = digits.of[block[32 + m]][k];
+    for (int m = 0; m < 4; ++m)
+        for (int k = 0; k < 4; ++k) codes[240 + 4 * k + m] = digits.of[block[48 + m]][k];
+}
+
+// The one scale of a tensor's blocks: every block with a nonzero weight carries it.
+class BlockScales {
+public:
+    void add(const uint8_t* codes, uint16_t scale) {
+        if (scale == first_ || std::all_of(codes, codes + kTqBlock, [](uint8_t c) { return c == 1; })) return;
+        if (first_ == kNone) first_ = scale;
+        else other_ = scale;
+    }
+    void merge(const BlockScales& o) {
+        for (uint32_t s : {o.first_, o.other_})
+            if (s != kNone && s != first_) (first_ == kNone ? first_ : other_) = s;
+    }
+    // The tensor's scale (1 for an all-zero matrix: any scale gives the same zeros).
+    float scale(const std::string& name) const {
+        if (other_ != kNone)
+            throw shape_error(name + " has different block scales (e.g. " + std::to_string(f16_to_f32(first_)) +
+                              ", " + std::to_string(f16_to_f32(other_)) + "); a BitNet weight has one scale per tensor");
+        return first_ == kNone ? 1.0f : f16_to_f32(first_);
+    }
+
+private:
+    static constexpr uint32_t kNone = 0x10000;  // no f16 has these bits
+    uint32_t first_ = kNone, other_ = kNone;
+};
+
+}  // namespace
+
+void Model::set_linear_tq(int64_t layer, const std::string& name, const uint8_t* blocks, int64_t nbytes, bool tq1_0,
+                          int64_t rows, int64_t cols) {
+    int64_t want_rows = 0, want_cols = 0;
+    TernaryMatrix* slot = linear_slot(layer_at(layer), name, &want_rows, &want_cols);
+    const int64_t block_bytes = tq1_0 ? 54 : 66;
+    if (rows != want_rows || cols != want_cols || rows * cols % kTqBlock != 0 ||
+        nbytes != rows * cols / kTqBlock * block_bytes)
+        throw shape_error(name + ": TQ blocks need shape [" + std::to_string(want_rows) + ", " + std::to_string(want_cols) +
+                          "] in whole blocks of 256 weights, " + std::to_string(block_bytes) + " bytes each");
+    std::mutex merging;
+    BlockScales scales;
+    std::atomic<bool> code_three{false};
+    // Blocks run through the tensor as one flat sequence, so a block may hold the end of one row
+    // and the start of the next; the row holding a block's first weight checks its scale.
+    pack_rows(slot, rows, cols, 0.0f, [&](int64_t r, std::vector<uint8_t>& codes) {
+        BlockScales row_scales;
+        uint8_t partial[kTqBlock];
+        const int64_t first = r * cols, end = first + cols;
+        for (int64_t b = first / kTqBlock; b * kTqBlock < end; ++b) {
+            const int64_t start = b * kTqBlock;
+            const bool whole = start >= first && start + kTqBlock <= end;
+            uint8_t* block_codes = whole ? codes.data() + (start - first) : partial;
+            const uint8_t* block = blocks + b * block_bytes;
+            if (tq1_0) tq1_0_codes(block, block_codes);
+            else if (!tq2_0_codes(block, block_codes)) code_three = true;
+            if (start >= first) {
+                uint16_t scale;
+                std::memcpy(&scale, block + block_bytes - 2, 2);
+                row_scales.add(block_codes, scale);
+            }
+            if (!whole) {
+                const int64_t from = std::max(first, start), to = std::min(end, start + kTqBlock);
+                std::memcpy(codes.data() + (from - first), partial + (from - start), static_cast<size_t>(to - from));
+            }
+        }
+        const std::lock_guard<std::mutex> lock(merging);
+        scales.merge(row_scales);
+    });
+    try {
+        if (code_three) throw shape_error(name + " contains the invalid 2-bit code 3");
+        slot->scale = scales.scale(name);
+        if (!(std::isfinite(slot->scale) && slot->scale > 0))
+            throw shape_error(name + " has the scale " + std::to_string(slot->scale) + ", not a positive number");
+    } catch (...) {
+        *slot = TernaryMatrix();
+        throw;
+    }
 }
 
 void Model::set_final_norm(const float* values, int64_t n) {

@@ -78,6 +78,11 @@ public:
     // an I2_S tensor: checked that no 2-bit code is 3, then copied or re-encoded in the model's layout.
     void set_linear_packed(int64_t layer, const std::string& name, const uint8_t* bytes, int64_t rows,
                            int64_t cols, float scale);
+    // The same from GGUF's TQ1_0 or TQ2_0 blocks (ggml's: 256 weights and an f16 scale each, through
+    // the tensor as one flat sequence), decoded straight into the model's layout. Every block holding a nonzero
+    // weight must carry the same scale, which becomes the tensor's.
+    void set_linear_tq(int64_t layer, const std::string& name, const uint8_t* blocks, int64_t nbytes, bool tq1_0,
+                       int64_t rows, int64_t cols);
     void set_final_norm(const float* values, int64_t n);
     void set_embedding(DenseMatrix embedding);
     // Lookups read each embedding row from this open file (the model keeps its own duplicate of

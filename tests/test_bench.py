@@ -43,3 +43,15 @@ def test_bench_reports_sampled_decoding_beside_greedy():
     bad = subprocess.run([sys.executable, "-m", "ternlm.cli", "bench", "--synthetic", "tiny", "--temperature", "1",
                           "--top-p", "2"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "top_p" in bad.stderr
+
+
+def test_bench_compares_ternary_formats_interleaved():
+    result = subprocess.run([sys.executable, "-m", "ternlm.cli", "bench", "--synthetic", "tiny", "-p", "4", "-n", "2",
+                             "-t", "1", "-r", "2", "-o", "json", "--ternary-bits", "2,1.6"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["test"], r["ternary_bits"]) for r in rows] == [("pp4", 2), ("pp4", 1.6), ("tg2", 2), ("tg2", 1.6)]
+    bad = subprocess.run([sys.executable, "-m", "ternlm.cli", "bench", "--synthetic", "tiny", "--ternary-bits", "1.5"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected 2 or 1.6" in bad.stderr

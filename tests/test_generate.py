@@ -181,6 +181,12 @@ def test_cli_info_shows_kernels(model_dir):
     assert result.returncode == 0, result.stderr
     assert "kernels" in result.stdout and "relu2" in result.stdout
     assert "ternary GEMM" in result.stdout
+    assert "bits each by default on this CPU" in result.stdout
+    result = run_cli("info", "-m", str(model_dir), "--ternary-bits", "1.6")
+    assert result.returncode == 0, result.stderr
+    assert "ternary weights in 1.6 bits" in result.stdout
+    result = run_cli("generate", "x", "-m", str(model_dir), "--ternary-bits", "3")
+    assert result.returncode == 2 and "expected 2 or 1.6" in result.stderr
 
 
 def test_cli_reports_bad_model_without_traceback(tmp_path):

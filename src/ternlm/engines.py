@@ -83,15 +83,7 @@ class NativeEngine:
         for i in range(config.num_hidden_layers):
             for proj in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
                 name, (rows, cols) = linear_name(i, proj), linear_shape(config, proj)
-                packed = checkpoint.runtime_packed(name, rows, cols)
-                if packed is not None:
-                    try:
-                        self._model.set_linear_packed(i, proj, packed[0], rows, cols, packed[1])
-                    except ValueError as e:
-                        raise FormatError(checkpoint.source, f"tensor {name!r}: {e}") from None
-                    checkpoint.release(name)
-                else:
-                    self._model.set_linear(i, proj, *checkpoint.ternary(name, rows, cols))
+                self._set_linear(checkpoint, i, proj, name, rows, cols)
             for norm in layer_norms(config):
                 size = config.intermediate_size if norm == "ffn_sub_norm" else config.hidden_size
                 self._model.set_norm(i, norm, checkpoint.norm(norm_name(i, norm), size))
@@ -119,6 +111,22 @@ class NativeEngine:
             self._model.read_embedding_from(*location)
             checkpoint.release("model.embed_tokens.weight")
         self._model.check_complete()
+
+    def _set_linear(self, checkpoint: Checkpoint, layer: int, projection: str, name: str, rows: int, cols: int) -> None:
+        """Hands the core a BitLinear weight in the most direct form the checkpoint offers: bytes in
+        the 2-bit runtime layout, GGUF TQ blocks, else int8 values."""
+        packed = checkpoint.runtime_packed(name, rows, cols)
+        blocks = None if packed is not None else checkpoint.ggml_ternary_blocks(name, rows, cols)
+        if packed is None and blocks is None:
+            return self._model.set_linear(layer, projection, *checkpoint.ternary(name, rows, cols))
+        try:
+            if packed is not None:
+                self._model.set_linear_packed(layer, projection, packed[0], rows, cols, packed[1])
+            else:
+                self._model.set_linear_tq(layer, projection, blocks[0], blocks[1], rows, cols)
+        except ValueError as e:
+            raise FormatError(checkpoint.source, f"tensor {checkpoint.stored_name(name)!r}: {e}") from None
+        checkpoint.release(name)
 
     def _set_dense(self, checkpoint: Checkpoint, name: str, setter, dtype: str | None) -> str:
         tensor = checkpoint.dense(name)

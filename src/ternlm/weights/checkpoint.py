@@ -112,6 +112,15 @@ class Checkpoint:
         (csrc/formats.h), as (uint8 [rows * cols / 4], scale), or None: then use ternary()."""
         return None
 
+    def stored_name(self, name: str) -> str:
+        """What the file calls a tensor, for messages."""
+        return name
+
+    def ggml_ternary_blocks(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, bool] | None:
+        """A BitLinear weight stored as GGUF's TQ1_0 or TQ2_0 blocks that the engine decodes itself, as
+        (the blocks' bytes, whether TQ1_0), or None: then use runtime_packed() or ternary()."""
+        return None
+
     def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
         """A hint that the caller has its own copy of the tensor (or of rows [first_row, end_row)):
         memory-mapped readers drop those pages from the resident set."""

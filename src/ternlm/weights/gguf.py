@@ -252,6 +252,19 @@ class GGUFCheckpoint(Checkpoint):
             raise FormatError(self.source, f"tensor {info.name!r} has the scale {scale}, not a positive number")
         return data[: rows * cols // 4], scale
 
+    def stored_name(self, name: str) -> str:
+        return self._info(name).name
+
+    def ggml_ternary_blocks(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, bool] | None:
+        """TQ1_0 and TQ2_0 tensors go to the engine as they are (it checks their scales), unless their
+        rows must be reordered first (llama's q/k permutation)."""
+        info = self._info(name)
+        projection = name.split(".")[-2]
+        if (info.type_id not in (TQ1_0, TQ2_0) or info.shape != (rows, cols)
+                or (self._permuted_rope and projection in ("q_proj", "k_proj"))):
+            return None
+        return self.file.bytes_of(info), info.type_id == TQ1_0
+
     def ternary(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float]:
         info = self._info(name)
         if info.shape != (rows, cols):
