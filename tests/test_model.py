@@ -113,16 +113,17 @@ def test_batched_step_equals_each_sequence_alone(tmp_path, tiny_tokenizer_json):
         engine.forward_batch([(other.engine.new_cache(8), [1], 0)])
 
 
-@pytest.mark.parametrize("source", ["hf", "i2_s"])
+@pytest.mark.parametrize("source", ["hf", "i2_s", "tq1_0", "tq2_0"])
 def test_ternary_bits_give_identical_logits(source, tmp_path, tiny_tokenizer_json):
     """1.6-bit weights (a different layout, other kernels, and for 4 tokens or more an unpacking to
     the 2-bit layout) give exactly the logits of 2-bit ones: prompts, one-token steps and batches.
-    Loaded from int8 weights (HF) and from bytes already in the 2-bit layout (I2_S)."""
+    Loaded from int8 weights (HF), from bytes already in the 2-bit layout (I2_S) and from GGUF's TQ
+    blocks (decoded in the core; test_gguf.py checks those against transformers)."""
     from ternlm.weights.convert import convert_to_gguf
 
-    directory = write_checkpoint(random_bitnet(seed=8, hidden_size=640, intermediate_size=1280), tmp_path,
+    directory = write_checkpoint(random_bitnet(seed=8, hidden_size=1280, intermediate_size=2560), tmp_path,
                                  tiny_tokenizer_json)
-    path = convert_to_gguf(directory, tmp_path / "m.gguf", ternary="i2_s", head="f16") if source == "i2_s" else directory
+    path = directory if source == "hf" else convert_to_gguf(directory, tmp_path / "m.gguf", ternary=source, head="f16")
     two, trits = (ternlm.load(path, ternary_bits=bits).engine for bits in (2, 1.6))
     assert (two.ternary_bits, trits.ternary_bits) == (2, 1.6)
     assert trits.weight_bytes < two.weight_bytes
