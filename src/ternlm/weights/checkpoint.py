@@ -28,6 +28,14 @@ class DenseTensor:
     dtype: str  # "float32" | "float16" | "bfloat16" | "float64"
 
 
+@dataclass
+class BlockTensor:
+    """A matrix stored in ggml's quantized blocks (Q4_0 ... Q8_0, Q2_K ... Q6_K), as stored."""
+
+    blocks: np.ndarray  # uint8 [rows, bytes per row], usually memory-mapped
+    type: str  # ggml's name of the block type: "Q4_0", "Q8_0", "Q4_K", ...
+
+
 def drop_pages(mapping: mmap.mmap | None, start: int, end: int) -> None:
     """Drops the whole pages of bytes [start, end) of a file mapping from this process's resident
     set, once the caller holds its own copy of them (the kernel keeps them in its page cache).
@@ -103,6 +111,11 @@ class Checkpoint:
         """A float tensor, memory-mapped where the file allows."""
         raise NotImplementedError
 
+    def blocks(self, name: str) -> BlockTensor | None:
+        """An embedding or head stored in quantized blocks, as stored (the engine decodes rows as
+        it needs them); None when it is stored as floats: then dense() reads it."""
+        return None
+
     def ternary(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float]:
         """A BitLinear weight as (int8 {-1,0,1} [rows, cols], scale that multiplies)."""
         raise NotImplementedError
@@ -117,9 +130,10 @@ class Checkpoint:
         memory-mapped readers drop those pages from the resident set."""
 
     def file_location(self, name: str) -> tuple[int, int] | None:
-        """Where a float tensor's values lie exactly as dense() gives them: (descriptor of the open
-        file they are mapped from, byte offset of the first value), so that a few rows can be read
-        without mapping them; None when they do not lie whole in one file."""
+        """Where a float tensor's values lie exactly as dense() gives them (or a quantized one's
+        blocks as blocks() gives them): (descriptor of the open file they are mapped from, byte
+        offset of the first value), so that a few rows can be read without mapping them; None when
+        they do not lie whole in one file."""
         return None
 
     def tokenizer(self):

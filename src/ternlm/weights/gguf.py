@@ -19,7 +19,7 @@ from gguf import quants as gguf_quants
 from ..config import BitNetConfig
 from ..errors import FormatError
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint, DenseTensor, float32_of
+from .checkpoint import BlockTensor, Checkpoint, DenseTensor, float32_of
 from .gguf_file import GGUFContainer, Metadata, TensorEntry
 from .gguf_tokenizer import gguf_tokenizer
 from .gguf_ternary import (I2_S, QK_I2_S, TERNARY_TYPE_NAMES, TQ1_0, TQ2_0, tensor_scale, ternary_nbytes,
@@ -238,6 +238,12 @@ class GGUFCheckpoint(Checkpoint):
         except ValueError as e:
             raise FormatError(self.source, f"tensor {info.name!r}: {e}") from None
 
+    def blocks(self, name: str) -> BlockTensor | None:
+        info = self._info(name)
+        if info.type_id not in _DEQUANTIZABLE or len(info.shape) != 2:
+            return None
+        return BlockTensor(self.file.bytes_of(info).reshape(info.shape[0], -1), info.type_name)
+
     def runtime_packed(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float] | None:
         """I2_S blocks are the engine's blocks: with whole blocks per row (and no llama q/k row
         permutation to undo) the file's bytes are used as they are."""
@@ -284,7 +290,7 @@ class GGUFCheckpoint(Checkpoint):
 
     def file_location(self, name: str) -> tuple[int, int] | None:
         info = self._info(name)
-        return (self.file.fileno(), info.offset) if info.type_id in DENSE_TYPES else None
+        return (self.file.fileno(), info.offset) if info.type_id in DENSE_TYPES or info.type_id in _DEQUANTIZABLE else None
 
     def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
         self.file.release(self._info(name), first_row, end_row)
