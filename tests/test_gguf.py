@@ -480,14 +480,18 @@ def test_float_ternary_weights_keep_their_scale():
 
 
 # -- the command line -------------------------------------------------------------------------
-def test_cli_convert_both_ways(converted, tmp_path):
+def test_cli_convert_both_ways(converted, tmp_path, monkeypatch):
     hf_dir, _ = converted
     oracle = ternlm.load(hf_dir, backend="reference").logits(PROMPT)
     out = tmp_path / "m.gguf"
     assert cli_main(["convert", str(hf_dir), str(out), "--type", "tq1_0", "--head", "q8_0"]) == 0
     head = GGUFFile(out).tensors["output.weight" if "output.weight" in GGUFFile(out).tensors else "token_embd.weight"]
     assert head.type_name == "Q8_0"
-    logits = ternlm.load(out).logits(PROMPT)
+    assert ternlm.load(out).engine.head == "int8"  # requantized from Q8_0 (docs/gguf.md)
+    with monkeypatch.context() as patch:  # read as the conversions below write it: dequantized to f16
+        patch.setattr(GGUFCheckpoint, "blocks", lambda self, name: None)
+        patch.setattr(GGUFCheckpoint, "file_location", lambda self, name: None)
+        logits = ternlm.load(out, head="f16").logits(PROMPT)
     assert np.abs(logits - oracle).max() < 2e-2 * np.ptp(oracle)  # an 8-bit head: close, not exact
     assert cli_main(["convert", str(out), str(tmp_path / "again.gguf"), "--type", "i2_s", "--head", "f32"]) == 0
     np.testing.assert_array_equal(ternlm.load(tmp_path / "again.gguf").logits(PROMPT), logits)
@@ -557,6 +561,24 @@ def test_unknown_or_clashing_type_ids(good_gguf, tmp_path, type_id, message):
 def test_unknown_architecture(tmp_path):
     with pytest.raises(ternlm.FormatError, match="unsupported architecture 'mamba'"):
         ternlm.load(write_gguf(tmp_path / "m.gguf", arch="mamba"))
+
+
+@pytest.mark.parametrize("damage", ["nan scale", "inf minimum", "short rows"])
+def test_bad_quantized_heads(block_head_models, tmp_path, damage):
+    """A quantized head or embedding with a non-finite f16 field, or rows of the wrong width, is
+    refused at load, naming the tensor."""
+    source = block_head_models[False, "q5_1" if damage == "inf minimum" else "q8_0"]
+    info = GGUFFile(source).tensors["output.weight"]
+    if damage == "short rows":  # output.weight claims a row of 224 weights, the embedding 256
+        field = tensor_field_offset(source, "output.weight", 3)
+        path = corrupt(source, tmp_path, field, struct.pack("<Q", 224))
+        message = "'lm_head.weight' \\(Q8_0\\): Q8_0 rows of 256 weights must be"
+    else:  # block 5's scale d (Q8_0), or its minimum m (Q5_1: d, then m at byte 2)
+        at = info.offset + 5 * (34 if damage == "nan scale" else 24) + (0 if damage == "nan scale" else 2)
+        path = corrupt(source, tmp_path, at, np.float16(np.nan if damage == "nan scale" else np.inf).tobytes())
+        message = "'output.weight' has a block scale that is infinite or NaN"
+    with pytest.raises(ternlm.FormatError, match=message):
+        ternlm.load(path)
 
 
 def test_differing_block_scales_are_not_bitnet(good_gguf, tmp_path):

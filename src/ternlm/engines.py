@@ -132,10 +132,10 @@ class NativeEngine:
         Returns the storage: a head name of HEAD_DTYPES, or the block type ("Q4_0", ...)."""
         blocks = checkpoint.blocks(name) if dtype is None else None
         if blocks is not None:
-            if blocks.blocks.shape[0] != self.config.vocab_size:
-                raise FormatError(checkpoint.source, f"tensor {name!r} has {blocks.blocks.shape[0]} rows, "
-                                                     f"expected {self.config.vocab_size}")
-            setter(blocks.blocks, blocks.type, blocks.blocks)
+            try:  # the core checks the shape: [vocab, hidden] in whole blocks
+                setter(blocks.blocks, blocks.type, blocks.blocks)
+            except ValueError as e:
+                raise FormatError(checkpoint.source, f"tensor {name!r} ({blocks.type}): {e}") from None
             return blocks.type
         tensor = checkpoint.dense(name)
         expected = (self.config.vocab_size, self.config.hidden_size)
