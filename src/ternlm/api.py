@@ -20,7 +20,7 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .tools import AssistantTurn, ToolUse, history_messages, parse_envelope
 from .weights import open_checkpoint
-from .weights.checkpoint import Checkpoint
+from .weights.checkpoint import Checkpoint, return_freed_memory
 
 
 class LanguageModel:
@@ -203,6 +203,7 @@ def load_checkpoint(checkpoint: Checkpoint, threads: int | None = None, backend:
     config = checkpoint.config
     checkpoint.check_weights_fit()
     tokenizer = checkpoint.tokenizer()
+    return_freed_memory()  # what building it took (a GGUF vocabulary decoded)
     if tokenizer.largest_id >= config.vocab_size:
         raise FormatError(path, f"the tokenizer has the token id {tokenizer.largest_id} but the model's "
                                 f"vocab_size is {config.vocab_size}")

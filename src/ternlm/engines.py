@@ -15,8 +15,8 @@ from . import _core
 from .config import BitNetConfig
 from .errors import FormatError
 from .reference import ReferenceModel
-from .weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Checkpoint, DenseTensor, float32_of,
-                                 layer_norms, linear_name, linear_shape, norm_name)
+from .weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, BlockTensor, Checkpoint, DenseTensor,
+                                 float32_of, layer_norms, linear_name, linear_shape, norm_name, return_freed_memory)
 
 BACKENDS = ("native", "reference")
 
@@ -88,20 +88,27 @@ class NativeEngine:
             for norm in layer_norms(config):
                 size = config.intermediate_size if norm == "ffn_sub_norm" else config.hidden_size
                 self._model.set_norm(i, norm, checkpoint.norm(norm_name(i, norm), size))
+            return_freed_memory()  # this layer's temporaries
             if progress:
                 progress(i + 1, config.num_hidden_layers)
         self._model.set_final_norm(checkpoint.norm("model.norm.weight", config.hidden_size))
+        self._set_embedding_and_head(checkpoint, head)
+        self._model.check_complete()
+
+    def _set_embedding_and_head(self, checkpoint: Checkpoint, head: str | None) -> None:
+        config = self.config
         head_name = checkpoint.head_name()
         tied = head_name == EMBEDDING
-        head_blocks = checkpoint.blocks(head_name)
+        embedding_blocks = checkpoint.blocks(EMBEDDING)
+        head_blocks = embedding_blocks if tied else checkpoint.blocks(head_name)
         if head is None and head_blocks is not None:
             head = head_for_blocks(head_blocks.type)
         head_dtype = HEAD_DTYPES.get(head)
         # A float head format converts the embedding only when it is the head.
         embedding_dtype = head_dtype if tied else None
-        stored = self._set_stored(checkpoint, EMBEDDING, self._model.set_embedding, embedding_dtype)
+        stored = self._set_stored(checkpoint, EMBEDDING, embedding_blocks, self._model.set_embedding, embedding_dtype)
         if not tied:
-            stored = self._set_stored(checkpoint, head_name, self._model.set_head, head_dtype)
+            stored = self._set_stored(checkpoint, head_name, head_blocks, self._model.set_head, head_dtype)
         if head in ("int8", "q4"):
             # in chunks, dropping each chunk's mapped pages: only looked-up embedding rows are read again
             for begin in range(0, config.vocab_size, HEAD_CHUNK_ROWS):
@@ -124,14 +131,13 @@ class NativeEngine:
         if self.embedding_read_from_file:
             self._model.read_embedding_from(*location)
             checkpoint.release(EMBEDDING)
-        self._model.check_complete()
 
-    def _set_stored(self, checkpoint: Checkpoint, name: str, setter, dtype: str | None) -> str:
-        """Hands the core a [vocab, hidden] matrix, which it reads in place: quantized blocks as
-        stored unless a float `dtype` is asked for, floats as stored or converted to `dtype`.
+    def _set_stored(self, checkpoint: Checkpoint, name: str, blocks: BlockTensor | None, setter,
+                    dtype: str | None) -> str:
+        """Hands the core a [vocab, hidden] matrix, which it reads in place: its quantized `blocks`
+        as stored unless a float `dtype` is asked for, floats as stored or converted to `dtype`.
         Returns the storage: a head name of HEAD_DTYPES, or the block type ("Q4_0", ...)."""
-        blocks = checkpoint.blocks(name) if dtype is None else None
-        if blocks is not None:
+        if blocks is not None and dtype is None:
             try:  # the core checks the shape: [vocab, hidden] in whole blocks
                 setter(blocks.blocks, blocks.type, blocks.blocks)
             except ValueError as e:

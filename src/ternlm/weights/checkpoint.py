@@ -6,6 +6,9 @@ two full copies of the weights.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import mmap
 from dataclasses import dataclass
 
@@ -47,6 +50,25 @@ def drop_pages(mapping: mmap.mmap | None, start: int, end: int) -> None:
     if last > first:
         mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
         mapping.madvise(mmap.MADV_RANDOM, first, last - first)
+
+
+@functools.cache
+def _malloc_trim():
+    libc = ctypes.util.find_library("c")
+    function = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if function is not None:
+        function.argtypes, function.restype = [ctypes.c_size_t], ctypes.c_int
+    return function
+
+
+def return_freed_memory() -> None:
+    """Hands the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+    Loading frees large temporaries tensor after tensor, and glibc keeps such blocks in its heap
+    once its self-raising mmap threshold passes their size: without this, 2B4T's load peaked 36 MB
+    higher, and the tokenizer's build left 28 MB behind."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def float32_of(t: DenseTensor) -> np.ndarray:
