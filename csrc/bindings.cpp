@@ -49,6 +49,23 @@ static TernaryLayout parse_ternary_bits(double bits) {
 
 static double ternary_bits_of(TernaryLayout layout) { return layout == TernaryLayout::Trits ? 1.6 : 2.0; }
 
+// A [rows, cols] matrix as stored: `dtype` float32/float16/bfloat16 (a holds the elements) or a ggml
+// block type such as Q4_0 (a holds uint8 [rows, bytes per row] of `cols` weights each).
+static StoredMatrix stored_view(nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>> a,
+                                const std::string& dtype, int64_t cols) {
+    StoredMatrix m;
+    if (dtype.rfind("float", 0) == 0 || dtype == "bfloat16") {
+        m.dense = dense_view(a, dtype);
+        return m;
+    }
+    const BlockType type = block_type_named(dtype);
+    if (a.dtype() != nb::dtype<uint8_t>() || static_cast<int64_t>(a.shape(1)) != block_row_bytes(type, cols))
+        throw std::invalid_argument(dtype + " rows of " + std::to_string(cols) + " weights must be uint8 [rows, " +
+                                    std::to_string(block_row_bytes(type, cols)) + "]");
+    m.blocks = {static_cast<const uint8_t*>(a.data()), type, static_cast<int64_t>(a.shape(0)), cols};
+    return m;
+}
+
 // The kernel set a test asks for by name; "" is the one in use.
 static const KernelSet& kernels_named(const std::string& name) {
     return name.empty() ? active_kernels() : find_kernels(name);
@@ -240,6 +257,18 @@ NB_MODULE(_core, m) {
             return nb::make_tuple(q, scales);
         },
         "head"_a, "The q4 head format of rows [rows, cols]: (nibbles uint8 [rows, padded / 2], f16 scales uint16 [rows, padded / 32]).");
+    m.def(
+        "dequantize_rows",
+        [](Array<const uint8_t, nb::ndim<2>> blocks, const std::string& type_name, int64_t cols) {
+            const BlockType type = block_type_named(type_name);
+            if (static_cast<int64_t>(blocks.shape(1)) != block_row_bytes(type, cols))
+                throw std::invalid_argument("rows must be " + std::to_string(block_row_bytes(type, cols)) + " bytes");
+            const int64_t rows = blocks.shape(0);
+            auto out = owned_array<float>({size_t(rows), size_t(cols)});
+            for (int64_t r = 0; r < rows; ++r) dequantize_row(type, blocks.data() + r * blocks.shape(1), cols, out.data() + r * cols);
+            return out;
+        },
+        "blocks"_a, "type"_a, "cols"_a, "Rows of ggml blocks (uint8 [rows, bytes per row]) as float32 [rows, cols] (tests).");
 
     m.attr("KV_BLOCK") = kKVBlock;
     nb::class_<KVBlockPool>(m, "KVBlockPool")
@@ -465,11 +494,12 @@ NB_MODULE(_core, m) {
             "set_embedding",
             [](PyModel& p, nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>> a, const std::string& dtype,
                nb::object owner) {
-                p.model->set_embedding(dense_view(a, dtype));
+                p.model->set_embedding(stored_view(a, dtype, p.model->shape().hidden));
                 p.embedding_owner = owner;
             },
             "array"_a, "dtype"_a, "owner"_a,
-            "Borrow a [vocab, hidden] matrix; `owner` is kept alive as long as the model.")
+            "Borrow a [vocab, hidden] matrix: floats (dtype float32, float16, bfloat16) or ggml blocks (dtype Q4_0, "
+            "Q8_0, Q4_K, ...: uint8 [vocab, bytes per row]); `owner` is kept alive as long as the model.")
         .def("read_embedding_from", [](PyModel& p, int fd, int64_t offset) { p.model->read_embedding_from(fd, offset); },
              "fd"_a, "offset"_a,
              "Look embedding rows up with reads from this open file (the embedding starts at byte `offset`) "
@@ -478,7 +508,7 @@ NB_MODULE(_core, m) {
             "set_head",
             [](PyModel& p, nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>> a, const std::string& dtype,
                nb::object owner) {
-                p.model->set_head(dense_view(a, dtype));
+                p.model->set_head(stored_view(a, dtype, p.model->shape().hidden));
                 p.head_owner = owner;
             },
             "array"_a, "dtype"_a, "owner"_a)

@@ -339,11 +339,27 @@ void Model::set_final_norm(const float* values, int64_t n) {
     final_norm_.assign(values, values + n);
 }
 
-void Model::set_embedding(DenseMatrix embedding) {
-    if (embedding.rows != shape_.vocab || embedding.cols != shape_.hidden)
-        throw shape_error("embedding must be [vocab_size, hidden_size]");
-    embedding_ = embedding;
+int64_t StoredMatrix::row_bytes() const {
+    return dense.data ? dense.cols * dtype_bytes(dense.dtype) : block_row_bytes(blocks.type, blocks.cols);
 }
+
+void StoredMatrix::decode(const uint8_t* row, float* out) const {
+    if (dense.data)
+        load_elements(row, dense.dtype, 0, dense.cols, out);
+    else
+        dequantize_row(blocks.type, row, blocks.cols, out);
+}
+
+// Checks a matrix for set_embedding / set_head: [vocab, hidden], one storage, whole blocks.
+static StoredMatrix checked(const StoredMatrix& m, const ModelShape& s, const std::string& what) {
+    if (m.dense.data && m.blocks.data) throw shape_error(what + " must be floats or blocks, not both");
+    if (m.empty() || m.rows() != s.vocab || m.cols() != s.hidden)
+        throw shape_error(what + " must be [vocab_size, hidden_size]");
+    m.row_bytes();  // throws unless the rows are whole blocks
+    return m;
+}
+
+void Model::set_embedding(StoredMatrix embedding) { embedding_ = checked(embedding, shape_, "embedding"); }
 
 Model::OwnedFile::~OwnedFile() {
     if (fd >= 0) close(fd);
@@ -351,7 +367,7 @@ Model::OwnedFile::~OwnedFile() {
 
 void Model::read_embedding_from(int fd, int64_t offset) {
     static_assert(sizeof(off_t) == 8, "file offsets must be 64-bit");
-    if (!embedding_.data) throw shape_error("set the embedding before reading it from a file");
+    if (embedding_.empty()) throw shape_error("set the embedding before reading it from a file");
     if (offset < 0) throw std::invalid_argument("embedding file: negative offset");
     const int own = dup(fd);
     if (own < 0) throw std::invalid_argument(std::string("embedding file: ") + std::strerror(errno));
@@ -363,8 +379,8 @@ void Model::read_embedding_from(int fd, int64_t offset) {
 // In the calling thread, so that a failed read can throw (the pool's workers cannot).
 void Model::read_embedding_rows(const std::vector<int32_t>& tokens, float* x) const {
     const int64_t H = shape_.hidden;
-    const int64_t row_bytes = H * dtype_bytes(embedding_.dtype);
-    std::vector<unsigned char> row(static_cast<size_t>(row_bytes));
+    const int64_t row_bytes = embedding_.row_bytes();
+    std::vector<uint8_t> row(static_cast<size_t>(row_bytes));
     for (size_t t = 0; t < tokens.size(); ++t) {
         const int64_t start = embedding_offset_ + int64_t{tokens[t]} * row_bytes;
         int64_t done = 0;
@@ -379,19 +395,15 @@ void Model::read_embedding_rows(const std::vector<int32_t>& tokens, float* x) co
                                          "shorter than when it was loaded"));
             done += n;
         }
-        load_elements(row.data(), embedding_.dtype, 0, H, x + static_cast<int64_t>(t) * H);
+        embedding_.decode(row.data(), x + static_cast<int64_t>(t) * H);
     }
 }
 
-void Model::set_head(DenseMatrix head) {
-    if (head.rows != shape_.vocab || head.cols != shape_.hidden)
-        throw shape_error("lm_head must be [vocab_size, hidden_size]");
-    head_ = head;
-}
+void Model::set_head(StoredMatrix head) { head_ = checked(head, shape_, "lm_head"); }
 
 void Model::quantize_head(HeadFormat format, int64_t begin, int64_t end) {
-    const DenseMatrix& head = head_.data ? head_ : embedding_;
-    if (!head.data) throw shape_error("set the embedding before quantizing the head");
+    const StoredMatrix& head = head_.empty() ? embedding_ : head_;
+    if (head.empty()) throw shape_error("set the embedding before quantizing the head");
     if (format == HeadFormat::Dense) throw shape_error("quantize_head needs int8 or q4");
     if (begin < 0 || end > shape_.vocab || begin >= end) throw shape_error("head rows out of range");
     const int64_t H = shape_.hidden, padded = padded_cols(H);
@@ -402,10 +414,20 @@ void Model::quantize_head(HeadFormat format, int64_t begin, int64_t end) {
         head_scales_.assign(format == HeadFormat::Int8 ? static_cast<size_t>(shape_.vocab) : 0, 0.0f);
         head_q4_scales_.assign(format == HeadFormat::Q4 ? static_cast<size_t>(shape_.vocab * row_scales) : 0, 0);
     }
+    // A Q4_0 block is an f16 scale then the q4 format's 16 bytes of nibbles.
+    const bool q4_as_stored = format == HeadFormat::Q4 && head.blocks.data && head.blocks.type == BlockType::Q4_0;
     pool_->parallel_for(end - begin, 256, [&](int64_t first, int64_t last) {
         std::vector<float> row(static_cast<size_t>(H));
         for (int64_t r = begin + first; r < begin + last; ++r) {
-            load_elements(head.data, head.dtype, r * H, H, row.data());
+            if (q4_as_stored) {
+                const uint8_t* block = head.row(r);
+                for (int64_t g = 0; g < H / kQ4Group; ++g, block += 2 + kQ4Group / 2) {
+                    std::memcpy(&head_q4_scales_[r * row_scales + g], block, 2);
+                    std::memcpy(&head_q_[r * row_bytes + g * kQ4Group / 2], block + 2, kQ4Group / 2);
+                }
+                continue;
+            }
+            head.decode(head.row(r), row.data());
             if (format == HeadFormat::Int8)
                 head_scales_[r] = quantize_row_symmetric(row.data(), H, reinterpret_cast<int8_t*>(&head_q_[r * row_bytes]));
             else
@@ -418,12 +440,14 @@ void Model::quantize_head(HeadFormat format, int64_t begin, int64_t end) {
 int64_t Model::head_bytes() const {
     if (head_format_ != HeadFormat::Dense)
         return static_cast<int64_t>(head_q_.size() + 4 * head_scales_.size() + 2 * head_q4_scales_.size());
-    const DenseMatrix& head = head_.data ? head_ : embedding_;
-    return head.rows * head.cols * dtype_bytes(head.dtype);
+    const StoredMatrix& head = head_.empty() ? embedding_ : head_;
+    return head.rows() * head.row_bytes();
 }
 
 void Model::check_complete() const {
-    if (!embedding_.data) throw shape_error("missing embed_tokens");
+    if (embedding_.empty()) throw shape_error("missing embed_tokens");
+    if (head_format_ == HeadFormat::Dense && (head_.empty() ? embedding_ : head_).blocks.data)
+        throw shape_error("a head stored in quantized blocks must be converted to int8 or q4");
     if (final_norm_.empty()) throw shape_error("missing final norm");
     for (int64_t i = 0; i < shape_.layers; ++i) {
         const Layer& l = layers_[static_cast<size_t>(i)];
@@ -614,7 +638,7 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
     if (embedding_file_.fd >= 0)
         read_embedding_rows(tokens, b.x.data());
     else
-        for_each_token([&](int64_t t) { load_elements(embedding_.data, embedding_.dtype, tokens[t] * H, H, &b.x[t * H]); });
+        for_each_token([&](int64_t t) { embedding_.decode(embedding_.row(tokens[t]), &b.x[t * H]); });
 
     std::vector<float> cos_(static_cast<size_t>(T * hd / 2)), sin_(static_cast<size_t>(T * hd / 2));
     for (int64_t t = 0; t < T; ++t)
@@ -702,7 +726,7 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
         }
         return;
     }
-    const DenseMatrix& head = head_.data ? head_ : embedding_;
+    const DenseMatrix& head = (head_.empty() ? embedding_ : head_).dense;
     const DenseGemvFn gemv = active_kernels().dense_gemv;
     pool_->parallel_for(s.vocab, 64, [&](int64_t begin, int64_t end) {
         over_head_blocks(begin, end, rows, H * dtype_bytes(head.dtype), [&](int64_t r0, int64_t r1, int64_t t0, int64_t n) {

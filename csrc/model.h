@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "formats.h"
+#include "ggml_blocks.h"
 #include "kernels.h"
 #include "kv_cache.h"
 #include "threads.h"
@@ -47,6 +48,21 @@ struct TernaryMatrix {
 // The head's format: the float matrix as given, int8 rows with a scale each, or 4-bit groups.
 enum class HeadFormat : int { Dense = 0, Int8 = 1, Q4 = 2 };
 
+// The embedding or an untied head as the file stores it: floats, or ggml blocks (Q4_0 ... Q6_K)
+// decoded a row at a time. Exactly one of the two is set.
+struct StoredMatrix {
+    DenseMatrix dense;
+    BlockMatrix blocks;
+
+    bool empty() const { return !dense.data && !blocks.data; }
+    int64_t rows() const { return dense.data ? dense.rows : blocks.rows; }
+    int64_t cols() const { return dense.data ? dense.cols : blocks.cols; }
+    int64_t row_bytes() const;
+    const uint8_t* row(int64_t r) const { return static_cast<const uint8_t*>(dense.data ? dense.data : blocks.data) + r * row_bytes(); }
+    // Row bytes (as stored: from row(), or read from the file) to float32 [cols].
+    void decode(const uint8_t* row, float* out) const;
+};
+
 struct Layer {
     std::vector<float> input_layernorm, post_attention_layernorm, attn_sub_norm, ffn_sub_norm;
     TernaryMatrix q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
@@ -84,16 +100,18 @@ public:
     void set_linear_tq(int64_t layer, const std::string& name, const uint8_t* blocks, int64_t nbytes, bool tq1_0,
                        int64_t rows, int64_t cols);
     void set_final_norm(const float* values, int64_t n);
-    void set_embedding(DenseMatrix embedding);
+    void set_embedding(StoredMatrix embedding);
     // Lookups read each embedding row from this open file (the model keeps its own duplicate of
-    // `fd`; the embedding's bytes start at `offset`, stored as set_embedding's dtype) instead of
+    // `fd`; the embedding's bytes start at `offset`, stored as set_embedding's) instead of
     // through the memory mapping. A page fault on a mapped file brings in the whole large folio
     // around the row (256 KB measured on ext4), so a prompt of random tokens would add tens of MB
     // to RSS; a read adds nothing.
     void read_embedding_from(int fd, int64_t offset);
-    void set_head(DenseMatrix head);  // untied output matrix; without it the head is the embedding
-    // Converts rows [begin, end) of the float head to `format` (callers go in chunks, so the float
+    void set_head(StoredMatrix head);  // untied output matrix; without it the head is the embedding
+    // Converts rows [begin, end) of the stored head to `format` (callers go in chunks, so the stored
     // rows need not all be resident at once); the head takes that format once every row is done.
+    // Q4_0 blocks become the q4 format as they are (the same nibbles and scales); anything else is
+    // decoded to float32 and quantized. A head stored in blocks must be converted before use.
     void quantize_head(HeadFormat format, int64_t begin, int64_t end);
     int64_t head_bytes() const;       // bytes a decode step reads for the head
     void check_complete() const;      // throws naming the first missing tensor
@@ -144,7 +162,7 @@ private:
     TernaryLayout layout_;
     std::vector<Layer> layers_;
     std::vector<float> final_norm_;
-    DenseMatrix embedding_, head_;
+    StoredMatrix embedding_, head_;
     struct OwnedFile {  // a file descriptor closed with the model
         int fd = -1;
         OwnedFile() = default;

@@ -16,7 +16,8 @@ import pytest
 pytestmark = pytest.mark.slow  # C++ builds, ARM64 under qemu
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-COMMON = ["tests/kernel_check.cpp", "kernels_ref.cpp", "dispatch.cpp", "kv_cache.cpp", "model.cpp", "threads.cpp"]
+COMMON = ["tests/kernel_check.cpp", "kernels_ref.cpp", "dispatch.cpp", "ggml_blocks.cpp", "kv_cache.cpp", "model.cpp",
+          "threads.cpp"]
 X86_VARIANTS = {"kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"], "kernels_avxvnni.cpp": ["-mavx2", "-mavxvnni"],
                 "kernels_avx512vnni.cpp": ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
 ARM_VARIANTS = {"kernels_arm.cpp": [], "kernels_arm_dotprod.cpp": ["-march=armv8.2-a+dotprod"]}

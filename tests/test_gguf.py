@@ -3,6 +3,7 @@ I2_S spec; tokenizer from metadata against tokenizers; upstream llama.cpp side b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import subprocess
@@ -337,6 +338,129 @@ def test_q6_k_head_decodes_with_gguf_quants():
     assert np.all(decoded[3, :256] == 0)
 
 
+# -- quantized embeddings and heads, used in place -----------------------------------------------
+BLOCK_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+EMBEDDING = "model.embed_tokens.weight"
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_block_rows_decode_like_gguf_quants(qtype):
+    """The core's row decoder (embedding lookups, head conversion) against gguf-py's dequantize,
+    bit for bit, on random bytes: every pattern of codes, scales and minimums."""
+    from gguf import GGML_QUANT_SIZES
+
+    from ternlm import _core
+
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    raw = np.random.default_rng(block_bytes).integers(0, 256, size=(6, 512 // block * block_bytes), dtype=np.uint8)
+    with np.errstate(all="ignore"):  # random f16 scales include infinities and NaNs
+        expected = gguf_quants.dequantize(raw, GGMLQuantizationType[qtype])
+    got = _core.dequantize_rows(raw, qtype, 512)
+    assert np.array_equal(np.isnan(got), np.isnan(expected))
+    finite = ~np.isnan(expected)
+    assert np.array_equal(got[finite].view(np.uint32), expected[finite].view(np.uint32))
+
+
+@pytest.fixture(scope="module")
+def block_head_models(tmp_path_factory, tiny_tokenizer_json):
+    """One tied and one untied model (f16-exact scales), and their TQ2_0 GGUFs by embedding type."""
+    directory = tmp_path_factory.mktemp("block-heads")
+    files = {}
+    for tie in (True, False):
+        hf = round_scales_to_f16(write_checkpoint(wide_random_model(tie=tie, seed=21), directory / f"hf-{tie}",
+                                                  tiny_tokenizer_json))
+        for head in ("q4_0", "q8_0", "q6_k", "q5_1"):
+            files[tie, head] = convert_to_gguf(hf, directory / f"{head}-{tie}.gguf", ternary="tq2_0", head=head)
+    return files
+
+
+@contextlib.contextmanager
+def _dequantized_floats(monkeypatch):
+    """GGUF files read as if their quantized tensors were stored as gguf-py's float32 dequantization."""
+    stored_blocks, stored_dense = GGUFCheckpoint.blocks, GGUFCheckpoint.dense
+
+    def dense(self, name):
+        blocks = stored_blocks(self, name)
+        if blocks is None:
+            return stored_dense(self, name)
+        return DenseTensor(gguf_quants.dequantize(blocks.blocks, GGMLQuantizationType[blocks.type]), "float32")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GGUFCheckpoint, "blocks", lambda self, name: None)
+        patch.setattr(GGUFCheckpoint, "dense", dense)
+        patch.setattr(GGUFCheckpoint, "file_location", lambda self, name: None)
+        yield
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("head", ["q4_0", "q8_0", "q6_k", "q5_1"])
+def test_quantized_embedding_rows_are_gguf_quants_rows(block_head_models, monkeypatch, tie, head):
+    """Embedding rows decoded from the file's blocks as a prompt needs them (read from the file,
+    never all mapped) give the same logits, bit for bit, as the whole matrix dequantized by gguf-py
+    to float32 up front; so does the int8 head converted from the blocks."""
+    path = block_head_models[tie, head]
+    in_place = ternlm.load(path, head="int8")
+    assert in_place.engine.embedding_read_from_file and in_place.engine.head == "int8"
+    with _dequantized_floats(monkeypatch):
+        oracle = ternlm.load(path, head="int8")
+    prompt = PROMPT + [319, 318]  # the file's last rows too
+    assert np.array_equal(in_place.logits(prompt), oracle.logits(prompt))
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_q4_0_head_is_used_as_stored(block_head_models, tie):
+    """A Q4_0 head becomes the q4 head without a float copy, with or without --head q4: its
+    logits are gguf-py's dequantization of the file's blocks times the int8-quantized final
+    hidden state (the NumPy reference's, read through an identity head), in float64."""
+    from ternlm.reference import ReferenceModel, quantize_activations
+
+    path = block_head_models[tie, "q4_0"]
+    model = ternlm.load(path, head="q4", kv_cache="f32")  # f32 like the reference's
+    assert model.engine.head == "q4" and model.engine.head_origin == "the file's Q4_0 blocks as they are"
+    checkpoint = GGUFCheckpoint(path)
+    config = checkpoint.config
+    head = gguf_quants.dequantize(checkpoint.blocks(checkpoint.head_name()).blocks, GGMLQuantizationType.Q4_0)
+    reference = ReferenceModel(checkpoint)
+    reference.embed = gguf_quants.dequantize(checkpoint.blocks(EMBEDDING).blocks, GGMLQuantizationType.Q4_0)
+    reference.head = np.eye(config.vocab_size, config.hidden_size, dtype=np.float32)
+    hidden = reference.forward(reference.new_cache(len(PROMPT)), PROMPT, 0, all_logits=True)[:, :config.hidden_size]
+    xq, a = quantize_activations(hidden)
+    expected = (xq.astype(np.float64) @ head.T.astype(np.float64)) / a
+    assert_matches_oracle(model.logits(PROMPT), expected)
+    assert np.array_equal(ternlm.load(path, kv_cache="f32").logits(PROMPT), model.logits(PROMPT))
+    assert model.engine.head_bytes == config.vocab_size * config.hidden_size * 18 // 32
+
+
+def test_q4_0_head_in_place_equals_requantizing_its_f16_values(block_head_models, monkeypatch):
+    """What the head was before it was used in place: dequantized to float16, then quantized to q4
+    (the core's llama.cpp Q4_0 quantizer). A group's value of largest magnitude is -8 d, exact in
+    f16, so that gives back the same d and codes: the same logits, bit for bit."""
+    path = block_head_models[False, "q4_0"]
+    in_place = ternlm.load(path, head="q4")
+    stored_blocks = GGUFCheckpoint.blocks
+    monkeypatch.setattr(GGUFCheckpoint, "blocks",
+                        lambda self, name: None if name == "lm_head.weight" else stored_blocks(self, name))
+    requantized = ternlm.load(path, head="q4")
+    assert requantized.engine.head_origin == "quantized from f16 at load"
+    assert np.array_equal(in_place.logits(PROMPT), requantized.logits(PROMPT))
+
+
+@pytest.mark.parametrize("head, expected", [("q4_0", "q4"), ("q8_0", "int8"), ("q6_k", "int8"), ("q5_1", "int8")])
+def test_quantized_heads_never_make_a_float_copy(block_head_models, monkeypatch, head, expected):
+    """Without --head a quantized head becomes q4 (Q4_0 as stored) or int8 (wider types), and
+    neither it nor a quantized embedding is ever dequantized whole: dense() is not called."""
+    def refuse(self, name):
+        assert name.endswith("norm.weight"), f"{name} dequantized whole"
+        return original(self, name)
+
+    original = GGUFCheckpoint.dense
+    monkeypatch.setattr(GGUFCheckpoint, "dense", refuse)
+    for tie in (True, False):
+        for asked in (None, "q4", "int8"):
+            engine = ternlm.load(block_head_models[tie, head], head=asked).engine
+            assert engine.head == (asked or expected)
+
+
 @pytest.mark.slow
 def test_float_ternary_weights_keep_their_scale():
     """llama.cpp's BitNet converter stores f16 t * scale: read back exactly, not re-quantized
@@ -356,14 +480,18 @@ def test_float_ternary_weights_keep_their_scale():
 
 
 # -- the command line -------------------------------------------------------------------------
-def test_cli_convert_both_ways(converted, tmp_path):
+def test_cli_convert_both_ways(converted, tmp_path, monkeypatch):
     hf_dir, _ = converted
     oracle = ternlm.load(hf_dir, backend="reference").logits(PROMPT)
     out = tmp_path / "m.gguf"
     assert cli_main(["convert", str(hf_dir), str(out), "--type", "tq1_0", "--head", "q8_0"]) == 0
     head = GGUFFile(out).tensors["output.weight" if "output.weight" in GGUFFile(out).tensors else "token_embd.weight"]
     assert head.type_name == "Q8_0"
-    logits = ternlm.load(out).logits(PROMPT)
+    assert ternlm.load(out).engine.head == "int8"  # requantized from Q8_0 (docs/gguf.md)
+    with monkeypatch.context() as patch:  # read as the conversions below write it: dequantized to f16
+        patch.setattr(GGUFCheckpoint, "blocks", lambda self, name: None)
+        patch.setattr(GGUFCheckpoint, "file_location", lambda self, name: None)
+        logits = ternlm.load(out, head="f16").logits(PROMPT)
     assert np.abs(logits - oracle).max() < 2e-2 * np.ptp(oracle)  # an 8-bit head: close, not exact
     assert cli_main(["convert", str(out), str(tmp_path / "again.gguf"), "--type", "i2_s", "--head", "f32"]) == 0
     np.testing.assert_array_equal(ternlm.load(tmp_path / "again.gguf").logits(PROMPT), logits)
@@ -433,6 +561,24 @@ def test_unknown_or_clashing_type_ids(good_gguf, tmp_path, type_id, message):
 def test_unknown_architecture(tmp_path):
     with pytest.raises(ternlm.FormatError, match="unsupported architecture 'mamba'"):
         ternlm.load(write_gguf(tmp_path / "m.gguf", arch="mamba"))
+
+
+@pytest.mark.parametrize("damage", ["nan scale", "inf minimum", "short rows"])
+def test_bad_quantized_heads(block_head_models, tmp_path, damage):
+    """A quantized head or embedding with a non-finite f16 field, or rows of the wrong width, is
+    refused at load, naming the tensor."""
+    source = block_head_models[False, "q5_1" if damage == "inf minimum" else "q8_0"]
+    info = GGUFFile(source).tensors["output.weight"]
+    if damage == "short rows":  # output.weight claims a row of 224 weights, the embedding 256
+        field = tensor_field_offset(source, "output.weight", 3)
+        path = corrupt(source, tmp_path, field, struct.pack("<Q", 224))
+        message = "'lm_head.weight' \\(Q8_0\\): Q8_0 rows of 256 weights must be"
+    else:  # block 5's scale d (Q8_0), or its minimum m (Q5_1: d, then m at byte 2)
+        at = info.offset + 5 * (34 if damage == "nan scale" else 24) + (0 if damage == "nan scale" else 2)
+        path = corrupt(source, tmp_path, at, np.float16(np.nan if damage == "nan scale" else np.inf).tobytes())
+        message = "'output.weight' has a block scale that is infinite or NaN"
+    with pytest.raises(ternlm.FormatError, match=message):
+        ternlm.load(path)
 
 
 def test_differing_block_scales_are_not_bitnet(good_gguf, tmp_path):

@@ -20,7 +20,7 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .tools import AssistantTurn, ToolUse, history_messages, parse_envelope
 from .weights import open_checkpoint
-from .weights.checkpoint import Checkpoint
+from .weights.checkpoint import Checkpoint, return_freed_memory
 
 
 class LanguageModel:
@@ -181,8 +181,9 @@ def load(model: str | Path | None = None, threads: int | None = None, backend: s
     threads: worker threads for the native backend (default: all cores).
     backend: "native" (C++) or "reference" (NumPy, slow, the oracle).
     n_ctx: the context length to allow (default and maximum: the model's max_position_embeddings).
-    head: the output matrix's format for the native backend: None (as stored in the file),
-          "f16", "bf16", "f32", "int8" (per-row scales; half the bytes of f16) or "q4" (llama.cpp's Q4_0).
+    head: the output matrix's format for the native backend: None (as stored in the file; a GGUF
+          head in quantized blocks becomes q4 or int8, see docs/gguf.md), "f16", "bf16", "f32",
+          "int8" (per-row scales; half the bytes of f16) or "q4" (llama.cpp's Q4_0).
     kv_cache: "f16" (default, half the memory) or "f32" keys and values (native backend; the
           reference keeps float32).
     prompt_cache_mb: keys and values of computed tokens kept for later prompts that start with the
@@ -207,6 +208,7 @@ def load_checkpoint(checkpoint: Checkpoint, threads: int | None = None, backend:
     config = checkpoint.config
     checkpoint.check_weights_fit()
     tokenizer = checkpoint.tokenizer()
+    return_freed_memory()  # what building it took (a GGUF vocabulary decoded)
     if tokenizer.largest_id >= config.vocab_size:
         raise FormatError(path, f"the tokenizer has the token id {tokenizer.largest_id} but the model's "
                                 f"vocab_size is {config.vocab_size}")

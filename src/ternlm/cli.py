@@ -24,7 +24,9 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_help: str = "context length 
                    help="native: the C++ engine; reference: the slow NumPy oracle")
     p.add_argument("--ctx", type=int, default=None, help=ctx_help)
     p.add_argument("--head", choices=HEADS, default=None,
-                   help="format of the output matrix (default: as stored in the file; int8 halves its bytes, q4 quarters them)")
+                   help="format of the output matrix (default: as stored in the file, except that a GGUF head in "
+                        "quantized blocks becomes q4 (Q4_0 as it is, Q4_1/Q2_K-Q4_K) or int8 (Q5_*, Q6_K, Q8_0); "
+                        "int8 halves the bytes of f16, q4 quarters them; docs/gguf.md)")
     p.add_argument("--kv-cache", choices=KV_CACHES, default="f16", help="keys and values in f16 (default) or f32")
     p.add_argument("--ternary-bits", type=_ternary_bits, default=None, metavar="{2,1.6}",
                    help=TERNARY_BITS_HELP)

@@ -36,8 +36,16 @@ def _load(args):
         def step(done, total):
             progress.update(task, completed=done, total=total)
 
-        return load(args.model, threads=args.threads, backend=args.backend, n_ctx=args.ctx, head=args.head,
-                    kv_cache=args.kv_cache, progress=step, ternary_bits=args.ternary_bits)
+        model = load(args.model, threads=args.threads, backend=args.backend, n_ctx=args.ctx, head=args.head,
+                     kv_cache=args.kv_cache, progress=step, ternary_bits=args.ternary_bits)
+    if getattr(args, "verbose", False) and hasattr(model.engine, "head_origin"):
+        print(f"loaded {model.path}: head {_head_summary(model.engine)}", file=sys.stderr)
+    return model
+
+
+def _head_summary(engine) -> str:
+    """The native engine's output matrix: its format, where it came from, its size."""
+    return f"{engine.head}, {engine.head_origin} ({engine.head_bytes / 1e6:.0f} MB)"
 
 
 def _print_stats(model, args, first_token_seconds: float | None = None) -> None:
@@ -182,6 +190,8 @@ def cmd_info(args) -> int:
     bits = getattr(model.engine, "ternary_bits", None)
     table.add_row("backend", f"{model.backend}, {model.threads} threads" +
                   (f", ternary weights in {bits:g} bits ({model.engine.weight_bytes / 1e6:.1f} MB)" if bits else ""))
+    if hasattr(model.engine, "head_origin"):
+        table.add_row("head", _head_summary(model.engine))
     console.print(table)
     return 0
 

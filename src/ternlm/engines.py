@@ -15,8 +15,8 @@ from . import _core
 from .config import BitNetConfig
 from .errors import FormatError
 from .reference import ReferenceModel
-from .weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Checkpoint, DenseTensor, float32_of,
-                                 layer_norms, linear_name, linear_shape, norm_name)
+from .weights.checkpoint import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, BlockTensor, Checkpoint, DenseTensor,
+                                 float32_of, layer_norms, linear_name, linear_shape, norm_name, return_freed_memory)
 
 BACKENDS = ("native", "reference")
 
@@ -56,14 +56,28 @@ def check_ternary_bits(bits: float | None) -> float:
     if bits not in TERNARY_BITS:
         raise ValueError(f"ternary_bits must be 2 or 1.6, got {bits!r}")
     return float(bits)
+
+
 HEAD_CHUNK_ROWS = 2048  # 10 MB of a 2B4T f16 embedding resident at a time while quantizing: a lower peak RSS
+EMBEDDING = "model.embed_tokens.weight"
+# Block types of at most 4.5 bits a weight, which the q4 head (4.5 bits) holds about as well.
+FOUR_BIT_BLOCKS = ("Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K")
+
+
+def head_for_blocks(block_type: str) -> str:
+    """The head a matrix stored in ggml blocks becomes when no format is asked for: Q4_0 is the q4
+    head's own format (used as it is), other types of 4.5 bits or fewer become q4, wider ones
+    (Q5_*, Q6_K, Q8_0) int8; never a float copy of the whole matrix."""
+    return "q4" if block_type in FOUR_BIT_BLOCKS else "int8"
 
 
 class NativeEngine:
-    """head: the output matrix's format. None keeps the checkpoint's own storage, memory-mapped;
-    f16/bf16/f32 convert it (and a tied embedding); int8 quantizes each row with its
-    own scale, q4 each group of 32 weights to 4 bits (as llama.cpp's Q4_0), and both multiply an
-    int8-quantized final hidden state against it.
+    """head: the output matrix's format. None keeps the checkpoint's own storage, memory-mapped
+    (one stored in quantized blocks becomes q4 or int8: head_for_blocks); f16/bf16/f32 convert it
+    (and a tied embedding); int8 quantizes each row with its own scale, q4 each group of 32
+    weights to 4 bits (as llama.cpp's Q4_0; a Q4_0 matrix is taken as it is), and both multiply
+    an int8-quantized final hidden state against it. An embedding stored in quantized blocks stays
+    so: a lookup decodes the rows of its tokens.
     kv_cache: "f16" (half the memory) or "f32" keys and values.
     ternary_bits: 2 or 1.6 bits a ternary weight takes in memory (None: default_ternary_bits());
     the logits are the same either way."""
@@ -75,7 +89,6 @@ class NativeEngine:
         if kv_cache not in KV_CACHES:
             raise ValueError(f"unknown KV cache type {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
         self.kv_cache = kv_cache
-        head_dtype = HEAD_DTYPES.get(head)
         config = self.config = checkpoint.config
         self.shape = model_shape(config)
         self.ternary_bits = check_ternary_bits(ternary_bits)
@@ -87,30 +100,49 @@ class NativeEngine:
             for norm in layer_norms(config):
                 size = config.intermediate_size if norm == "ffn_sub_norm" else config.hidden_size
                 self._model.set_norm(i, norm, checkpoint.norm(norm_name(i, norm), size))
+            return_freed_memory()  # this layer's temporaries
             if progress:
                 progress(i + 1, config.num_hidden_layers)
         self._model.set_final_norm(checkpoint.norm("model.norm.weight", config.hidden_size))
-        self.head = self._set_dense(checkpoint, "model.embed_tokens.weight", self._model.set_embedding, head_dtype)
-        tied = checkpoint.head_name() == "model.embed_tokens.weight"
+        self._set_embedding_and_head(checkpoint, head)
+        self._model.check_complete()
+
+    def _set_embedding_and_head(self, checkpoint: Checkpoint, head: str | None) -> None:
+        config = self.config
+        head_name = checkpoint.head_name()
+        tied = head_name == EMBEDDING
+        embedding_blocks = checkpoint.blocks(EMBEDDING)
+        head_blocks = embedding_blocks if tied else checkpoint.blocks(head_name)
+        if head is None and head_blocks is not None:
+            head = head_for_blocks(head_blocks.type)
+        head_dtype = HEAD_DTYPES.get(head)
+        # A float head format converts the embedding only when it is the head.
+        embedding_dtype = head_dtype if tied else None
+        stored = self._set_stored(checkpoint, EMBEDDING, embedding_blocks, self._model.set_embedding, embedding_dtype)
         if not tied:
-            self.head = self._set_dense(checkpoint, checkpoint.head_name(), self._model.set_head, head_dtype)
+            stored = self._set_stored(checkpoint, head_name, head_blocks, self._model.set_head, head_dtype)
         if head in ("int8", "q4"):
             # in chunks, dropping each chunk's mapped pages: only looked-up embedding rows are read again
             for begin in range(0, config.vocab_size, HEAD_CHUNK_ROWS):
                 end = min(begin + HEAD_CHUNK_ROWS, config.vocab_size)
                 self._model.quantize_head(head, begin, end)
-                checkpoint.release(checkpoint.head_name(), begin, end)
-            self.head = head
+                checkpoint.release(head_name, begin, end)
+        self.head = head if head in ("int8", "q4") else stored
+        if head == "q4" and stored == "Q4_0":
+            self.head_origin = "the file's Q4_0 blocks as they are"
+        elif head in ("int8", "q4"):
+            self.head_origin = f"quantized from {stored} at load"
+        else:
+            self.head_origin = "as stored" if head is None else "converted at load"
         # Unless it is also the head as stored (read whole every step), the embedding is only
         # looked up, a row per token: those rows are read from the file, never mapped (see
         # Model.read_embedding_from).
         looked_up_only = head in ("int8", "q4") or not tied
-        location = checkpoint.file_location("model.embed_tokens.weight")
-        self.embedding_read_from_file = bool(looked_up_only and head_dtype is None and location)
+        location = checkpoint.file_location(EMBEDDING)
+        self.embedding_read_from_file = bool(looked_up_only and embedding_dtype is None and location)
         if self.embedding_read_from_file:
             self._model.read_embedding_from(*location)
-            checkpoint.release("model.embed_tokens.weight")
-        self._model.check_complete()
+            checkpoint.release(EMBEDDING)
 
     def _set_linear(self, checkpoint: Checkpoint, layer: int, projection: str, name: str, rows: int, cols: int) -> None:
         """Hands the core a BitLinear weight in the most direct form the checkpoint offers: bytes in
@@ -128,7 +160,17 @@ class NativeEngine:
             raise FormatError(checkpoint.source, f"tensor {checkpoint.stored_name(name)!r}: {e}") from None
         checkpoint.release(name)
 
-    def _set_dense(self, checkpoint: Checkpoint, name: str, setter, dtype: str | None) -> str:
+    def _set_stored(self, checkpoint: Checkpoint, name: str, blocks: BlockTensor | None, setter,
+                    dtype: str | None) -> str:
+        """Hands the core a [vocab, hidden] matrix, which it reads in place: its quantized `blocks`
+        as stored unless a float `dtype` is asked for, floats as stored or converted to `dtype`.
+        Returns the storage: a head name of HEAD_DTYPES, or the block type ("Q4_0", ...)."""
+        if blocks is not None and dtype is None:
+            try:  # the core checks the shape: [vocab, hidden] in whole blocks
+                setter(blocks.blocks, blocks.type, blocks.blocks)
+            except ValueError as e:
+                raise FormatError(checkpoint.source, f"tensor {name!r} ({blocks.type}): {e}") from None
+            return blocks.type
         tensor = checkpoint.dense(name)
         expected = (self.config.vocab_size, self.config.hidden_size)
         if tensor.array.shape != expected:

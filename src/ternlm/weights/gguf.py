@@ -19,7 +19,7 @@ from gguf import quants as gguf_quants
 from ..config import BitNetConfig
 from ..errors import FormatError
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint, DenseTensor, float32_of
+from .checkpoint import BlockTensor, Checkpoint, DenseTensor, float32_of
 from .gguf_file import GGUFContainer, Metadata, TensorEntry
 from .gguf_tokenizer import gguf_tokenizer
 from .gguf_ternary import (I2_S, QK_I2_S, TERNARY_TYPE_NAMES, TQ1_0, TQ2_0, tensor_scale, ternary_nbytes,
@@ -151,6 +151,11 @@ class GGUFFile:
         self._container.release(info.offset + first_row * row_bytes,
                                 info.offset + (rows if end_row is None else end_row) * row_bytes)
 
+    def release_header(self) -> None:
+        """Drops the header's pages (2B4T's: 9 MB, mostly the vocabulary and merges) from the
+        resident set; metadata read later comes back from the page cache."""
+        self._container.release(0, self._container.data_start)
+
     def fileno(self) -> int:
         return self._container.handle.fileno()
 
@@ -238,6 +243,23 @@ class GGUFCheckpoint(Checkpoint):
         except ValueError as e:
             raise FormatError(self.source, f"tensor {info.name!r}: {e}") from None
 
+    def blocks(self, name: str) -> BlockTensor | None:
+        """Checked first: every f16 scale (and minimum) of the blocks is finite, which makes every
+        weight finite; the pages read for it are dropped again a chunk at a time."""
+        info = self._info(name)
+        if info.type_id not in _DEQUANTIZABLE or len(info.shape) != 2:
+            return None
+        rows = self.file.bytes_of(info).reshape(info.shape[0], -1)
+        block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(info.type_id)][1]
+        for start in range(0, len(rows), _CHECK_CHUNK_ROWS):
+            blocks = rows[start: start + _CHECK_CHUNK_ROWS].reshape(-1, block_bytes)
+            for offset in _F16_FIELDS[info.type_id]:
+                bits = blocks[:, offset].astype(np.uint16) | blocks[:, offset + 1].astype(np.uint16) << 8
+                if np.any(bits & 0x7C00 == 0x7C00):
+                    raise FormatError(self.source, f"tensor {info.name!r} has a block scale that is infinite or NaN")
+            self.file.release(info, start, min(start + _CHECK_CHUNK_ROWS, len(rows)))
+        return BlockTensor(rows, info.type_name)
+
     def runtime_packed(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, float] | None:
         """I2_S blocks are the engine's blocks: with whole blocks per row (and no llama q/k row
         permutation to undo) the file's bytes are used as they are."""
@@ -297,13 +319,15 @@ class GGUFCheckpoint(Checkpoint):
 
     def file_location(self, name: str) -> tuple[int, int] | None:
         info = self._info(name)
-        return (self.file.fileno(), info.offset) if info.type_id in DENSE_TYPES else None
+        return (self.file.fileno(), info.offset) if info.type_id in DENSE_TYPES or info.type_id in _DEQUANTIZABLE else None
 
     def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
         self.file.release(self._info(name), first_row, end_row)
 
     def tokenizer(self) -> Tokenizer:
-        return gguf_tokenizer(self.file)
+        tokenizer = gguf_tokenizer(self.file)
+        self.file.release_header()  # its strings are the tokenizer's now
+        return tokenizer
 
 
 def _ternary_of_float(tensor: DenseTensor) -> tuple[np.ndarray, float]:
@@ -318,9 +342,13 @@ def _ternary_of_float(tensor: DenseTensor) -> tuple[np.ndarray, float]:
     return quantize_ternary(weight)
 
 
-# quantized types we dequantize for embeddings and heads (ids < 34: the same in every ggml)
-_DEQUANTIZABLE = {GGMLQuantizationType[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                                                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
+# The quantized types embeddings and heads may have (ids < 34: the same in every ggml), with the
+# byte offsets of the f16 fields (scales, minimums) in each of their blocks.
+_F16_FIELDS = {GGMLQuantizationType[n]: offsets for n, offsets in (
+    ("Q4_0", (0,)), ("Q4_1", (0, 2)), ("Q5_0", (0,)), ("Q5_1", (0, 2)), ("Q8_0", (0,)),
+    ("Q2_K", (80, 82)), ("Q3_K", (108,)), ("Q4_K", (0, 2)), ("Q5_K", (0, 2)), ("Q6_K", (208,)))}
+_DEQUANTIZABLE = set(_F16_FIELDS)
+_CHECK_CHUNK_ROWS = 4096
 
 
 def _dequantize_to_f16(data: np.ndarray, info: TensorInfo) -> np.ndarray:

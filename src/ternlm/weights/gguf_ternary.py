@@ -129,6 +129,9 @@ def _ternary_blocks(ternary: np.ndarray) -> np.ndarray:
 
 def tensor_scale(ternary: np.ndarray, block_scales: np.ndarray) -> float:
     """The one scale of a TQ tensor: the f16 scale shared by every block with a nonzero weight."""
+    bits = block_scales.view(np.uint16)
+    if bits.size and np.all(bits == bits[0]) and block_scales[0] > 0:
+        return float(block_scales[0])  # as converters write it: no need to look at the weights
     nonzero = np.any(ternary.reshape(len(block_scales), -1) != 0, axis=1)
     used = np.unique(block_scales[nonzero].view(np.uint16))
     if used.size == 0:
