@@ -14,7 +14,7 @@
 namespace ternlm {
 namespace {
 constexpr int64_t kBlocksPerWiden = 16;
-constexpr int kTritCodeShift = 0;  // kernels_x86_trits.inc
+constexpr bool kTritCarrySums = false;  // kernels_x86_trits.inc
 
 TERNLM_INLINE __m256i lane_dot(__m256i acc, __m256i codes, __m256i x) {
     acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, x));

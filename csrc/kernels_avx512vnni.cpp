@@ -10,6 +10,7 @@
 // GCC 12's AVX-512 intrinsics initialise their "undefined" operands from themselves, which
 // -Wmaybe-uninitialized reports at every use (GCC bug 105593); the warning says nothing about this code.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace ternlm {
 static void row_by_row(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
@@ -33,23 +34,19 @@ constexpr int64_t kUnpackTokens = 32;
 
 namespace {
 
-// The 1.6-bit kernel's decoding (kernels_x86_trits.inc) over 512-bit registers: a block of a row
-// is one register, its digit n the codes of weights 64n + j.
+// The 1.6-bit kernel (kernels_x86_trits.inc) over 512-bit registers: a block of a row is one
+// register, its digit n the codes of weights 64n + j, summed from the bytes as they are (digit_sum).
 TERNLM_INLINE __m512i times3(__m512i x) { return _mm512_add_epi8(x, _mm512_add_epi8(x, x)); }
-
-TERNLM_INLINE __m512i top_trit(__m512i x, __m512i next) {
-    return _mm512_sub_epi8(x, _mm512_avg_epu8(_mm512_avg_epu8(x, next), _mm512_setzero_si512()));
-}
 
 template <int NR>
 inline void trit_rows_512(const uint8_t* rows, int64_t row_bytes, int64_t blocks, const int8_t* x, int32_t sums[NR]) {
-    __m512i acc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
+    __m512i acc[NR], carried[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = carried[r] = _mm512_setzero_si512();
     for (int64_t b = 0; b < blocks; ++b) {
         __m512i digits[NR];
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r) {
-            _mm_prefetch(reinterpret_cast<const char*>(rows + NR * row_bytes + kPrefetchAhead + (b * NR + r) * kTritBlockBytes),
+            _mm_prefetch(reinterpret_cast<const char*>(rows + NR * row_bytes + 2 * kPrefetchAhead + (b * NR + r) * kTritBlockBytes),
                          _MM_HINT_T0);
             digits[r] = _mm512_loadu_si512(rows + r * row_bytes + b * kTritBlockBytes);
         }
@@ -59,12 +56,14 @@ inline void trit_rows_512(const uint8_t* rows, int64_t row_bytes, int64_t blocks
 #pragma GCC unroll 8
             for (int r = 0; r < NR; ++r) {
                 const __m512i next = times3(digits[r]);
-                acc[r] = Zmm::dot(acc[r], top_trit(digits[r], next), xv);
+                acc[r] = Zmm::dot(acc[r], digits[r], xv);
+                carried[r] = Zmm::dot(carried[r], next, xv);
                 digits[r] = next;
             }
         }
     }
-    for (int r = 0; r < NR; ++r) sums[r] = _mm512_reduce_add_epi32(acc[r]) >> kTritCodeShift;
+    for (int r = 0; r < NR; ++r)
+        sums[r] = (3 * _mm512_reduce_add_epi32(acc[r]) - _mm512_reduce_add_epi32(carried[r])) >> 8;
 }
 
 }  // namespace
@@ -73,17 +72,14 @@ void trit_gemm_avx512vnni(const TritView& w, int64_t row_begin, int64_t row_end,
                           const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {
     if (tokens > 1) return trit_tokens_256(w, row_begin, row_end, xq, xq_sums, tokens, acc, out_stride);
     const int64_t padded = trit_padded_cols(w.cols), row_bytes = padded / 5, blocks = padded / kTritBlock;
-    constexpr int kTritRows = 8;
-    int32_t sums[kTritRows];
+    int32_t sums[kRowGroup];
     int64_t r = row_begin;
-    for (; r + kTritRows <= row_end; r += kTritRows) {
-        trit_rows_512<kTritRows>(w.data + r * row_bytes, row_bytes, blocks, xq, sums);
-        for (int i = 0; i < kTritRows; ++i) acc[r + i] = sums[i] - xq_sums[0];
+    for (; r + kRowGroup <= row_end; r += kRowGroup) {
+        trit_rows_512<kRowGroup>(w.data + r * row_bytes, row_bytes, blocks, xq, sums);
+        for (int i = 0; i < kRowGroup; ++i) acc[r + i] = sums[i] - xq_sums[0];
     }
-    for (; r < row_end; ++r) {
-        trit_rows_512<1>(w.data + r * row_bytes, row_bytes, blocks, xq, sums);
-        acc[r] = sums[0] - xq_sums[0];
-    }
+    // The last rows take the 256-bit kernel, which is also AVX-VNNI's (so the tests run its code here).
+    if (r < row_end) trit_tokens_256(w, r, row_end, xq, xq_sums, 1, acc, out_stride);
 }
 
 void ternary_gemm_avx512vnni(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
