@@ -61,16 +61,16 @@ std::vector<std::string> cpu_features() {
 // The variants this CPU can run, from most portable to fastest.
 static const std::vector<KernelSet>& all_kernels() {
     static const std::vector<KernelSet> kernels = [] {
-        std::vector<KernelSet> k = {{"scalar", "scalar loops", quantize_row_int8, ternary_gemm_ref, trit_gemm_ref, trits_to_two_bit_ref, dense_gemv_ref, int8_gemv_ref, q4_gemv_ref, f16_store_ref, f16_attention_ref, temper_ref}};
+        std::vector<KernelSet> k = {{"scalar", "scalar loops", quantize_row_int8, ternary_gemm_ref, trit_gemm_ref, trits_to_two_bit_ref, dense_gemm_ref, int8_gemm_ref, q4_gemm_ref, f16_store_ref, f16_attention_ref, temper_ref}};
 #if defined(__x86_64__)
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2")) k.push_back({"avx2", "1 token: 4 rows at a time; several: 1 row x 4 tokens; 256-bit vpmaddubsw", quantize_row_avx2, ternary_gemm_avx2, trit_gemm_avx2, trits_to_two_bit_avx2, dense_gemv_avx2, int8_gemv_avx2, q4_gemv_avx2, f16_store_avx2, f16_attention_avx2, temper_avx2});
-        if (__builtin_cpu_supports("avxvnni")) k.push_back({"avxvnni", "1 token: 4 rows at a time; several: 1 row x 8 tokens; 256-bit vpdpbusd", quantize_row_avx2, ternary_gemm_avxvnni, trit_gemm_avxvnni, trits_to_two_bit_avx2, dense_gemv_avx2, int8_gemv_avx2, q4_gemv_avx2, f16_store_avx2, f16_attention_avx2, temper_avx2});
+        if (__builtin_cpu_supports("avx2")) k.push_back({"avx2", "1 token: 4 rows at a time; several: 1 row x 4 tokens; 256-bit vpmaddubsw", quantize_row_avx2, ternary_gemm_avx2, trit_gemm_avx2, trits_to_two_bit_avx2, dense_gemm_avx2, int8_gemm_avx2, q4_gemm_avx2, f16_store_avx2, f16_attention_avx2, temper_avx2});
+        if (__builtin_cpu_supports("avxvnni")) k.push_back({"avxvnni", "1 token: 4 rows at a time; several: 1 row x 8 tokens; 256-bit vpdpbusd", quantize_row_avx2, ternary_gemm_avxvnni, trit_gemm_avxvnni, trits_to_two_bit_avx2, dense_gemm_avx2, int8_gemm_avx2, q4_gemm_avx2, f16_store_avx2, f16_attention_avx2, temper_avx2});
         if (has_avx512vnni()) k.push_back({"avx512", "1 token: 4 rows at a time, 256-bit vpdpbusd; several: 8 rows x 8 tokens, 512-bit vpdpbusd "
-                                                "(rows unpacked once from 32 tokens on)", quantize_row_avx2, ternary_gemm_avx512vnni, trit_gemm_avx512vnni, trits_to_two_bit_avx2, dense_gemv_avx2, int8_gemv_avx512vnni, q4_gemv_avx2, f16_store_avx2, f16_attention_avx2, temper_avx512});
+                                                "(rows unpacked once from 32 tokens on)", quantize_row_avx2, ternary_gemm_avx512vnni, trit_gemm_avx512vnni, trits_to_two_bit_avx2, dense_gemm_avx2, int8_gemm_avx512vnni, q4_gemm_avx2, f16_store_avx2, f16_attention_avx2, temper_avx512});
 #elif defined(__aarch64__)
-        k.push_back({"neon", "1 row x 4 tokens; NEON multiply-adds", quantize_row_int8, ternary_gemm_neon, trit_gemm_neon, trits_to_two_bit_neon, dense_gemv_ref, int8_gemv_neon, q4_gemv_ref, f16_store_ref, f16_attention_ref, temper_ref});
-        if (has_dotprod()) k.push_back({"dotprod", "1 row x 4 tokens; sdot", quantize_row_int8, ternary_gemm_dotprod, trit_gemm_dotprod, trits_to_two_bit_neon, dense_gemv_ref, int8_gemv_dotprod, q4_gemv_ref, f16_store_ref, f16_attention_ref, temper_ref});
+        k.push_back({"neon", "1 row x 4 tokens; NEON multiply-adds", quantize_row_int8, ternary_gemm_neon, trit_gemm_neon, trits_to_two_bit_neon, dense_gemm_ref, int8_gemm_neon, q4_gemm_ref, f16_store_ref, f16_attention_ref, temper_ref});
+        if (has_dotprod()) k.push_back({"dotprod", "1 row x 4 tokens; sdot", quantize_row_int8, ternary_gemm_dotprod, trit_gemm_dotprod, trits_to_two_bit_neon, dense_gemm_ref, int8_gemm_dotprod, q4_gemm_ref, f16_store_ref, f16_attention_ref, temper_ref});
 #endif
         return k;
     }();

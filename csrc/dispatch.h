@@ -14,9 +14,9 @@ struct KernelSet {
     TernaryGemmFn ternary_gemm;
     TritGemmFn trit_gemm;            // the 1.6-bit layout, for one token and a few
     TritsToTwoBitFn trits_to_two_bit;
-    DenseGemvFn dense_gemv;
-    Int8GemvFn int8_gemv;
-    Q4GemvFn q4_gemv;
+    DenseGemmFn dense_gemm;
+    Int8GemmFn int8_gemm;
+    Q4GemmFn q4_gemm;
     F16StoreFn f16_store;
     F16AttentionFn f16_attention;
     TemperFn temper;

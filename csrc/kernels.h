@@ -66,10 +66,10 @@ void load_elements(const void* data, DType dtype, int64_t first, int64_t count, 
 
 // out[t * out_stride + r] = dot(m[r, :], x[t, :]) for rows [row_begin, row_end), t < tokens.
 // Float sums: variants agree with the reference to rounding, not bit for bit.
-using DenseGemvFn = void (*)(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+using DenseGemmFn = void (*)(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
                              int64_t tokens, float* out, int64_t out_stride);
 
-void dense_gemv_ref(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+void dense_gemm_ref(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
                     int64_t tokens, float* out, int64_t out_stride);
 
 // An int8 matrix (the int8 head format): rows padded with zeros to padded_cols(cols), like the
@@ -81,10 +81,10 @@ struct Int8RowsView {
 
 // acc[t * out_stride + r] = sum_k q[r, k] * xq[t, k]; xq rows are padded_cols(cols) long, with
 // values in [-127, 127], which is all quantize_row_int8 produces (fast variants negate them).
-using Int8GemvFn = void (*)(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+using Int8GemmFn = void (*)(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                             int64_t tokens, int32_t* acc, int64_t out_stride);
 
-void int8_gemv_ref(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+void int8_gemm_ref(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                    int64_t tokens, int32_t* acc, int64_t out_stride);
 
 // Symmetric quantization of a float row into q [padded_cols(cols)]: returns the scale max|row| / 127.
@@ -104,10 +104,10 @@ struct Q4RowsView {
 
 // out[t * out_stride + r] = sum_g d[r, g] * sum_{k in g} (q[r, k] - 8) * xq[t, k]. Each group's
 // integer sum is exact; the float sum over groups is ordered differently by each variant.
-using Q4GemvFn = void (*)(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+using Q4GemmFn = void (*)(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                           int64_t tokens, float* out, int64_t out_stride);
 
-void q4_gemv_ref(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
+void q4_gemm_ref(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
                  float* out, int64_t out_stride);
 
 // Quantizes a float row into q [padded_cols(cols) / 2] and f16 scales [padded_cols(cols) / 32] with

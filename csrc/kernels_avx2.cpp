@@ -142,7 +142,7 @@ inline void dense_tile(const DenseMatrix& m, int64_t r, const float* x, float* o
 // first pass over a group requests the next group: the hardware prefetcher alone keeps too few
 // of the head's bytes in flight (8 tokens of 2B4T's f16 head, one thread: another 15 % faster).
 template <DType D>
-void dense_gemv_typed(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+void dense_gemm_typed(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
                       int64_t tokens, float* out, int64_t out_stride) {
     const auto rows_against_tokens = [&](auto group, int64_t r) {
         constexpr int NR = decltype(group)::value;
@@ -190,7 +190,7 @@ inline void int8_row_tile(const int8_t* row, int64_t padded, const int8_t* x, in
 
 }  // namespace
 
-void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+void int8_gemm_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                     int64_t tokens, int32_t* acc, int64_t out_stride) {
     const int64_t padded = padded_cols(m.cols);
     for (int64_t r = row_begin; r < row_end; ++r)
@@ -202,12 +202,12 @@ void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, c
         });
 }
 
-void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+void dense_gemm_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
                      int64_t tokens, float* out, int64_t out_stride) {
     switch (m.dtype) {
-        case DType::F32: return dense_gemv_typed<DType::F32>(m, row_begin, row_end, x, tokens, out, out_stride);
-        case DType::F16: return dense_gemv_typed<DType::F16>(m, row_begin, row_end, x, tokens, out, out_stride);
-        case DType::BF16: return dense_gemv_typed<DType::BF16>(m, row_begin, row_end, x, tokens, out, out_stride);
+        case DType::F32: return dense_gemm_typed<DType::F32>(m, row_begin, row_end, x, tokens, out, out_stride);
+        case DType::F16: return dense_gemm_typed<DType::F16>(m, row_begin, row_end, x, tokens, out, out_stride);
+        case DType::BF16: return dense_gemm_typed<DType::BF16>(m, row_begin, row_end, x, tokens, out, out_stride);
     }
 }
 
@@ -404,7 +404,7 @@ inline void q4_row_tile(const uint8_t* row, const uint16_t* scales, int64_t grou
 
 }  // namespace
 
-void q4_gemv_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
+void q4_gemm_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
                   float* out, int64_t out_stride) {
     const int64_t padded = padded_cols(m.cols), groups = padded / kQ4Group;
     for (int64_t r = row_begin; r < row_end; ++r)

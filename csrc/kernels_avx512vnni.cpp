@@ -124,11 +124,11 @@ inline void int8_row_tile(const int8_t* row, int64_t padded, const int8_t* x, co
 
 }  // namespace
 
-void int8_gemv_avx512vnni(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+void int8_gemm_avx512vnni(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                           int64_t tokens, int32_t* acc, int64_t out_stride) {
     // Few tokens are bound by memory, where this kernel was measured no faster (one row at a time:
     // tiles of two or four rows streamed the head slower).
-    if (tokens < kInt8VnniTokens) return int8_gemv_avx2(m, row_begin, row_end, xq, tokens, acc, out_stride);
+    if (tokens < kInt8VnniTokens) return int8_gemm_avx2(m, row_begin, row_end, xq, tokens, acc, out_stride);
     constexpr int kTokens = 8;
     const int64_t padded = padded_cols(m.cols);
     for (int64_t t0 = 0; t0 < tokens; t0 += kTokens)

@@ -128,7 +128,7 @@ void load_elements(const void* data, DType dtype, int64_t first, int64_t count, 
     }
 }
 
-void dense_gemv_ref(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+void dense_gemm_ref(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
                     int64_t tokens, float* out, int64_t out_stride) {
     std::vector<float> row(static_cast<size_t>(m.cols));
     for (int64_t r = row_begin; r < row_end; ++r) {
@@ -142,7 +142,7 @@ void dense_gemv_ref(const DenseMatrix& m, int64_t row_begin, int64_t row_end, co
     }
 }
 
-void int8_gemv_ref(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+void int8_gemm_ref(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                    int64_t tokens, int32_t* acc, int64_t out_stride) {
     const int64_t padded = padded_cols(m.cols);
     for (int64_t r = row_begin; r < row_end; ++r) {
@@ -230,7 +230,7 @@ void f32_attention_ref(const float* q, int64_t heads, int64_t head_dim, const Pa
     attention_ref(q, heads, head_dim, keys, values, count, scale, scratch, out);
 }
 
-void q4_gemv_ref(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
+void q4_gemm_ref(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
                  float* out, int64_t out_stride) {
     const int64_t padded = padded_cols(m.cols), groups = padded / kQ4Group;
     for (int64_t r = row_begin; r < row_end; ++r) {

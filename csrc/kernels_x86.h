@@ -21,15 +21,15 @@ void trit_gemm_avx512vnni(const TritView& w, int64_t row_begin, int64_t row_end,
                           const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
 void trits_to_two_bit_avx2(const uint8_t* trits, int64_t chunks, uint8_t* two_bit);
 
-void dense_gemv_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
+void dense_gemm_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,
                      int64_t tokens, float* out, int64_t out_stride);
 
-void int8_gemv_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+void int8_gemm_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                     int64_t tokens, int32_t* acc, int64_t out_stride);
-void int8_gemv_avx512vnni(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
+void int8_gemm_avx512vnni(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                           int64_t tokens, int32_t* acc, int64_t out_stride);
 
-void q4_gemv_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
+void q4_gemm_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
                   float* out, int64_t out_stride);
 void f16_store_avx2(const float* x, int64_t n, uint16_t* out);
 void f16_attention_avx2(const float* q, int64_t heads, int64_t head_dim, const PagedRows<uint16_t>& keys,

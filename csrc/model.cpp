@@ -697,41 +697,41 @@ void Model::forward(const std::vector<Segment>& segments, float* logits, bool al
     if (rows == 0) return;
     for (int64_t t = 0; t < rows; ++t)
         rms_norm(&b.x[outputs[t] * H], final_norm_.data(), H, s.rms_norm_eps, &b.normed[t * H]);
-    if (head_format_ != HeadFormat::Dense) {
-        // Quantized heads meet the final hidden state quantized like a BitLinear input.
-        const KernelSet& kernels = active_kernels();
-        const int64_t padded = padded_cols(H);
+    head_logits(b, rows, logits);
+}
+
+// One pass over the head's rows, whatever its format: each thread takes a range of rows and meets
+// every output token with them (over_head_blocks), then scales its own logits.
+void Model::head_logits(Scratch& b, int64_t rows, float* logits) {
+    const ModelShape& s = shape_;
+    const int64_t H = s.hidden, V = s.vocab, padded = padded_cols(H);
+    const KernelSet& kernels = active_kernels();
+    const bool quantized = head_format_ != HeadFormat::Dense;
+    if (quantized)  // quantized heads meet the final hidden state quantized like a BitLinear input
         for (int64_t t = 0; t < rows; ++t)
             b.act_scale[t] = kernels.quantize_row(&b.normed[t * H], H, b.xq.data() + t * padded, &b.xq_sums[t]);
-        if (head_format_ == HeadFormat::Int8) {
-            const Int8RowsView view{reinterpret_cast<const int8_t*>(head_q_.data()), s.vocab, H};
-            std::vector<int32_t> acc(static_cast<size_t>(rows * s.vocab));
-            pool_->parallel_for(s.vocab, 256, [&](int64_t begin, int64_t end) {
-                over_head_blocks(begin, end, rows, padded, [&](int64_t r0, int64_t r1, int64_t t0, int64_t n) {
-                    kernels.int8_gemv(view, r0, r1, b.xq.data() + t0 * padded, n, acc.data() + t0 * s.vocab, s.vocab);
-                });
-                for (int64_t t = 0; t < rows; ++t)
-                    for (int64_t r = begin; r < end; ++r)
-                        logits[t * s.vocab + r] = static_cast<float>(acc[t * s.vocab + r]) * (head_scales_[r] / b.act_scale[t]);
-            });
-        } else {
-            const Q4RowsView view{head_q_.data(), head_q4_scales_.data(), s.vocab, H};
-            pool_->parallel_for(s.vocab, 256, [&](int64_t begin, int64_t end) {
-                over_head_blocks(begin, end, rows, padded / 2, [&](int64_t r0, int64_t r1, int64_t t0, int64_t n) {
-                    kernels.q4_gemv(view, r0, r1, b.xq.data() + t0 * padded, n, logits + t0 * s.vocab, s.vocab);
-                });
-                for (int64_t t = 0; t < rows; ++t)
-                    for (int64_t r = begin; r < end; ++r) logits[t * s.vocab + r] /= b.act_scale[t];
-            });
-        }
-        return;
-    }
-    const DenseMatrix& head = (head_.empty() ? embedding_ : head_).dense;
-    const DenseGemvFn gemv = active_kernels().dense_gemv;
-    pool_->parallel_for(s.vocab, 64, [&](int64_t begin, int64_t end) {
-        over_head_blocks(begin, end, rows, H * dtype_bytes(head.dtype), [&](int64_t r0, int64_t r1, int64_t t0, int64_t n) {
-            gemv(head, r0, r1, b.normed.data() + t0 * H, n, logits + t0 * s.vocab, s.vocab);
+    const DenseMatrix& dense = (head_.empty() ? embedding_ : head_).dense;
+    const Int8RowsView int8{reinterpret_cast<const int8_t*>(head_q_.data()), V, H};
+    const Q4RowsView q4{head_q_.data(), head_q4_scales_.data(), V, H};
+    const int64_t row_bytes = head_format_ == HeadFormat::Int8 ? padded
+                              : head_format_ == HeadFormat::Q4 ? padded / 2
+                                                               : H * dtype_bytes(dense.dtype);
+    std::vector<int32_t> sums(head_format_ == HeadFormat::Int8 ? static_cast<size_t>(rows * V) : 0);
+    pool_->parallel_for(V, quantized ? 256 : 64, [&](int64_t begin, int64_t end) {
+        over_head_blocks(begin, end, rows, row_bytes, [&](int64_t r0, int64_t r1, int64_t t0, int64_t n) {
+            if (head_format_ == HeadFormat::Int8)
+                kernels.int8_gemm(int8, r0, r1, b.xq.data() + t0 * padded, n, sums.data() + t0 * V, V);
+            else if (head_format_ == HeadFormat::Q4)
+                kernels.q4_gemm(q4, r0, r1, b.xq.data() + t0 * padded, n, logits + t0 * V, V);
+            else
+                kernels.dense_gemm(dense, r0, r1, b.normed.data() + t0 * H, n, logits + t0 * V, V);
         });
+        for (int64_t t = 0; quantized && t < rows; ++t)
+            for (int64_t r = begin; r < end; ++r) {
+                float& logit = logits[t * V + r];
+                logit = head_format_ == HeadFormat::Int8 ? static_cast<float>(sums[t * V + r]) * (head_scales_[r] / b.act_scale[t])
+                                                         : logit / b.act_scale[t];
+            }
     });
 }
 

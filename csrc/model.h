@@ -145,6 +145,8 @@ private:
         int64_t pos;
     };
     void attention(const std::vector<RowPlace>& rows, int64_t layer, const float* q, float* out);
+    // logits [rows, vocab] of the final hidden states in scratch.normed [rows, hidden].
+    void head_logits(Scratch& scratch, int64_t rows, float* logits);
     void read_embedding_rows(const std::vector<int32_t>& tokens, float* x) const;
     Layer& layer_at(int64_t layer);
     std::vector<float>* norm_slot(Layer& layer, const std::string& name, int64_t* expected);

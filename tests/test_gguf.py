@@ -355,7 +355,7 @@ def test_block_rows_decode_like_gguf_quants(qtype):
     raw = np.random.default_rng(block_bytes).integers(0, 256, size=(6, 512 // block * block_bytes), dtype=np.uint8)
     with np.errstate(all="ignore"):  # random f16 scales include infinities and NaNs
         expected = gguf_quants.dequantize(raw, GGMLQuantizationType[qtype])
-    got = _core.dequantize_rows(raw, qtype, 512)
+    got = _core.kernels.dequantize_rows(raw, qtype, 512)
     assert np.array_equal(np.isnan(got), np.isnan(expected))
     finite = ~np.isnan(expected)
     assert np.array_equal(got[finite].view(np.uint32), expected[finite].view(np.uint32))

@@ -30,7 +30,7 @@ def test_ternary_matmul_is_exact(kernel, tokens, cols, rows, bits):
     rng = np.random.default_rng(tokens * 1000 + cols)
     ternary = random_ternary(rng, rows, cols)
     xq = rng.integers(-128, 128, size=(tokens, cols), dtype=np.int8)
-    got = _core.TernaryMatrix(ternary, 1.0, bits).matmul_int(xq, kernel)
+    got = _core.kernels.TernaryMatrix(ternary, 1.0, bits).matmul_int(xq, kernel)
     expected = xq.astype(np.int64) @ ternary.T.astype(np.int64)
     assert got.dtype == np.int32
     assert np.array_equal(got, expected)
@@ -47,7 +47,7 @@ def test_extreme_activations_do_not_overflow(kernel, tokens, value, weight, bits
     in whole row tiles and in the rows past them."""
     ternary = np.full((13, 6912), weight, dtype=np.int8)
     xq = np.full((tokens, 6912), value, dtype=np.int8)
-    got = _core.TernaryMatrix(ternary, 1.0, bits).matmul_int(xq, kernel)
+    got = _core.kernels.TernaryMatrix(ternary, 1.0, bits).matmul_int(xq, kernel)
     assert np.all(got == weight * value * 6912)
 
 
@@ -68,7 +68,7 @@ def trit_layout_bytes(ternary: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("cols", [1, 300, 640, 2560, 6912])
 def test_trit_layout_is_the_documented_one(cols):
     ternary = random_ternary(np.random.default_rng(cols), 5, cols)
-    matrix = _core.TernaryMatrix(ternary, 1.0, 1.6)
+    matrix = _core.kernels.TernaryMatrix(ternary, 1.0, 1.6)
     assert matrix.ternary_bits == 1.6
     assert np.array_equal(matrix.packed_bytes(), trit_layout_bytes(ternary))
     assert matrix.nbytes == 5 * (-(-cols // 640) * 640) // 5
@@ -101,7 +101,7 @@ def test_every_trit_byte_decodes_exactly(kernel, tokens):
     digits = np.stack([values // 81, values // 27 % 3, values // 9 % 3, values // 3 % 3, values % 3], axis=1)
     ternary = np.tile(digits.reshape(243, 320) - 1, (1, 2)).astype(np.int8)  # two blocks a row: 640 columns
     xq = np.random.default_rng(tokens).integers(-127, 128, size=(tokens, 640), dtype=np.int8)
-    got = _core.TernaryMatrix(ternary, 1.0, 1.6).matmul_int(xq, kernel)
+    got = _core.kernels.TernaryMatrix(ternary, 1.0, 1.6).matmul_int(xq, kernel)
     assert np.array_equal(got, xq.astype(np.int64) @ ternary.T.astype(np.int64))
 
 
@@ -117,12 +117,12 @@ def test_trits_unpack_to_the_two_bit_layout(kernel, cols):
     padded = np.zeros((rows, -(-cols // 640) * 640), dtype=np.int8)
     padded[:, :cols] = ternary
     expected = pack_i2_s(padded, 1.0)[:-32].reshape(rows, -1)
-    assert np.array_equal(_core.TernaryMatrix(ternary, 1.0, 1.6).unpacked_to_two_bit(kernel), expected)
+    assert np.array_equal(_core.kernels.TernaryMatrix(ternary, 1.0, 1.6).unpacked_to_two_bit(kernel), expected)
 
 
 def test_ternary_bits_must_be_2_or_1_6():
     with pytest.raises(ValueError, match="2 or 1.6"):
-        _core.TernaryMatrix(np.zeros((1, 4), dtype=np.int8), 1.0, 1.5)
+        _core.kernels.TernaryMatrix(np.zeros((1, 4), dtype=np.int8), 1.0, 1.5)
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
@@ -134,7 +134,7 @@ def test_activation_quantization_matches_reference(kernel, cols):
     x[1, 0] = 1e30 if cols > 1 else 1.0  # one huge value
     x[2] = (np.arange(cols) % 7 - 3).astype(np.float32) / 2  # many exact .5 ties
     x[3, -1] = -x[3].max() * 4           # the largest magnitude in the scalar tail
-    xq, a, sums = _core.quantize_activations(x, kernel)
+    xq, a, sums = _core.kernels.quantize_activations(x, kernel)
     ref_xq, ref_a = reference.quantize_activations(x)
     assert np.array_equal(xq[:, :cols], ref_xq)
     assert not xq[:, cols:].any()        # the padding the kernels read is zero
@@ -146,14 +146,14 @@ def test_activation_quantization_matches_reference(kernel, cols):
 def test_absmax_quantization_never_produces_minus_128(kernel):
     """The int8 head kernel relies on it (it negates activations)."""
     x = np.array([[-1.0, 0.5, 1.0], [-3.0, 2.9999998, 1e-8]], dtype=np.float32)
-    xq, _, _ = _core.quantize_activations(np.tile(x, 13), kernel)
+    xq, _, _ = _core.kernels.quantize_activations(np.tile(x, 13), kernel)
     assert xq.min() == -127
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
 def test_quantization_rounds_half_to_even(kernel):
     x = np.tile(np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 3.5, -2.5]], dtype=np.float32), 5)  # a = 1
-    xq, _, _ = _core.quantize_activations(x, kernel)
+    xq, _, _ = _core.kernels.quantize_activations(x, kernel)
     assert xq[0, :40].tolist() == [127, 0, 2, 2, 0, -2, 4, -2] * 5
 
 
@@ -193,7 +193,7 @@ def test_absmean_quantization_matches_transformers():
 @pytest.mark.parametrize("kernel", _core.available_kernels())
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("tokens,cols,rows", [(1, 7, 3), (3, 64, 9), (5, 2560, 33), (9, 131, 17)])
-def test_dense_gemv_matches_numpy(kernel, dtype, tokens, cols, rows):
+def test_dense_gemm_matches_numpy(kernel, dtype, tokens, cols, rows):
     """The head's float kernel (f32/f16/bf16 storage) against NumPy in float64."""
     rng = np.random.default_rng(rows)
     matrix = rng.standard_normal((rows, cols)).astype(np.float32)
@@ -206,7 +206,7 @@ def test_dense_gemv_matches_numpy(kernel, dtype, tokens, cols, rows):
     else:
         stored, exact = matrix, matrix.astype(np.float64)
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
-    got = _core.dense_gemv(stored, dtype, x, kernel)
+    got = _core.kernels.dense_gemm(stored, dtype, x, kernel)
     expected = x.astype(np.float64) @ exact.T
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.sqrt(cols) * np.abs(expected).max())
 
@@ -218,7 +218,7 @@ def test_int8_head_product_is_exact(kernel, tokens, cols, rows):
     rng = np.random.default_rng(cols)
     q = rng.integers(-127, 128, size=(rows, cols), dtype=np.int8)
     xq = rng.integers(-127, 128, size=(tokens, cols), dtype=np.int8)  # absmax quantization never gives -128
-    got = _core.int8_gemv(q, xq, kernel)
+    got = _core.kernels.int8_gemm(q, xq, kernel)
     assert np.array_equal(got, xq.astype(np.int64) @ q.T.astype(np.int64))
 
 
@@ -229,7 +229,7 @@ def test_int8_head_extremes_are_exact(kernel, tokens, weight, value):
     """Every product at its largest, over 6912 columns."""
     q = np.full((3, 6912), weight, dtype=np.int8)
     xq = np.full((tokens, 6912), value, dtype=np.int8)
-    assert np.all(_core.int8_gemv(q, xq, kernel) == weight * value * 6912)
+    assert np.all(_core.kernels.int8_gemm(q, xq, kernel) == weight * value * 6912)
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
@@ -241,7 +241,7 @@ def test_f16_rounding_matches_numpy(kernel):
         np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e6, -1e6, np.inf, -np.inf, 2.0**-24, 2.0**-25,
                   3 * 2.0**-26, 2.0**-14, 2.0**-14 - 2.0**-25, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11], dtype=np.float32),
     ]).astype(np.float32)
-    got = _core.f16_round(x, kernel)
+    got = _core.kernels.f16_round(x, kernel)
     with np.errstate(over="ignore"):  # overflow to inf is part of what is checked
         expected = x.astype(np.float16).view(np.uint16)
     assert np.array_equal(got, expected)
@@ -267,7 +267,7 @@ def test_q4_format_is_llama_cpp_q4_0(cols):
     head[0] = 0.0
     head[1, :8] = head[1, 8:16] = 3.0                             # equal magnitudes: the first wins
     head[2] = np.round(head[2] * 4) / 4                            # many values that land on .5
-    q, scales = _core.q4_quantize(head)
+    q, scales = _core.kernels.q4_quantize(head)
     blocks = _q4_0_blocks(head, q.shape[1] * 2)
     assert np.array_equal(scales, blocks[..., :2].copy().view(np.uint16)[..., 0])
     assert np.array_equal(q.reshape(9, -1, 16), blocks[..., 2:])
@@ -280,7 +280,7 @@ def test_q4_head_matches_numpy(kernel, tokens, cols, rows):
     rng = np.random.default_rng(cols)
     head = rng.standard_normal((rows, cols)).astype(np.float32)
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
-    got = _core.q4_head_logits(head, x, kernel)
+    got = _core.kernels.q4_head_logits(head, x, kernel)
 
     padded = -(-cols // 128) * 128
     blocks = _q4_0_blocks(head, padded)
@@ -312,7 +312,7 @@ def test_f16_attention_matches_numpy(kernel, heads, head_dim, count, width, colu
     keys = (rng.standard_normal((count, width)) * 3).astype(np.float16)
     values = rng.standard_normal((count, width)).astype(np.float16)
     scale = 1 / np.sqrt(head_dim)
-    got = _core.f16_attention(q, keys.view(np.uint16), values.view(np.uint16), column, scale, kernel)
+    got = _core.kernels.f16_attention(q, keys.view(np.uint16), values.view(np.uint16), column, scale, kernel)
 
     k = keys[:, column:column + head_dim].astype(np.float64)
     v = values[:, column:column + head_dim].astype(np.float64)
@@ -326,4 +326,4 @@ def test_f16_attention_rejects_bad_shapes():
     q = np.zeros((2, 8), dtype=np.float32)
     keys = np.zeros((3, 8), dtype=np.uint16)
     with pytest.raises(ValueError, match="head inside width"):
-        _core.f16_attention(q, keys, keys, 4, 1.0)
+        _core.kernels.f16_attention(q, keys, keys, 4, 1.0)

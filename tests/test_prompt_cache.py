@@ -105,8 +105,8 @@ def test_f16_attention_in_blocks_equals_contiguous(kernel, log2_block):
     q = rng.standard_normal((4, 72)).astype(np.float32)
     keys = rng.standard_normal((37, 160)).astype(np.float16).view(np.uint16)
     values = rng.standard_normal((37, 160)).astype(np.float16).view(np.uint16)
-    whole = _core.f16_attention(q, keys, values, 80, 0.1, kernel)
-    assert np.array_equal(_core.f16_attention(q, keys, values, 80, 0.1, kernel, log2_block), whole)
+    whole = _core.kernels.f16_attention(q, keys, values, 80, 0.1, kernel)
+    assert np.array_equal(_core.kernels.f16_attention(q, keys, values, 80, 0.1, kernel, log2_block), whole)
 
 
 # ---- the Python API ----

@@ -33,8 +33,8 @@ int main() {
             kernels.ternary_gemm(m.view(), 0, rows, x.data(), sums.data(), tokens, got.data(), rows);
             failures += expected != got;
             const Int8RowsView head{q.data(), rows, cols};
-            int8_gemv_ref(head, 0, rows, x.data(), tokens, expected.data(), rows);
-            kernels.int8_gemv(head, 0, rows, x.data(), tokens, got.data(), rows);
+            int8_gemm_ref(head, 0, rows, x.data(), tokens, expected.data(), rows);
+            kernels.int8_gemm(head, 0, rows, x.data(), tokens, got.data(), rows);
             failures += expected != got;
             // the reference itself against a direct sum over the unpacked weights
             std::vector<int32_t> direct(tokens * rows, 0);
