@@ -27,25 +27,25 @@ float quantize_row_int8(const float* x, int64_t cols, int8_t* xq, int32_t* sum) 
     return a;
 }
 
-void ternary_gemm_ref(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
-                      const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {
-    const int64_t padded = padded_cols(w.cols);
-    const int64_t blocks = padded / kTernaryBlock;
+namespace {
+
+// Rows of a ternary matrix stored in blocks of Block weights, Block / WeightsPerByte bytes each,
+// that unpack_block(bytes, codes) turns into codes (0, 1, 2): each block is unpacked once and
+// used for every token. xq rows are `padded` long.
+template <int Block, int WeightsPerByte, typename UnpackBlock>
+void codes_gemm(const uint8_t* data, int64_t padded, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride, UnpackBlock unpack_block) {
     std::vector<int32_t> sums(static_cast<size_t>(tokens));
     for (int64_t r = row_begin; r < row_end; ++r) {
-        const uint8_t* row = w.data + r * (padded / 4);
+        const uint8_t* row = data + r * (padded / WeightsPerByte);
         std::fill(sums.begin(), sums.end(), 0);
-        for (int64_t b = 0; b < blocks; ++b) {
-            // Unpack one block of codes (0, 1, 2) once, then use it for every token.
-            uint8_t codes[kTernaryBlock];
-            const uint8_t* bytes = row + b * kTernaryBlockBytes;
-            for (int lane = 0; lane < 4; ++lane)
-                for (int j = 0; j < kCodesPerLane; ++j)
-                    codes[lane * kCodesPerLane + j] = (bytes[j] >> code_shift(lane * kCodesPerLane)) & 3;
+        for (int64_t b = 0; b < padded / Block; ++b) {
+            uint8_t codes[Block];
+            unpack_block(row + b * (Block / WeightsPerByte), codes);
             for (int64_t t = 0; t < tokens; ++t) {
-                const int8_t* x = xq + t * padded + b * kTernaryBlock;
+                const int8_t* x = xq + t * padded + b * Block;
                 int32_t sum = 0;
-                for (int i = 0; i < kTernaryBlock; ++i) sum += codes[i] * x[i];
+                for (int i = 0; i < Block; ++i) sum += codes[i] * x[i];
                 sums[t] += sum;
             }
         }
@@ -54,26 +54,22 @@ void ternary_gemm_ref(const TernaryView& w, int64_t row_begin, int64_t row_end, 
     }
 }
 
+}  // namespace
+
+void ternary_gemm_ref(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                      const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {
+    codes_gemm<kTernaryBlock, 4>(w.data, padded_cols(w.cols), row_begin, row_end, xq, xq_sums, tokens, acc, out_stride,
+                                 [](const uint8_t* bytes, uint8_t* codes) {
+                                     for (int lane = 0; lane < 4; ++lane)
+                                         for (int j = 0; j < kCodesPerLane; ++j)
+                                             codes[lane * kCodesPerLane + j] = (bytes[j] >> code_shift(lane * kCodesPerLane)) & 3;
+                                 });
+}
+
 void trit_gemm_ref(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                    const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {
-    const int64_t padded = trit_padded_cols(w.cols);
-    const int64_t blocks = padded / kTritBlock;
-    std::vector<int32_t> sums(static_cast<size_t>(tokens));
-    for (int64_t r = row_begin; r < row_end; ++r) {
-        const uint8_t* row = w.data + r * (padded / 5);
-        std::fill(sums.begin(), sums.end(), 0);
-        for (int64_t b = 0; b < blocks; ++b) {
-            uint8_t codes[kTritBlock];
-            unpack_trit_block(row + b * kTritBlockBytes, codes);
-            for (int64_t t = 0; t < tokens; ++t) {
-                const int8_t* x = xq + t * padded + b * kTritBlock;
-                int32_t sum = 0;
-                for (int i = 0; i < kTritBlock; ++i) sum += codes[i] * x[i];
-                sums[t] += sum;
-            }
-        }
-        for (int64_t t = 0; t < tokens; ++t) acc[t * out_stride + r] = sums[t] - xq_sums[t];
-    }
+    codes_gemm<kTritBlock, 5>(w.data, trit_padded_cols(w.cols), row_begin, row_end, xq, xq_sums, tokens, acc, out_stride,
+                              unpack_trit_block);
 }
 
 void trits_to_two_bit_ref(const uint8_t* trits, int64_t chunks, uint8_t* two_bit) {
