@@ -63,7 +63,7 @@ inline void trit_rows_512(const uint8_t* rows, int64_t row_bytes, int64_t blocks
         }
     }
     for (int r = 0; r < NR; ++r)
-        sums[r] = (3 * _mm512_reduce_add_epi32(acc[r]) - _mm512_reduce_add_epi32(carried[r])) >> 8;
+        sums[r] = static_cast<int32_t>((3 * int64_t{_mm512_reduce_add_epi32(acc[r])} - _mm512_reduce_add_epi32(carried[r])) >> 8);
 }
 
 }  // namespace

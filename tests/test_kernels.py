@@ -42,13 +42,14 @@ def test_ternary_matmul_is_exact(kernel, tokens, cols, rows, bits):
 @pytest.mark.parametrize("value", [-128, -127, 127])
 @pytest.mark.parametrize("weight", [-1, 1])
 @pytest.mark.parametrize("bits", [2, 1.6])
-def test_extreme_activations_do_not_overflow(kernel, tokens, value, weight, bits):
-    """Extreme activations against all +1 or all -1 over 6912 columns (the 2B4T FFN width) are exact,
-    in whole row tiles and in the rows past them."""
-    ternary = np.full((13, 6912), weight, dtype=np.int8)
-    xq = np.full((tokens, 6912), value, dtype=np.int8)
+@pytest.mark.parametrize("cols", [6912, 28672])
+def test_extreme_activations_do_not_overflow(kernel, tokens, value, weight, bits, cols):
+    """Extreme activations against all +1 or all -1 over 6912 columns (the 2B4T FFN width) and
+    28,672 (Llama3-8B-1.58's) are exact, in whole row tiles and in the rows past them."""
+    ternary = np.full((13, cols), weight, dtype=np.int8)
+    xq = np.full((tokens, cols), value, dtype=np.int8)
     got = _core.kernels.TernaryMatrix(ternary, 1.0, bits).matmul_int(xq, kernel)
-    assert np.all(got == weight * value * 6912)
+    assert np.all(got == weight * value * cols)
 
 
 def trit_layout_bytes(ternary: np.ndarray) -> np.ndarray:
