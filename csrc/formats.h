@@ -68,6 +68,11 @@ static inline void pack_ternary_block(const uint8_t codes[kTernaryBlock], uint8_
         block[j] = static_cast<uint8_t>(codes[j] << 6 | codes[32 + j] << 4 | codes[64 + j] << 2 | codes[96 + j]);
 }
 
+// The 128 codes of a 2-bit block (32 bytes), in weight order.
+static inline void unpack_ternary_block(const uint8_t* block, uint8_t codes[kTernaryBlock]) {
+    for (int i = 0; i < kTernaryBlock; ++i) codes[i] = (block[i % kCodesPerLane] >> code_shift(i)) & 3;
+}
+
 // The 320 codes of a 1.6-bit block (64 bytes), in weight order.
 static inline void unpack_trit_block(const uint8_t* block, uint8_t codes[kTritBlock]) {
     for (int n = 0; n < kTritDigits; ++n)

@@ -59,11 +59,7 @@ void codes_gemm(const uint8_t* data, int64_t padded, int64_t row_begin, int64_t 
 void ternary_gemm_ref(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                       const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {
     codes_gemm<kTernaryBlock, 4>(w.data, padded_cols(w.cols), row_begin, row_end, xq, xq_sums, tokens, acc, out_stride,
-                                 [](const uint8_t* bytes, uint8_t* codes) {
-                                     for (int lane = 0; lane < 4; ++lane)
-                                         for (int j = 0; j < kCodesPerLane; ++j)
-                                             codes[lane * kCodesPerLane + j] = (bytes[j] >> code_shift(lane * kCodesPerLane)) & 3;
-                                 });
+                                 unpack_ternary_block);
 }
 
 void trit_gemm_ref(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,

@@ -215,8 +215,8 @@ void Model::set_linear_packed(int64_t layer, const std::string& name, const uint
     }
     pack_rows(slot, rows, cols, scale, [&](int64_t r, std::vector<uint8_t>& codes) {
         const uint8_t* row = bytes + r * (cols / 4);
-        for (int64_t k = 0; k < cols; ++k)
-            codes[k] = (row[k / kTernaryBlock * kTernaryBlockBytes + k % kCodesPerLane] >> code_shift(k % kTernaryBlock)) & 3;
+        for (int64_t b = 0; b < cols / kTernaryBlock; ++b)
+            unpack_ternary_block(row + b * kTernaryBlockBytes, codes.data() + b * kTernaryBlock);
     });
 }
 
