@@ -7,6 +7,9 @@
 // wherever AVX-512 VNNI is.
 #include "kernels_x86.h"
 
+#include <algorithm>
+#include <vector>
+
 // GCC 12's AVX-512 intrinsics initialise their "undefined" operands from themselves, which
 // -Wmaybe-uninitialized reports at every use (GCC bug 105593); the warning says nothing about this code.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -138,6 +141,100 @@ void int8_gemm_avx512vnni(const Int8RowsView& m, int64_t row_begin, int64_t row_
             for (int t = 0; t < C; ++t) x_sums[t] = activation_sum(xq + (t0 + t) * padded, padded);
             for (int64_t r = row_begin; r < row_end; ++r)
                 int8_row_tile<C>(m.q + r * padded, padded, xq + t0 * padded, x_sums, acc + t0 * out_stride + r, out_stride);
+        });
+}
+
+}  // namespace ternlm
+
+// The q4 head, four groups (128 weights, 64 bytes of nibbles) at a time: their low nibbles are one
+// register and their high nibbles another, and each 32-bit lane of either holds four weights of one
+// group. vpdpbusd multiplies the nibbles (unsigned, 0..15) by the activations gathered into the same
+// order, starting from -8 times the sum of those activations, so a lane ends at the exact sum of
+// (q - 8) * x over its eight weights; one FMA by its group's scale per lane. The activations are
+// gathered once per call. Every row and token go through the same operations whatever the tile, so
+// a token's logits do not depend on the other tokens of a batch.
+namespace ternlm {
+namespace {
+
+constexpr int64_t kQ4Chunk = 4 * kQ4Group;           // weights in one low and one high nibble register
+constexpr int64_t kQ4Gathered = 64 + 64 + 16 * 4;    // bytes per chunk and token: low x, high x, lane starts
+constexpr int kQ4Rows = 4;  // rows x tokens in a tile: at least four, so as many FMA chains run side by side
+constexpr int kQ4Tokens = 4;
+// Requested into L2, twice as far ahead as the int8 head's: measured on Zen 4, one thread, 2B4T's
+// head, one token: 8.4 ms against 15 ms requested into L1 4 KB ahead (or 19 ms with no request).
+constexpr int64_t kQ4PrefetchAhead = 8192;
+
+// One token's activations in chunk order: for each chunk, those meeting the low nibbles (the first
+// 16 of each group), those meeting the high ones, then each lane's start, -8 * sum of its eight.
+void gather_q4_activations(const int8_t* x, int64_t chunks, uint8_t* out) {
+    const __m512i low_halves = _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13);
+    const __m512i high_halves = _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15);
+    for (int64_t c = 0; c < chunks; ++c, x += kQ4Chunk, out += kQ4Gathered) {
+        const __m512i first = _mm512_loadu_si512(x), second = _mm512_loadu_si512(x + 64);
+        const __m512i low = _mm512_permutex2var_epi64(first, low_halves, second);
+        const __m512i high = _mm512_permutex2var_epi64(first, high_halves, second);
+        const __m512i eight = _mm512_set1_epi8(8);
+        const __m512i offset = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, low), eight, high);
+        _mm512_storeu_si512(out, low);
+        _mm512_storeu_si512(out + 64, high);
+        _mm512_storeu_si512(out + 128, _mm512_sub_epi32(_mm512_setzero_si512(), offset));
+    }
+}
+
+template <int NR, int NT>
+inline void q4_tile(const uint8_t* rows, const uint16_t* scales, int64_t chunks, const uint8_t* gathered,
+                    int64_t gathered_stride, float sums[NR][NT]) {
+    const int64_t row_bytes = chunks * 64, groups = chunks * 4;
+    const __m256i spread = _mm256_setr_epi16(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);  // a scale per lane
+    const __m512i low_nibbles = _mm512_set1_epi8(15);
+    __m512 acc[NR][NT];
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t* bytes = rows + r * row_bytes + c * 64;
+            _mm_prefetch(reinterpret_cast<const char*>(bytes + kQ4PrefetchAhead), _MM_HINT_T1);
+            const __m512i packed = _mm512_loadu_si512(bytes);
+            const __m512i low = _mm512_and_si512(packed, low_nibbles);
+            const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+            const __m128i four = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + r * groups + 4 * c));
+            const __m512 scale = _mm512_cvtph_ps(_mm256_permutexvar_epi16(spread, _mm256_castsi128_si256(four)));
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; ++t) {
+                const uint8_t* x = gathered + t * gathered_stride + c * kQ4Gathered;
+                __m512i lanes = _mm512_loadu_si512(x + 128);
+                lanes = _mm512_dpbusd_epi32(lanes, low, _mm512_loadu_si512(x));
+                lanes = _mm512_dpbusd_epi32(lanes, high, _mm512_loadu_si512(x + 64));
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+}  // namespace
+
+void q4_gemm_avx512vnni(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
+                        float* out, int64_t out_stride) {
+    const int64_t padded = padded_cols(m.cols), chunks = padded / kQ4Chunk, gathered_stride = chunks * kQ4Gathered;
+    thread_local std::vector<uint8_t> gathered;
+    gathered.resize(static_cast<size_t>(tokens * gathered_stride));
+    for (int64_t t = 0; t < tokens; ++t) gather_q4_activations(xq + t * padded, chunks, gathered.data() + t * gathered_stride);
+    const int row_tile = static_cast<int>(kQ4Rows / std::min<int64_t>(tokens, kQ4Rows));  // four FMA chains or more
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += row_tile)
+        with_count<kQ4Rows>(static_cast<int>(std::min<int64_t>(row_end - r0, row_tile)), [&](auto row_count) {
+            constexpr int NR = decltype(row_count)::value;
+            for (int64_t t0 = 0; t0 < tokens; t0 += kQ4Tokens)
+                with_count<kQ4Tokens>(static_cast<int>(std::min<int64_t>(tokens - t0, kQ4Tokens)), [&](auto token_count) {
+                    constexpr int NT = decltype(token_count)::value;
+                    float sums[NR][NT];
+                    q4_tile<NR, NT>(m.q + r0 * padded / 2, m.scales + r0 * (padded / kQ4Group), chunks,
+                                    gathered.data() + t0 * gathered_stride, gathered_stride, sums);
+                    for (int r = 0; r < NR; ++r)
+                        for (int t = 0; t < NT; ++t) out[(t0 + t) * out_stride + r0 + r] = sums[r][t];
+                });
         });
 }
 

@@ -31,6 +31,8 @@ void int8_gemm_avx512vnni(const Int8RowsView& m, int64_t row_begin, int64_t row_
 
 void q4_gemm_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
                   float* out, int64_t out_stride);
+void q4_gemm_avx512vnni(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
+                        float* out, int64_t out_stride);
 void f16_store_avx2(const float* x, int64_t n, uint16_t* out);
 void f16_attention_avx2(const float* q, int64_t heads, int64_t head_dim, const PagedRows<uint16_t>& keys,
                         const PagedRows<uint16_t>& values, int64_t count, float scale, float* scratch, float* out);

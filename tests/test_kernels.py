@@ -275,7 +275,8 @@ def test_q4_format_is_llama_cpp_q4_0(cols):
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
-@pytest.mark.parametrize("tokens,cols,rows", [(1, 32, 3), (2, 100, 7), (3, 2560, 11), (6, 300, 9)])
+@pytest.mark.parametrize("tokens,cols,rows", [(1, 32, 3), (2, 100, 7), (3, 2560, 11), (6, 300, 9), (1, 2560, 13),
+                                              (9, 640, 6)])
 def test_q4_head_matches_numpy(kernel, tokens, cols, rows):
     """The 4-bit head against gguf-py's Q4_0 quantization and float64 products."""
     rng = np.random.default_rng(cols)
@@ -298,6 +299,30 @@ def test_q4_head_matches_numpy(kernel, tokens, cols, rows):
     weight_error = np.abs(d).repeat(32, -1).reshape(rows, padded)[:, :cols] * (0.5 + 8 * 2.0**-11)
     bound = np.abs(x) @ weight_error.T + (np.abs(head).sum(1)[None, :] + weight_error.sum(1)[None, :]) / (2 * a)
     assert np.all(np.abs(got - exact) <= bound * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+def test_q4_head_extremes_and_batch_invariance(kernel):
+    """Nibbles 0 and 15 against activations of +-127 (the largest lane sums), and each token's logits
+    bit for bit the same alone as in a batch of 9, whatever tile of rows and tokens it falls in."""
+    rng = np.random.default_rng(4)
+    rows, cols = 11, 1280
+    head = rng.standard_normal((rows, cols)).astype(np.float32)
+    head[0] = np.where(np.arange(cols) % 2, -1.0, 1.0)  # nibbles 0 and 15 (q - 8 = -8 and 7) in turn
+    head[1] = -head[0]
+    x = rng.standard_normal((9, cols)).astype(np.float32)
+    x[0] = 1.0                                          # every activation 127
+    x[1] = head[0]                                      # +-127
+    batch = _core.kernels.q4_head_logits(head, x, kernel)
+    alone = np.concatenate([_core.kernels.q4_head_logits(head, x[t:t + 1], kernel) for t in range(len(x))])
+    assert np.array_equal(batch, alone)
+    blocks = _q4_0_blocks(head, cols)                   # gguf-py's Q4_0 of the same rows
+    d = blocks[..., :2].copy().view(np.float16).astype(np.float64)
+    codes = np.concatenate([blocks[..., 2:] & 15, blocks[..., 2:] >> 4], axis=-1).astype(np.float64)
+    dequantized = ((codes - 8) * d).reshape(rows, cols)
+    xq, a = reference.quantize_activations(x)
+    expected = (xq.astype(np.float64) @ dequantized.T) / a.astype(np.float64)
+    np.testing.assert_allclose(batch, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
