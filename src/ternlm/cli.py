@@ -243,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=HEADS, default=None,
                    help="format of the output matrix (default: as in the file; float16 for synthetic)")
     p.add_argument("--ternary-bits", type=_ternary_bits_list, default=None, metavar="{2,1.6}[,...]",
-                   help=TERNARY_BITS_HELP.replace("(default", "; several, comma-separated, are measured interleaved "
-                                                              "(default"))
+                   help=TERNARY_BITS_HELP.replace(" (default", "; several, comma-separated, are measured interleaved"
+                                                              " (default"))
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="a markdown table or a JSON array")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="also draw tokens/s against threads and against prompt length into this PNG (needs matplotlib)")
