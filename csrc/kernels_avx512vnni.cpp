@@ -158,7 +158,9 @@ namespace {
 
 constexpr int64_t kQ4Chunk = 4 * kQ4Group;           // weights in one low and one high nibble register
 constexpr int64_t kQ4Gathered = 64 + 64 + 16 * 4;    // bytes per chunk and token: low x, high x, lane starts
-constexpr int kQ4Rows = 4;  // rows x tokens in a tile: at least four, so as many FMA chains run side by side
+// A tile is up to 4 rows x 4 tokens; one token takes four rows and two take two, so that four FMA
+// chains run side by side (one chain waits on the FMA's latency).
+constexpr int kQ4Rows = 4;
 constexpr int kQ4Tokens = 4;
 // Requested into L2, twice as far ahead as the int8 head's: measured on Zen 4, one thread, 2B4T's
 // head, one token: 8.4 ms against 15 ms requested into L1 4 KB ahead (or 19 ms with no request).
@@ -222,7 +224,7 @@ void q4_gemm_avx512vnni(const Q4RowsView& m, int64_t row_begin, int64_t row_end,
     thread_local std::vector<uint8_t> gathered;
     gathered.resize(static_cast<size_t>(tokens * gathered_stride));
     for (int64_t t = 0; t < tokens; ++t) gather_q4_activations(xq + t * padded, chunks, gathered.data() + t * gathered_stride);
-    const int row_tile = static_cast<int>(kQ4Rows / std::min<int64_t>(tokens, kQ4Rows));  // four FMA chains or more
+    const int row_tile = static_cast<int>(kQ4Rows / std::min<int64_t>(tokens, kQ4Rows));
     for (int64_t r0 = row_begin; r0 < row_end; r0 += row_tile)
         with_count<kQ4Rows>(static_cast<int>(std::min<int64_t>(row_end - r0, row_tile)), [&](auto row_count) {
             constexpr int NR = decltype(row_count)::value;
