@@ -22,18 +22,7 @@ namespace {
 constexpr float kInfinity = std::numeric_limits<float>::infinity();
 constexpr int64_t kLanes = 16;    // partial sums: two AVX2 registers' worth
 constexpr int64_t kBlock = 1024;  // the draw first finds the block of this many ids, then the id
-constexpr int64_t kFewest = 64;  // top-p looks for its nucleus among this many most likely tokens first
-
-double sum(const float* x, int64_t n) {
-    float lanes[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
-        for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[i + j];
-    double total = 0.0;
-    for (float lane : lanes) total += lane;
-    for (; i < n; ++i) total += x[i];
-    return total;
-}
+constexpr int kAttempts = 8;      // draws top-p tries before it finds its nucleus by histogram
 
 // A token in the rank order: most likely first (the larger logit after the penalty), ties by lower id.
 struct Ranked {
@@ -67,7 +56,7 @@ uint16_t bucket_of(float d) {
 // Working memory, one vocabulary's worth, kept between draws: allocating (and faulting in) a few MB
 // for each draw would cost more than the draw.
 struct Scratch {
-    std::vector<float> penalized, distance, weight, best_weight, kept_weight;
+    std::vector<float> penalized, distance, weight;
     std::vector<uint16_t> bucket;
     std::vector<int32_t> first_in_bucket, next_in_bucket;
     std::vector<double> block_sums;
@@ -121,27 +110,55 @@ float largest(const float* row, int64_t vocab) {
     return value;
 }
 
-// Inverse CDF over weights in order: the first index whose running sum exceeds uniform * total.
-int64_t draw(const float* weight, int64_t n, double uniform) {
-    const int64_t blocks = (n + kBlock - 1) / kBlock;
-    scratch.block_sums.resize(blocks);
+// The sum of the weights of at least min_weight.
+double sum_of_weights(const float* x, int64_t n, float min_weight = 0.0f) {
+    float lanes[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[i + j] * float(x[i + j] >= min_weight);
     double total = 0.0;
-    for (int64_t b = 0; b < blocks; ++b) {
-        scratch.block_sums[b] = sum(weight + b * kBlock, std::min(kBlock, n - b * kBlock));
-        total += scratch.block_sums[b];
-    }
-    const double target = uniform * total;
-    double below = 0.0;
-    int64_t b = 0;
-    while (b + 1 < blocks && below + scratch.block_sums[b] <= target) below += scratch.block_sums[b++];
-    for (int64_t i = b * kBlock; i < n; ++i) {
-        below += weight[i];
-        if (below > target && weight[i] > 0) return i;
-    }
-    int64_t i = n - 1;  // rounding left the target at the very end: the last index with weight
-    while (weight[i] == 0) --i;
-    return i;
+    for (float lane : lanes) total += lane;
+    for (; i < n; ++i) total += x[i] * float(x[i] >= min_weight);
+    return total;
 }
+
+// An inverse CDF over the weights of at least min_weight (the others count as 0), in index order:
+// the first index whose running sum exceeds uniform * total. The block sums are taken once, so each
+// further uniform costs the scan of one block.
+class InverseCdf {
+  public:
+    InverseCdf(const float* weight, int64_t n, float min_weight) : weight_(weight), n_(n), min_weight_(min_weight) {
+        const int64_t blocks = (n + kBlock - 1) / kBlock;
+        scratch.block_sums.resize(blocks);
+        for (int64_t b = 0; b < blocks; ++b) {
+            scratch.block_sums[b] = sum_of_weights(weight + b * kBlock, std::min(kBlock, n - b * kBlock), min_weight);
+            total_ += scratch.block_sums[b];
+        }
+    }
+
+    int64_t operator()(double uniform) const {
+        const std::vector<double>& block_sums = scratch.block_sums;
+        const double target = uniform * total_;
+        double below = 0.0;
+        int64_t b = 0;
+        while (b + 1 < static_cast<int64_t>(block_sums.size()) && below + block_sums[b] <= target) below += block_sums[b++];
+        for (int64_t i = b * kBlock; i < n_; ++i) {
+            const float w = weight(i);
+            below += w;
+            if (below > target && w > 0) return i;
+        }
+        int64_t i = n_ - 1;  // rounding left the target at the very end: the last index with weight
+        while (weight(i) == 0) --i;
+        return i;
+    }
+
+  private:
+    float weight(int64_t i) const { return weight_[i] >= min_weight_ ? weight_[i] : 0.0f; }
+    const float* weight_;
+    int64_t n_;
+    float min_weight_;
+    double total_ = 0.0;
+};
 
 // The k most likely tokens (k <= vocab) into scratch.ranked, best first. One pass keeps a heap of the
 // k best so far: a token displaces the worst of them only if its logit is larger (a tie ranks after,
@@ -170,20 +187,14 @@ const std::vector<Ranked>& select_best(const float* row, int64_t vocab, int64_t 
 }
 
 // top-p (to `needed` of mass), then min-p and the draw, among the first tokens of the rank order,
-// given with their weights. Returns the token drawn, or -1 if they do not hold the mass needed and
-// are not every candidate (as top-k's are).
-int32_t draw_among(const std::vector<Ranked>& ranked, const float* weight, double needed, double min_p,
-                   double uniform, bool every_candidate) {
+// given with their weights (top-k's tokens).
+int32_t draw_among(const std::vector<Ranked>& ranked, const float* weight, double needed, double min_p, double uniform) {
     const int64_t n = static_cast<int64_t>(ranked.size());
     int64_t kept = 0;
     double mass = 0.0;
     while (kept < n && mass < needed) mass += weight[kept++];
-    if (mass < needed && !every_candidate) return -1;
-    std::vector<float>& kept_weight = scratch.kept_weight;
-    kept_weight.resize(kept);
     const float min_weight = static_cast<float>(min_p);  // against the largest weight, which is 1
-    for (int64_t j = 0; j < kept; ++j) kept_weight[j] = weight[j] >= min_weight ? weight[j] : 0.0f;
-    return ranked[draw(kept_weight.data(), kept, uniform)].id;
+    return ranked[InverseCdf(weight, kept, min_weight)(uniform)].id;
 }
 
 // top-k, then the other filters on its k tokens alone.
@@ -195,11 +206,35 @@ int32_t sample_top_k(const float* row, int64_t vocab, const SamplingSettings& se
     float* weight = scratch.weight.data();
     for (int64_t j = 0; j < k; ++j) weight[j] = exp_minus((best[0].value - best[j].value) * inverse_temperature);
     // the nucleus of the distribution renormalized over the k tokens
-    return draw_among(best, weight, settings.top_p * sum(weight, k), settings.min_p, uniform, true);
+    return draw_among(best, weight, settings.top_p * sum_of_weights(weight, k), settings.min_p, uniform);
 }
 
-// Where top-p's nucleus ends, for one it does not find among the kFewest most likely tokens: a
-// histogram of the weights by distance bucket finds the bucket where it ends, and only that bucket's
+// The mass of the tokens ranked before `token`: a larger logit, or the same one and a lower id.
+double mass_before(const float* row, const float* weight, int64_t vocab, int32_t token) {
+    const float value = row[token];
+    float lanes[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= token; i += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) lanes[j] += weight[i + j] * float(row[i + j] >= value);
+    for (; i < token; ++i) lanes[0] += weight[i] * float(row[i] >= value);
+    for (i = token + 1; i + kLanes <= vocab; i += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) lanes[j] += weight[i + j] * float(row[i + j] > value);
+    for (; i < vocab; ++i) lanes[0] += weight[i] * float(row[i] > value);
+    double total = 0.0;
+    for (float lane : lanes) total += lane;
+    return total;
+}
+
+// A further uniform number in [0, 1) from one (splitmix64 of its bits): the same uniform always
+// gives the same token, however many draws top-p takes.
+double next_uniform(double uniform) {
+    uint64_t z = bits_as<uint64_t>(uniform) + 0x9E3779B97F4A7C15u;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9u;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBu;
+    return static_cast<double>((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
+}
+
+// Where top-p's nucleus ends: a histogram of the weights by distance bucket finds the bucket where it ends, and only that bucket's
 // tokens are sorted.
 Cut nucleus(const float* row, int64_t vocab, double needed) {
     const float* distance = scratch.distance.data();
@@ -269,22 +304,22 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingSettings&
     float* distance = scratch.distance.data();
     float* weight = scratch.weight.data();
     active_kernels().temper(row, vocab, max, inverse_temperature, distance, weight);
-    const double needed = settings.top_p * sum(weight, vocab);
-    // Most distributions hold their nucleus in a few dozen tokens. The kFewest most likely tokens
-    // weigh at most 1 each, so past that mass they cannot hold it.
-    if (settings.top_p < 1 && vocab > kFewest && needed <= kFewest) {
-        const std::vector<Ranked>& best = select_best(row, vocab, kFewest);
-        std::vector<float>& best_weight = scratch.best_weight;
-        best_weight.resize(kFewest);
-        for (int64_t j = 0; j < kFewest; ++j) best_weight[j] = weight[best[j].id];
-        const int32_t token = draw_among(best, best_weight.data(), needed, settings.min_p, uniform, false);
-        if (token >= 0) return token;
-    }
-    const Cut kept = settings.top_p < 1 ? nucleus(row, vocab, needed) : Cut{-kInfinity, static_cast<int32_t>(vocab)};
     const float min_weight = static_cast<float>(settings.min_p);  // against the largest weight, which is 1
-    if (settings.top_p < 1 || min_weight > 0)
-        for (int32_t i = 0; i < vocab; ++i) weight[i] = kept.keeps(row[i], i) && weight[i] >= min_weight ? weight[i] : 0.0f;
-    return static_cast<int32_t>(draw(weight, vocab, uniform));
+    const InverseCdf draw(weight, vocab, min_weight);
+    if (settings.top_p == 1) return static_cast<int32_t>(draw(uniform));
+
+    // top-p by rejection: a token drawn from the min-p-filtered distribution is kept if it is in the
+    // nucleus (the tokens ranked before it weigh less than `needed`), which leaves exactly the
+    // distribution filtered by both. The nucleus holds at least top_p of the mass, so a draw is kept
+    // with probability top_p or more; after kAttempts misses, the histogram finds the nucleus.
+    const double needed = settings.top_p * sum_of_weights(weight, vocab);
+    for (int attempt = 0; attempt < kAttempts; ++attempt, uniform = next_uniform(uniform)) {
+        const int32_t token = static_cast<int32_t>(draw(uniform));
+        if (mass_before(row, weight, vocab, token) < needed) return token;
+    }
+    const Cut kept = nucleus(row, vocab, needed);
+    for (int32_t i = 0; i < vocab; ++i) weight[i] = kept.keeps(row[i], i) ? weight[i] : 0.0f;
+    return static_cast<int32_t>(InverseCdf(weight, vocab, min_weight)(uniform));
 }
 
 }  // namespace ternlm

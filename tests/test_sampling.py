@@ -65,6 +65,9 @@ COMBINATIONS = {
     "top-p 0.95": dict(temperature=0.8, top_p=0.95),
     "top-p 0.5": dict(temperature=1.3, top_p=0.5),
     "min-p 0.05": dict(temperature=0.8, min_p=0.05),
+    "top-p 0.9 then min-p 0.02": dict(temperature=1.0, top_p=0.9, min_p=0.02),
+    # a draw lands in this nucleus about once in ten: after eight misses the histogram finds it
+    "top-p 0.1, hot": dict(temperature=3.0, top_p=0.1),
     "top-k 200 then top-p 0.9": dict(temperature=1.0, top_k=200, top_p=0.9),
     "all with a repetition penalty": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.3),
     "penalty, hot, top-p": dict(temperature=2.0, top_p=0.9, repetition_penalty=0.5),
@@ -92,11 +95,13 @@ def test_draws_follow_the_exact_filtered_distribution(name):
 
 def test_a_flat_vocabulary_sized_distribution():
     """128,256 logits close together: the nucleus holds most of the vocabulary and ends inside a
-    crowded histogram bucket."""
+    crowded histogram bucket, or (top-p 0.05) holds a few dozen tokens that a draw misses eight times
+    out of ten, so that the histogram finds it."""
     rng = np.random.default_rng(2)
     logits = (rng.standard_normal(128_256) * 0.3).astype(np.float32)
     logits[:64] += 4  # 64 likely tokens: enough draws land on each for the test to see
-    for params in [SamplingParams(temperature=0.8, top_p=0.95), SamplingParams(temperature=0.8, top_k=5000)]:
+    for params in [SamplingParams(temperature=0.8, top_p=0.95), SamplingParams(temperature=0.8, top_p=0.05),
+                   SamplingParams(temperature=0.8, top_k=5000)]:
         expected = exact_distribution(logits, params, [])
         tokens = draw_many(logits, params, [], seed=3, draws=4000)
         assert_draws_follow(tokens, expected)
