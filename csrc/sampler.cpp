@@ -1,6 +1,8 @@
 // The sampler (sampler.h). Its passes over the vocabulary are plain loops the compiler vectorizes:
 // sums go through kLanes independent partial sums (the build does not let it reorder a
-// floating-point sum), and the tempering with its e^x is a kernel with an AVX2 variant (kernels.h).
+// floating-point sum), a sum of some weights multiplies each by its condition (GCC turns a select
+// into a branch, mispredicted half the time), and the tempering with its e^x is a kernel with an
+// AVX2 variant (kernels.h).
 #include "sampler.h"
 
 #include <algorithm>
@@ -234,8 +236,8 @@ double next_uniform(double uniform) {
     return static_cast<double>((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
 }
 
-// Where top-p's nucleus ends: a histogram of the weights by distance bucket finds the bucket where it ends, and only that bucket's
-// tokens are sorted.
+// Where top-p's nucleus ends: a histogram of the weights by distance bucket finds the bucket where
+// it ends, and only that bucket's tokens are sorted.
 Cut nucleus(const float* row, int64_t vocab, double needed) {
     const float* distance = scratch.distance.data();
     const float* weight = scratch.weight.data();

@@ -26,9 +26,9 @@ struct SamplingSettings {
 
 // One token from logits [vocab]. recent: the ids the repetition penalty applies to (repeats change
 // nothing). uniform in [0, 1): the draw's random number (top-p derives those of further draws from
-// it); the same logits, settings, recent ids and uniform always give the same token. Tokens whose logit is -inf (masked) have probability 0 under
-// every filter and greedy picks the best finite one; NaN or +inf logits, or no finite one, throw
-// std::invalid_argument.
+// it); the same logits, settings, recent ids and uniform always give the same token. Tokens whose
+// logit is -inf (masked) have probability 0 under every filter and greedy picks the best finite one;
+// NaN or +inf logits, or no finite one, throw std::invalid_argument.
 int32_t sample_token(const float* logits, int64_t vocab, const SamplingSettings& settings, const int32_t* recent,
                      int64_t n_recent, double uniform);
 
