@@ -247,11 +247,12 @@ def test_the_models_settings_apply_where_the_caller_sets_nothing(model_dir, tmp_
 
 def test_the_shipped_model_writes_verse_that_does_not_loop():
     """With its generation_config.json settings, no line of `ternlm generate "To be, or not to be"` comes
-    back more than twice (greedy decoding repeated one line eight times)."""
+    back more than twice (greedy decoding repeated one line eight times). A speaker's name ("ROSALIND:")
+    heads each of their speeches, so those lines may recur."""
     shipped = ternlm.load(threads=1)
     for seed in range(5):
         lines = [line for line in shipped.generate("To be, or not to be", max_tokens=256, seed=seed).splitlines()
-                 if line.strip()]
+                 if line.strip() and not line.rstrip().endswith(":")]
         assert max(lines.count(line) for line in lines) <= 2, lines
 
 
