@@ -94,9 +94,9 @@ def test_draws_follow_the_exact_filtered_distribution(name):
 
 
 def test_a_flat_vocabulary_sized_distribution():
-    """128,256 logits close together: the nucleus holds most of the vocabulary and ends inside a
-    crowded histogram bucket, or (top-p 0.05) holds a few dozen tokens that a draw misses eight times
-    out of ten, so that the histogram finds it."""
+    """128,256 logits close together: the nucleus holds most of the vocabulary (top-p 0.95: a draw
+    lands in it nineteen times in twenty), or (top-p 0.05) a few dozen tokens that eight draws miss
+    two times in three, so that the histogram finds it."""
     rng = np.random.default_rng(2)
     logits = (rng.standard_normal(128_256) * 0.3).astype(np.float32)
     logits[:64] += 4  # 64 likely tokens: enough draws land on each for the test to see
