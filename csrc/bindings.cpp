@@ -29,6 +29,8 @@ NB_MODULE(_core, m) {
           "the bits per ternary weight (2 or 1.6) that decode faster with the kernels in use");
     m.def("ternary_bits_rule", &ternary_layout_rule, "how default_ternary_bits chooses");
     m.def("available_kernels", &available_kernel_names, "kernel variants this build and CPU can run");
+    m.def("unavailable_kernels_note", &unavailable_kernels_note,
+          "why a variant whose instructions the CPU has cannot run (the OS refused AMX), or ''");
     m.def("default_threads", &default_thread_count);
     m.def("measure_read_bandwidth", &measure_read_bandwidth, "bytes"_a, "threads"_a, "repeats"_a = 5,
           nb::call_guard<nb::gil_scoped_release>(), "Best GB/s reading `bytes` of memory with `threads` threads.");

@@ -9,6 +9,14 @@
 #include <cstdlib>
 #include <stdexcept>
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#endif
+
 #if defined(__aarch64__) && defined(__linux__)
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
@@ -24,6 +32,26 @@ namespace {
 bool has_avx512vnni() {
     return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512bw");
+}
+
+// Linux hands out the AMX tile registers' 8 KB of state only to a process that asks for it
+// (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)); without it, the first tile instruction
+// kills the process. Returns why the AMX kernels cannot run ("" when they can), asking once.
+const std::string& amx_refusal() {
+    static const std::string why = []() -> std::string {
+        if (!has_avx512vnni() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8"))
+            return "the CPU has no AMX-INT8";
+#if defined(__linux__)
+        constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+        constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+        if (syscall(SYS_arch_prctl, kRequestPermission, kTileData) != 0)
+            return std::string("the OS refused the tile state (arch_prctl: ") + std::strerror(errno) + ")";
+        return "";
+#else
+        return "AMX is only enabled on Linux";
+#endif
+    }();
+    return why;
 }
 #elif defined(__aarch64__)
 bool has_dotprod() {
@@ -49,7 +77,7 @@ std::vector<std::string> cpu_features() {
     if (__builtin_cpu_supports(name)) found.push_back(name);
     TERNLM_FEATURE("sse4.2") TERNLM_FEATURE("avx") TERNLM_FEATURE("avx2") TERNLM_FEATURE("fma")
     TERNLM_FEATURE("f16c") TERNLM_FEATURE("avxvnni") TERNLM_FEATURE("avx512f") TERNLM_FEATURE("avx512bw")
-    TERNLM_FEATURE("avx512vl") TERNLM_FEATURE("avx512vnni") TERNLM_FEATURE("avx512bf16")
+    TERNLM_FEATURE("avx512vl") TERNLM_FEATURE("avx512vnni") TERNLM_FEATURE("avx512bf16") TERNLM_FEATURE("amx-int8")
 #undef TERNLM_FEATURE
 #elif defined(__aarch64__)
     found.push_back("neon");
@@ -68,6 +96,8 @@ static const std::vector<KernelSet>& all_kernels() {
         if (__builtin_cpu_supports("avxvnni")) k.push_back({"avxvnni", "1 token: 4 rows at a time; several: 1 row x 8 tokens; 256-bit vpdpbusd", quantize_row_avx2, ternary_gemm_avxvnni, trit_gemm_avxvnni, trits_to_two_bit_avx2, dense_gemm_avx2, int8_gemm_avx2, q4_gemm_avx2, f16_store_avx2, f16_attention_avx2, temper_avx2});
         if (has_avx512vnni()) k.push_back({"avx512", "1 token: 4 rows at a time, 256-bit vpdpbusd; several: 8 rows x 8 tokens, 512-bit vpdpbusd "
                                                 "(rows unpacked once from 32 tokens on)", quantize_row_avx2, ternary_gemm_avx512vnni, trit_gemm_avx512vnni, trits_to_two_bit_avx2, dense_gemm_avx2, int8_gemm_avx512vnni, q4_gemm_avx512vnni, f16_store_avx2, f16_attention_avx2, temper_avx512});
+        if (amx_refusal().empty()) k.push_back({"amx", "1 token: 4 rows at a time, 256-bit vpdpbusd; several: AMX tdpbusd, tiles of 16 rows x 16 tokens",
+                                                quantize_row_avx2, ternary_gemm_amx, trit_gemm_avx512vnni, trits_to_two_bit_avx2, dense_gemm_avx2, int8_gemm_avx512vnni, q4_gemm_avx512vnni, f16_store_avx2, f16_attention_avx2, temper_avx512});
 #elif defined(__aarch64__)
         k.push_back({"neon", "1 row x 4 tokens; NEON multiply-adds", quantize_row_int8, ternary_gemm_neon, trit_gemm_neon, trits_to_two_bit_neon, dense_gemm_ref, int8_gemm_neon, q4_gemm_ref, f16_store_ref, f16_attention_ref, temper_ref});
         if (has_dotprod()) k.push_back({"dotprod", "1 row x 4 tokens; sdot", quantize_row_int8, ternary_gemm_dotprod, trit_gemm_dotprod, trits_to_two_bit_neon, dense_gemm_ref, int8_gemm_dotprod, q4_gemm_ref, f16_store_ref, f16_attention_ref, temper_ref});
@@ -96,6 +126,13 @@ static const KernelSet& choose_kernels() {
     const char* forced = std::getenv("TERNLM_KERNELS");
     if (forced && *forced) return find_kernels(forced);
     return all_kernels().back();
+}
+
+std::string unavailable_kernels_note() {
+#if defined(__x86_64__)
+    if (has_avx512vnni() && __builtin_cpu_supports("amx-int8") && !amx_refusal().empty()) return "amx: " + amx_refusal();
+#endif
+    return "";
 }
 
 const KernelSet& active_kernels() {

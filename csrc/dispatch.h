@@ -26,6 +26,8 @@ const KernelSet& active_kernels();
 const KernelSet& find_kernels(const std::string& name);  // throws std::invalid_argument
 std::vector<std::string> available_kernel_names();
 std::vector<std::string> cpu_features();
+// Why a variant this CPU has the instructions for cannot run ("" when none): AMX when the OS refuses it.
+std::string unavailable_kernels_note();
 
 // The ternary layout that decodes faster with the active kernels, and the measured rule behind it.
 TernaryLayout faster_ternary_layout();

@@ -12,6 +12,8 @@ void ternary_gemm_avxvnni(const TernaryView& w, int64_t row_begin, int64_t row_e
                           const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
 void ternary_gemm_avx512vnni(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                              const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
+void ternary_gemm_amx(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
+                      const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
 
 void trit_gemm_avx2(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq, const int32_t* xq_sums,
                     int64_t tokens, int32_t* acc, int64_t out_stride);

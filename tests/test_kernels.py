@@ -11,12 +11,14 @@ from ternlm.weights.packing import pack_ternary_hf, quantize_ternary, unpack_ter
 SHAPES = [(1, 1, 1), (3, 5, 7), (4, 128, 8), (2, 129, 33), (7, 300, 65), (16, 256, 128), (5, 1000, 17),
           (1, 2560, 13), (1, 6912, 9), (3, 2200, 6),
           (8, 384, 8), (9, 256, 31), (15, 130, 32), (17, 2560, 41), (2, 6912, 16), (31, 640, 24), (32, 300, 16), (40, 8192, 9),
-          (33, 8320, 17)]
+          (33, 8320, 17),
+          (3, 640, 32), (4, 640, 16), (64, 2560, 48), (129, 300, 33), (200, 640, 64)]
 # (tokens, cols, rows); one token takes a separate path (groups of rows), and more than 16 blocks
 # per row exercise the AVX2 kernel's int16 -> int32 widening. The last nine: token counts at and
 # around the AVX-512 tile's 8 tokens and the 32 from which it unpacks rows once, row counts at and
 # around its 8 rows (the rows past the last whole tile take another kernel), and rows at and past
-# the 64 blocks that the unpacked rows may have.
+# the 64 blocks that the unpacked rows may have. The last five: the AMX kernel's threshold (4 tokens),
+# its tiles of 16 rows and tokens in pairs, and its chunks of 128 tokens.
 
 
 def random_ternary(rng, rows, cols):
@@ -45,8 +47,9 @@ def test_ternary_matmul_is_exact(kernel, tokens, cols, rows, bits):
 @pytest.mark.parametrize("cols", [6912, 28672])
 def test_extreme_activations_do_not_overflow(kernel, tokens, value, weight, bits, cols):
     """Extreme activations against all +1 or all -1 over 6912 columns (the 2B4T FFN width) and
-    28,672 (Llama3-8B-1.58's) are exact, in whole row tiles and in the rows past them."""
-    ternary = np.full((13, cols), weight, dtype=np.int8)
+    28,672 (Llama3-8B-1.58's) are exact, in whole row tiles (8 rows for AVX-512, 16 for AMX) and in
+    the rows past them."""
+    ternary = np.full((45, cols), weight, dtype=np.int8)
     xq = np.full((tokens, cols), value, dtype=np.int8)
     got = _core.kernels.TernaryMatrix(ternary, 1.0, bits).matmul_int(xq, kernel)
     assert np.all(got == weight * value * cols)

@@ -56,6 +56,7 @@ int main() {
             kernels.trits_to_two_bit(trits.bytes.data(), rows * wide / kTritRowMultiple, unpacked.data());
             failures += unpacked != reference;
             checks += 5;
+            if (failures) { std::printf("%s %d %d %d: %d\n", name.c_str(), tokens, cols, rows, failures); }
         }
         std::printf("%s: checked\n", name.c_str());
     }

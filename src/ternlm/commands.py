@@ -163,8 +163,9 @@ def cmd_info(args) -> int:
     table.add_row("python", platform.python_version())
     table.add_row("machine", f"{platform.machine()} — {cpu_model()}")
     table.add_row("CPU features", " ".join(_core.cpu_features()) or "(none detected)")
+    unavailable = _core.unavailable_kernels_note()
     table.add_row("kernels", f"{_core.kernel_name()} (available: {', '.join(_core.available_kernels())}; "
-                             f"TERNLM_KERNELS overrides)")
+                             f"TERNLM_KERNELS overrides)" + (f"; not usable: {unavailable}" if unavailable else ""))
     table.add_row("ternary GEMM", _core.ternary_gemm_paths())
     table.add_row("ternary weights", f"{default_ternary_bits():g} bits each by default on this CPU "
                                      f"({_core.ternary_bits_rule()}; --ternary-bits overrides)")
