@@ -212,8 +212,9 @@ void amx_gemm(const TernaryView& w, int64_t row_begin, int64_t row_end, const in
               int64_t tokens, int32_t* acc, int64_t out_stride) {
     const int64_t padded = padded_cols(w.cols), row_bytes = padded / 4;
     const int64_t token_tile_bytes = padded / kStep * kTileBytes;
+    const int64_t token_tiles = ((tokens < kTokenChunk ? tokens : kTokenChunk) + kTile - 1) / kTile;
     thread_local Scratch scratch;
-    uint8_t* activations = scratch.get(static_cast<size_t>(kTokenChunk / kTile * token_tile_bytes));
+    uint8_t* activations = scratch.get(static_cast<size_t>(token_tiles * token_tile_bytes));
     configure_tiles();
     for (int64_t c0 = 0; c0 < tokens; c0 += kTokenChunk) {
         const int64_t chunk = tokens - c0 < kTokenChunk ? tokens - c0 : kTokenChunk;

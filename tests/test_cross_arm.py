@@ -19,7 +19,9 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 COMMON = ["tests/kernel_check.cpp", "kernels_ref.cpp", "dispatch.cpp", "ggml_blocks.cpp", "kv_cache.cpp", "model.cpp",
           "threads.cpp"]
 X86_VARIANTS = {"kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"], "kernels_avxvnni.cpp": ["-mavx2", "-mavxvnni"],
-                "kernels_avx512vnni.cpp": ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
+                "kernels_avx512vnni.cpp": ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+                "kernels_amx.cpp": ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile",
+                                    "-mamx-int8"]}
 ARM_VARIANTS = {"kernels_arm.cpp": [], "kernels_arm_dotprod.cpp": ["-march=armv8.2-a+dotprod"]}
 
 

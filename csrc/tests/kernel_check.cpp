@@ -13,13 +13,14 @@ using namespace ternlm;
 int main() {
     std::mt19937 rng(1234);
     std::uniform_int_distribution<int> ternary(-1, 1), activation(-127, 127), weight8(-127, 127);
-    const int shapes[][3] = {{1, 1, 1}, {3, 5, 7}, {4, 128, 8}, {2, 129, 33}, {7, 300, 65}, {16, 256, 128}, {5, 1000, 17}, {9, 256, 31}, {17, 2560, 41}};
+    const int shapes[][3] = {{1, 1, 1}, {3, 5, 7}, {4, 128, 8}, {2, 129, 33}, {7, 300, 65}, {16, 256, 128}, {5, 1000, 17}, {9, 256, 31}, {17, 2560, 41}, {40, 640, 48}};
     int failures = 0, checks = 0;
     for (const std::string& name : available_kernel_names()) {
         const KernelSet& kernels = find_kernels(name);
         for (const auto& shape : shapes) {
             const int tokens = shape[0], cols = shape[1], rows = shape[2];
             const int64_t padded = padded_cols(cols);
+            const int failures_before = failures;
             std::vector<int8_t> w(rows * cols), x(tokens * padded, 0), q(rows * padded, 0);
             std::vector<int32_t> sums(tokens, 0);
             for (auto& v : w) v = static_cast<int8_t>(ternary(rng));
@@ -56,7 +57,9 @@ int main() {
             kernels.trits_to_two_bit(trits.bytes.data(), rows * wide / kTritRowMultiple, unpacked.data());
             failures += unpacked != reference;
             checks += 5;
-            if (failures) { std::printf("%s %d %d %d: %d\n", name.c_str(), tokens, cols, rows, failures); }
+            if (failures > failures_before)
+                std::printf("%s: %d failures at %d tokens x %d columns x %d rows\n", name.c_str(), failures - failures_before,
+                            tokens, cols, rows);
         }
         std::printf("%s: checked\n", name.c_str());
     }
