@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--head", default="stored",
                         help="output matrix format: stored (as in the file, f16 here: `ternlm serve`'s default), "
                              "int8, q4, float16, bfloat16 or float32 (default stored)")
+    parser.add_argument("--ternary-bits", type=float, choices=(2, 1.6), default=None,
+                        help="ternary weights in memory, 2 or 1.6 bits each (default: the faster on this CPU)")
     parser.add_argument("--prefill-chunk", type=int, default=64, help="the server's --prefill-chunk (default 64)")
     parser.add_argument("--shape", default="2b4t", choices=("2b4t", "tiny"), help="synthetic shape (default 2b4t)")
     parser.add_argument("-r", "--repeat", type=int, default=3,
@@ -120,7 +122,7 @@ def main() -> None:
 
     print(f"building the synthetic {args.shape} model ...", flush=True)
     model = load_checkpoint(SyntheticCheckpoint(args.shape), threads=args.threads,
-                            head=None if args.head == "stored" else args.head)
+                            head=None if args.head == "stored" else args.head, ternary_bits=args.ternary_bits)
     model.stop_ids = set()  # a random model may hit an end-of-text id: every stream runs its full length
     model_id = f"synthetic-{args.shape}"
     app = create_app(model, model_id, ServerOptions(max_batch=max(levels), max_waiting=max(levels),
@@ -152,7 +154,8 @@ def main() -> None:
         rows.append((n, i, tokens, seconds, tokens / seconds, percentile(ttfts, 50), percentile(ttfts, 99)))
     single = {i: rate for n, i, _, _, rate, _, _ in rows if n == 1}
     print(f"\n{time.strftime('%Y-%m-%d')} | CPU: {cpu_model()} | kernels: {_core.kernel_name()} | "
-          f"threads: {model.threads} | synthetic {args.shape}, head {args.head} | prompt {args.n_prompt}, "
+          f"threads: {model.threads} | synthetic {args.shape}, head {args.head}, "
+          f"{model.engine.ternary_bits:g}-bit ternary weights | prompt {args.n_prompt}, "
           f"generate {args.n_gen} tokens per stream | median of {args.repeat} rounds\n")
     print("| streams | sampling | generated tokens | wall s | aggregate tokens/s | vs 1 stream | TTFT p50 s | TTFT p99 s |")
     print("|---|---|---|---|---|---|---|---|")

@@ -20,6 +20,9 @@ struct KernelSet {
     F16StoreFn f16_store;
     F16AttentionFn f16_attention;
     TemperFn temper;
+    // trit_gemm takes every token count; otherwise prompts unpack 1.6-bit rows to the 2-bit layout
+    // (Model::linear) and take ternary_gemm.
+    bool trit_gemm_takes_prompts = false;
 };
 
 const KernelSet& active_kernels();

@@ -3,15 +3,16 @@
 // into 16 x 16 int32 sums (16,384 products in one instruction). One token (decode, memory-bound)
 // and the rows past the last whole 16 keep the AVX-512 VNNI kernels.
 //
-//   weights (A): 16 rows x 64 codes (w + 1, in 0..2) per tile, unpacked from the 2-bit layout a few
-//                blocks at a time into a buffer in L1, [step][row][64];
+//   weights (A): 16 rows x 64 bytes per tile, unpacked a few blocks at a time into a buffer in L1:
+//                the codes (w + 1, in 0..2) of the 2-bit layout, or the 1.6-bit layout's bytes
+//                times powers of 3 (TritRows says how those give the digits' sums undecoded);
 //   activations (B): tdpbusd wants tile row i to hold bytes 4i..4i+3 of each of the 16 tokens, so
 //                each 16 tokens x 64 bytes are transposed as 16 x 16 int32 into [step][i][token],
 //                once per call;
 //   sums (C): 16 rows x 16 tokens, transposed back on the way out, minus each token's sum (the
 //                codes are w + 1, as in every kernel).
-// Two row tiles and two token tiles go together (four C tiles), so each A and B tile loaded feeds
-// two tdpbusd.
+// Up to two row tiles and two token tiles go together (four C tiles), so each A and B tile loaded
+// feeds two tdpbusd.
 #include "kernels_x86.h"
 
 #include <immintrin.h>
@@ -110,107 +111,212 @@ void lay_out_activations(const int8_t* x, int64_t padded, int count, uint8_t* ou
     }
 }
 
-// Blocks [first, first + count) of 16 rows' codes as A tiles, one per step: out[step][row][64 codes].
-// A step is half a 2-bit block: the block's bytes shifted by 6 and 4 (weights 0..63), or by 2 and 0
-// (64..127), and masked. Each row's blocks are read in order and requested kUnpackAhead bytes ahead.
+// Rows are unpacked into A tiles (out[tile][row][64 bytes]) 16 at a time, each row's blocks read in
+// order and requested kUnpackAhead bytes ahead.
 constexpr int64_t kUnpackAhead = 4096;
 
-void unpack_row_tile(const uint8_t* rows, int64_t row_bytes, int64_t first, int64_t count, uint8_t* out) {
-    // shift counts of the 16-bit lanes: the low 256 bits' and the high 256 bits'
-    const __m512i first_half = _mm512_inserti64x4(_mm512_set1_epi16(6), _mm256_set1_epi16(4), 1);
-    const __m512i second_half = _mm512_inserti64x4(_mm512_set1_epi16(2), _mm256_set1_epi16(0), 1);
-    const __m512i three = _mm512_set1_epi8(3);
-    for (int r = 0; r < kTile; ++r)
-        for (int64_t b = 0; b < count; ++b) {
-            const uint8_t* block = rows + r * row_bytes + (first + b) * kTernaryBlockBytes;
-            _mm_prefetch(reinterpret_cast<const char*>(block + kUnpackAhead), _MM_HINT_T0);
-            const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
-            _mm512_store_si512(out + 2 * b * kTileBytes + r * kStep, _mm512_and_si512(_mm512_srlv_epi16(bytes, first_half), three));
-            _mm512_store_si512(out + (2 * b + 1) * kTileBytes + r * kStep,
-                               _mm512_and_si512(_mm512_srlv_epi16(bytes, second_half), three));
-        }
+TERNLM_INLINE void store_step(uint8_t* out, int64_t tile, int r, __m512i bytes) {
+    _mm512_store_si512(out + tile * kTileBytes + r * kStep, bytes);
 }
 
-// The sums of NA row tiles x NB token tiles, held in the tile registers while steps accumulate.
-template <int NA, int NB>
-struct SumTiles {
-    static void zero() {
+// Writes a tile of sums [16 rows][16 tokens]: acc[t * out_stride + r] = tile[r][t] - x_sums[t] for
+// the first `count` tokens (fewer than 16 in a last tile).
+void write_tile(const int32_t* tile, int64_t count, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
+    __m512i r[kTile];
+    for (int i = 0; i < kTile; ++i) r[i] = _mm512_load_si512(tile + i * kTile);
+    transpose16x16(r);  // now r[t] holds token t's sums of the 16 rows
+    for (int64_t t = 0; t < count; ++t)
+        _mm512_storeu_si512(acc + t * out_stride, _mm512_sub_epi32(r[t], _mm512_set1_epi32(x_sums[t])));
+}
+
+// Tokens in a token tile starting at `first` of `tokens`.
+inline int64_t tile_count(int64_t tokens, int64_t first) { return tokens - first < kTile ? tokens - first : kTile; }
+
+// The 2-bit layout: two row tiles (tmm4, 5) against up to two token tiles (tmm6, 7), their sums in
+// tile 2a + b. A block is two steps: its bytes shifted by 6 and 4 (weights 0..63), or by 2 and 0
+// (64..127), and masked into codes. The row tiles are unpacked a slab of blocks at a time into a
+// buffer that stays in L1, and the sums stay in the tile registers from the first slab to the last.
+// (Unpacking each row tile once into an L2 panel that every group of token tiles then reads was
+// measured slower at 8-32 tokens and no faster at 64-512: Xeon, one thread, 2B4T's shapes.)
+struct TwoBitRows {
+    static constexpr int kRowTiles = 2;
+    static constexpr int64_t kStepsPerBlock = 2, kSlabBlocks = 4;
+    static int64_t padded(int64_t cols) { return padded_cols(cols); }
+    static int64_t row_bytes(int64_t padded) { return padded / 4; }
+
+    // The codes of blocks [first, first + count) of 16 rows: out[step][row][64 codes].
+    static void unpack(const uint8_t* rows, int64_t row_bytes, int64_t first, int64_t count, uint8_t* out) {
+        // shift counts of the 16-bit lanes: the low 256 bits' and the high 256 bits'
+        const __m512i first_half = _mm512_inserti64x4(_mm512_set1_epi16(6), _mm256_set1_epi16(4), 1);
+        const __m512i second_half = _mm512_inserti64x4(_mm512_set1_epi16(2), _mm256_set1_epi16(0), 1);
+        const __m512i three = _mm512_set1_epi8(3);
+        for (int r = 0; r < kTile; ++r)
+            for (int64_t b = 0; b < count; ++b) {
+                const uint8_t* block = rows + r * row_bytes + (first + b) * kTernaryBlockBytes;
+                _mm_prefetch(reinterpret_cast<const char*>(block + kUnpackAhead), _MM_HINT_T0);
+                const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
+                store_step(out, 2 * b, r, _mm512_and_si512(_mm512_srlv_epi16(bytes, first_half), three));
+                store_step(out, 2 * b + 1, r, _mm512_and_si512(_mm512_srlv_epi16(bytes, second_half), three));
+            }
+    }
+
+    template <int NA, int NB>
+    static void multiply(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
+                         int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
+        constexpr int64_t kSlabSteps = kSlabBlocks * kStepsPerBlock;
+        alignas(64) uint8_t slab[2][kSlabSteps * kTileBytes];
+        const int64_t blocks = row_bytes / kTernaryBlockBytes;
         _tile_zero(0);
         if (NB > 1) _tile_zero(1);
         if (NA > 1) _tile_zero(2);
         if (NA > 1 && NB > 1) _tile_zero(3);
-    }
-    // `steps` steps of the row tiles at a (`a_bytes` apart) and the token tiles at b (`b_bytes` apart).
-    static void accumulate(const uint8_t* a, int64_t a_bytes, const uint8_t* b, int64_t b_bytes, int64_t steps) {
-        for (int64_t s = 0; s < steps; ++s) {
-            _tile_loadd(4, a + s * kTileBytes, kStep);
-            _tile_loadd(6, b + s * kTileBytes, kStep);
-            _tile_dpbusd(0, 4, 6);
-            if (NB > 1) {
-                _tile_loadd(7, b + b_bytes + s * kTileBytes, kStep);
-                _tile_dpbusd(1, 4, 7);
-            }
-            if (NA > 1) {
-                _tile_loadd(5, a + a_bytes + s * kTileBytes, kStep);
-                _tile_dpbusd(2, 5, 6);
-                if (NB > 1) _tile_dpbusd(3, 5, 7);
+        for (int64_t b0 = 0; b0 < blocks; b0 += kSlabBlocks) {
+            const int64_t count = blocks - b0 < kSlabBlocks ? blocks - b0 : kSlabBlocks;
+            for (int a = 0; a < NA; ++a) unpack(rows + a * kTile * row_bytes, row_bytes, b0, count, slab[a]);
+            const uint8_t* x = activations + b0 * kStepsPerBlock * kTileBytes;
+            for (int64_t s = 0; s < count * kStepsPerBlock; ++s) {
+                _tile_loadd(4, slab[0] + s * kTileBytes, kStep);
+                _tile_loadd(6, x + s * kTileBytes, kStep);
+                _tile_dpbusd(0, 4, 6);
+                if (NB > 1) {
+                    _tile_loadd(7, x + token_tile_bytes + s * kTileBytes, kStep);
+                    _tile_dpbusd(1, 4, 7);
+                }
+                if (NA > 1) {
+                    _tile_loadd(5, slab[1] + s * kTileBytes, kStep);
+                    _tile_dpbusd(2, 5, 6);
+                    if (NB > 1) _tile_dpbusd(3, 5, 7);
+                }
             }
         }
-    }
-    // acc[t * out_stride + 16 a + r] = sum (a, b)[r][t] - x_sums[t], for the `tokens` tokens from
-    // the first token tile's first (fewer than the tiles hold in a last group).
-    static void write(int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
         alignas(64) int32_t sums[4][kTile * kTile];
         _tile_stored(0, sums[0], kStep);
         if (NB > 1) _tile_stored(1, sums[1], kStep);
         if (NA > 1) _tile_stored(2, sums[2], kStep);
         if (NA > 1 && NB > 1) _tile_stored(3, sums[3], kStep);
         for (int a = 0; a < NA; ++a)
-            for (int b = 0; b < NB; ++b) {
-                const int64_t first = b * kTile, count = tokens - first < kTile ? tokens - first : kTile;
-                __m512i r[kTile];
-                for (int i = 0; i < kTile; ++i) r[i] = _mm512_load_si512(sums[2 * a + b] + i * kTile);
-                transpose16x16(r);  // now r[t] holds token t's sums of the 16 rows
-                for (int t = 0; t < count; ++t)
-                    _mm512_storeu_si512(acc + (first + t) * out_stride + a * kTile,
-                                        _mm512_sub_epi32(r[t], _mm512_set1_epi32(x_sums[first + t])));
-            }
+            for (int b = 0; b < NB; ++b)
+                write_tile(sums[2 * a + b], tile_count(tokens, b * kTile), x_sums + b * kTile,
+                           acc + b * kTile * out_stride + a * kTile, out_stride);
     }
 };
 
-// Two row tiles against up to two token tiles. The row tiles are unpacked kSlabBlocks blocks at a
-// time into a buffer that stays in L1, and the sums stay in the tile registers from the first slab to
-// the last. (Unpacking each row tile once into an L2 panel that every group of token tiles then reads
-// was measured slower at 8-32 tokens and no faster at 64-512: Xeon, one thread, 2B4T's shapes.)
-constexpr int64_t kSlabBlocks = 4;
+// The 1.6-bit layout, with no decoding at all: one row tile against up to two token tiles. A block's
+// 64 bytes x hold five base-3 digits each; with x_n = x * 3^n mod 256 (two adds per n), digit n is
+// the top trit of x_n, and 3 x_n = x_(n+1) + 256 digit_n. So the sum of digit_n * a over a row is
+// (3 sum(x_n a) - sum(x_(n+1) a)) / 256, as in kernels_x86_trits.inc: two tdpbusd of bytes as they
+// are, into two sums per token tile (tmm0, 1 and tmm2, 3), instead of decoding every digit. x_n and
+// x_(n+1) take tmm4 and tmm5 in turn, so each step loads one new row tile; tmm6 and 7 hold the
+// activations. The int32 sums may wrap on the way (from rows of about 22k weights): their
+// combination, 256 times a sum of codes by activations, fits, so it comes out exact. Against decoding
+// the digits into codes (one tdpbusd a step, two row tiles as for 2 bits), measured on the Xeon: 0.65x
+// the time at 4-16 tokens (one thread, 2B4T's shapes) and 0.77x the GEMM's time in a 128-token prompt.
+struct TritRows {
+    static constexpr int kRowTiles = 1;
+    static constexpr int64_t kSlabBlocks = 2, kPowers = kTritDigits + 1;
+    static int64_t padded(int64_t cols) { return trit_padded_cols(cols); }
+    static int64_t row_bytes(int64_t padded) { return padded / 5; }
 
-template <int NA, int NB>
-void multiply_rows(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
-                   int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
-    alignas(64) uint8_t slab[2][2 * kSlabBlocks * kTileBytes];
-    const int64_t blocks = row_bytes / kTernaryBlockBytes;
-    SumTiles<NA, NB>::zero();
-    for (int64_t b0 = 0; b0 < blocks; b0 += kSlabBlocks) {
-        const int64_t count = blocks - b0 < kSlabBlocks ? blocks - b0 : kSlabBlocks;
-        for (int a = 0; a < NA; ++a) unpack_row_tile(rows + a * kTile * row_bytes, row_bytes, b0, count, slab[a]);
-        SumTiles<NA, NB>::accumulate(slab[0], sizeof slab[0], activations + 2 * b0 * kTileBytes, token_tile_bytes, 2 * count);
+    // x_0 .. x_5 of blocks [first, first + count) of 16 rows: out[block][n][row][64 bytes].
+    static void unpack(const uint8_t* rows, int64_t row_bytes, int64_t first, int64_t count, uint8_t* out) {
+        for (int r = 0; r < kTile; ++r)
+            for (int64_t b = 0; b < count; ++b) {
+                const uint8_t* block = rows + r * row_bytes + (first + b) * kTritBlockBytes;
+                _mm_prefetch(reinterpret_cast<const char*>(block + kUnpackAhead), _MM_HINT_T0);
+                __m512i x = _mm512_loadu_si512(block);
+                for (int n = 0; n < kPowers; ++n) {
+                    store_step(out, kPowers * b + n, r, x);
+                    x = _mm512_add_epi8(x, _mm512_add_epi8(x, x));
+                }
+            }
     }
-    SumTiles<NA, NB>::write(tokens, x_sums, acc, out_stride);
-}
 
-// Calls work.template operator()<NA, NB>() with the tile counts as constants.
-template <class Work>
+    // Digit n of a block, x_n in tmm4 and x_(n+1) loaded into tmm5, or the other way round (GCC's
+    // tile intrinsics take literal tile numbers only).
+    template <int NB>
+    static TERNLM_INLINE void digit_from_4(const uint8_t* next_powers, const uint8_t* x, int64_t token_tile_bytes) {
+        _tile_loadd(5, next_powers, kStep);
+        _tile_loadd(6, x, kStep);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 5, 6);
+        if (NB > 1) {
+            _tile_loadd(7, x + token_tile_bytes, kStep);
+            _tile_dpbusd(2, 4, 7);
+            _tile_dpbusd(3, 5, 7);
+        }
+    }
+    template <int NB>
+    static TERNLM_INLINE void digit_from_5(const uint8_t* next_powers, const uint8_t* x, int64_t token_tile_bytes) {
+        _tile_loadd(4, next_powers, kStep);
+        _tile_loadd(6, x, kStep);
+        _tile_dpbusd(0, 5, 6);
+        _tile_dpbusd(1, 4, 6);
+        if (NB > 1) {
+            _tile_loadd(7, x + token_tile_bytes, kStep);
+            _tile_dpbusd(2, 5, 7);
+            _tile_dpbusd(3, 4, 7);
+        }
+    }
+
+    template <int NA, int NB>
+    static void multiply(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
+                         int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
+        static_assert(NA == 1, "one row tile at a time: its two sums per token tile take the tiles");
+        alignas(64) uint8_t slab[kSlabBlocks * kPowers * kTileBytes];
+        const int64_t blocks = row_bytes / kTritBlockBytes;
+        _tile_zero(0);
+        _tile_zero(1);
+        if (NB > 1) _tile_zero(2);
+        if (NB > 1) _tile_zero(3);
+        for (int64_t b0 = 0; b0 < blocks; b0 += kSlabBlocks) {
+            const int64_t count = blocks - b0 < kSlabBlocks ? blocks - b0 : kSlabBlocks;
+            unpack(rows, row_bytes, b0, count, slab);
+            for (int64_t b = 0; b < count; ++b) {
+                const uint8_t* powers = slab + b * kPowers * kTileBytes;
+                const uint8_t* x = activations + (b0 + b) * kTritDigits * kTileBytes;
+                _tile_loadd(4, powers, kStep);
+                digit_from_4<NB>(powers + 1 * kTileBytes, x, token_tile_bytes);
+                digit_from_5<NB>(powers + 2 * kTileBytes, x + 1 * kTileBytes, token_tile_bytes);
+                digit_from_4<NB>(powers + 3 * kTileBytes, x + 2 * kTileBytes, token_tile_bytes);
+                digit_from_5<NB>(powers + 4 * kTileBytes, x + 3 * kTileBytes, token_tile_bytes);
+                digit_from_4<NB>(powers + 5 * kTileBytes, x + 4 * kTileBytes, token_tile_bytes);
+            }
+        }
+        alignas(64) int32_t sums[4][kTile * kTile];
+        _tile_stored(0, sums[0], kStep);
+        _tile_stored(1, sums[1], kStep);
+        if (NB > 1) _tile_stored(2, sums[2], kStep);
+        if (NB > 1) _tile_stored(3, sums[3], kStep);
+        for (int b = 0; b < NB; ++b) {
+            int32_t* digit_sums = sums[2 * b];
+            for (int i = 0; i < kTile * kTile; i += 16) {
+                const __m512i powers = _mm512_load_si512(digit_sums + i), carried = _mm512_load_si512(sums[2 * b + 1] + i);
+                const __m512i times256 = _mm512_sub_epi32(_mm512_add_epi32(powers, _mm512_add_epi32(powers, powers)), carried);
+                _mm512_store_si512(digit_sums + i, _mm512_srai_epi32(times256, 8));
+            }
+            write_tile(digit_sums, tile_count(tokens, b * kTile), x_sums + b * kTile, acc + b * kTile * out_stride, out_stride);
+        }
+    }
+};
+
+// Calls work(NA, NB) with the tile counts as constants (std::integral_constant), NA at most kMaxRowTiles.
+template <int kMaxRowTiles, class Work>
 void with_tiles(bool two_row_tiles, bool two_token_tiles, const Work& work) {
-    if (two_row_tiles && two_token_tiles) return work(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{});
-    if (two_row_tiles) return work(std::integral_constant<int, 2>{}, std::integral_constant<int, 1>{});
-    if (two_token_tiles) return work(std::integral_constant<int, 1>{}, std::integral_constant<int, 2>{});
-    work(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{});
+    using One = std::integral_constant<int, 1>;
+    using Two = std::integral_constant<int, 2>;
+    if constexpr (kMaxRowTiles > 1) {
+        if (two_row_tiles && two_token_tiles) return work(Two{}, Two{});
+        if (two_row_tiles) return work(Two{}, One{});
+    }
+    if (two_token_tiles) return work(One{}, Two{});
+    work(One{}, One{});
 }
 
 // Whole 16-row tiles from row_begin over every token, a chunk of tokens at a time.
-void amx_gemm(const TernaryView& w, int64_t row_begin, int64_t row_end, const int8_t* xq, const int32_t* xq_sums,
-              int64_t tokens, int32_t* acc, int64_t out_stride) {
-    const int64_t padded = padded_cols(w.cols), row_bytes = padded / 4;
+template <class Rows>
+void amx_gemm(const uint8_t* data, int64_t cols, int64_t row_begin, int64_t row_end, const int8_t* xq,
+              const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {
+    const int64_t padded = Rows::padded(cols), row_bytes = Rows::row_bytes(padded);
     const int64_t token_tile_bytes = padded / kStep * kTileBytes;
     const int64_t token_tiles = ((tokens < kTokenChunk ? tokens : kTokenChunk) + kTile - 1) / kTile;
     thread_local Scratch scratch;
@@ -219,14 +325,15 @@ void amx_gemm(const TernaryView& w, int64_t row_begin, int64_t row_end, const in
     for (int64_t c0 = 0; c0 < tokens; c0 += kTokenChunk) {
         const int64_t chunk = tokens - c0 < kTokenChunk ? tokens - c0 : kTokenChunk;
         for (int64_t t = 0; t < chunk; t += kTile)
-            lay_out_activations(xq + (c0 + t) * padded, padded, static_cast<int>(chunk - t < kTile ? chunk - t : kTile),
+            lay_out_activations(xq + (c0 + t) * padded, padded, static_cast<int>(tile_count(chunk, t)),
                                 activations + t / kTile * token_tile_bytes);
-        for (int64_t r = row_begin; r < row_end; r += 2 * kTile)
+        for (int64_t r = row_begin; r < row_end; r += Rows::kRowTiles * kTile)
             for (int64_t t0 = 0; t0 < chunk; t0 += 2 * kTile)
-                with_tiles(r + 2 * kTile <= row_end, t0 + kTile < chunk, [&](auto na, auto nb) {
-                    multiply_rows<na(), nb()>(w.data + r * row_bytes, row_bytes, activations + t0 / kTile * token_tile_bytes,
-                                              token_tile_bytes, chunk - t0, xq_sums + c0 + t0,
-                                              acc + (c0 + t0) * out_stride + r, out_stride);
+                with_tiles<Rows::kRowTiles>(r + 2 * kTile <= row_end, t0 + kTile < chunk, [&](auto na, auto nb) {
+                    Rows::template multiply<na(), nb()>(data + r * row_bytes, row_bytes,
+                                                        activations + t0 / kTile * token_tile_bytes, token_tile_bytes,
+                                                        chunk - t0, xq_sums + c0 + t0, acc + (c0 + t0) * out_stride + r,
+                                                        out_stride);
                 });
     }
     _tile_release();
@@ -239,8 +346,17 @@ void ternary_gemm_amx(const TernaryView& w, int64_t row_begin, int64_t row_end, 
     const int64_t whole_end = row_begin + (row_end - row_begin) / kTile * kTile;
     if (tokens < kAmxTokens || whole_end == row_begin)
         return ternary_gemm_avx512vnni(w, row_begin, row_end, xq, xq_sums, tokens, acc, out_stride);
-    amx_gemm(w, row_begin, whole_end, xq, xq_sums, tokens, acc, out_stride);
+    amx_gemm<TwoBitRows>(w.data, w.cols, row_begin, whole_end, xq, xq_sums, tokens, acc, out_stride);
     if (whole_end < row_end) ternary_gemm_avx512vnni(w, whole_end, row_end, xq, xq_sums, tokens, acc, out_stride);
+}
+
+void trit_gemm_amx(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq, const int32_t* xq_sums,
+                   int64_t tokens, int32_t* acc, int64_t out_stride) {
+    const int64_t whole_end = row_begin + (row_end - row_begin) / kTile * kTile;
+    if (tokens < kAmxTokens || whole_end == row_begin)
+        return trit_gemm_avx512vnni(w, row_begin, row_end, xq, xq_sums, tokens, acc, out_stride);
+    amx_gemm<TritRows>(w.data, w.cols, row_begin, whole_end, xq, xq_sums, tokens, acc, out_stride);
+    if (whole_end < row_end) trit_gemm_avx512vnni(w, whole_end, row_end, xq, xq_sums, tokens, acc, out_stride);
 }
 
 }  // namespace ternlm

@@ -21,6 +21,8 @@ void trit_gemm_avxvnni(const TritView& w, int64_t row_begin, int64_t row_end, co
                        const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
 void trit_gemm_avx512vnni(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq,
                           const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride);
+void trit_gemm_amx(const TritView& w, int64_t row_begin, int64_t row_end, const int8_t* xq, const int32_t* xq_sums,
+                   int64_t tokens, int32_t* acc, int64_t out_stride);
 void trits_to_two_bit_avx2(const uint8_t* trits, int64_t chunks, uint8_t* two_bit);
 
 void dense_gemm_avx2(const DenseMatrix& m, int64_t row_begin, int64_t row_end, const float* x,

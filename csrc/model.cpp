@@ -506,7 +506,8 @@ struct Model::Scratch {
 
 // Tokens from which a 1.6-bit matrix is unpacked, a tile of rows at a time, to the 2-bit layout
 // and multiplied there: the unpacking is then shared by every token, while the 2-bit GEMM's tiles
-// do more products per instruction than decoding base-3 digits allows.
+// do more products per instruction than decoding base-3 digits allows. (AMX's trit_gemm decodes the
+// digits straight into its tiles and takes every token count itself.)
 constexpr int64_t kTritUnpackTokens = 4;
 constexpr int64_t kTritTileRows = 64;  // 110 KB of 2-bit codes at 2B4T's widest rows: stays in L2
 
@@ -516,7 +517,8 @@ static void multiply_rows(const TernaryMatrix& w, int64_t first, int64_t n, cons
     const KernelSet& kernels = active_kernels();
     const uint8_t* rows = w.bytes.data() + first * w.row_bytes();
     if (w.layout == TernaryLayout::TwoBit) return kernels.ternary_gemm({rows, n, w.cols}, 0, n, xq, sums, T, products, n);
-    if (T < kTritUnpackTokens) return kernels.trit_gemm({rows, n, w.cols}, 0, n, xq, sums, T, products, n);
+    if (T < kTritUnpackTokens || kernels.trit_gemm_takes_prompts)
+        return kernels.trit_gemm({rows, n, w.cols}, 0, n, xq, sums, T, products, n);
     const int64_t width = w.activation_cols();
     std::vector<uint8_t> tile(static_cast<size_t>(std::min(n, kTritTileRows) * width / 4));
     for (int64_t r0 = 0; r0 < n; r0 += kTritTileRows) {
