@@ -144,14 +144,15 @@ const KernelSet& active_kernels() {
 // but take more instructions a weight. Measured on Zen 4 (AVX-512, 2 cores): one stream decodes at
 // 1.10-1.14x the 2-bit speed on both cores but 0.97-0.99x on one (bound by the digits' decoding there),
 // batches of 2-8 sequences at 0.67-0.88x (compute-bound: twice the vpdpbusd a weight) and prompts at
-// 0.97x; with the AVX2 kernels one stream decodes at 0.67x. So 2 bits is the default everywhere (a
-// server's batches lose more than one stream gains), and 1.6 the choice for one stream on several
-// cores or when memory is short.
+// 0.97x; with the AVX2 kernels one stream decodes at 0.67x. On a Xeon with AMX: one stream 1.09-1.12x
+// on 1 and 2 cores, but 8 streams of a server 0.81x (the tile unit takes twice the products a weight).
+// So 2 bits is the default everywhere (a server's batches lose more than one stream gains), and 1.6
+// the choice for one stream or when memory is short.
 TernaryLayout faster_ternary_layout() { return TernaryLayout::TwoBit; }
 
 std::string ternary_layout_rule() {
-    return "2 on every CPU measured: on Zen 4 (AVX-512) 1.6 decodes one stream 1.10-1.14x faster on 2 cores "
-           "(0.97-0.99x on 1) but batches run at 0.67-0.88x; 1.6 saves a fifth of the weights' memory";
+    return "2 on every CPU measured: 1.6 decodes one stream faster (1.10-1.14x on 2 Zen 4 cores, 0.97-0.99x on 1; "
+           "1.09-1.12x on an AMX Xeon) but batches run at 0.67-0.88x; 1.6 saves a fifth of the weights' memory";
 }
 
 }  // namespace ternlm
