@@ -205,9 +205,8 @@ struct TwoBitRows {
 // 64 bytes x hold five base-3 digits each; with x_n = x * 3^n mod 256 (two adds per n), digit n is
 // the top trit of x_n, and 3 x_n = x_(n+1) + 256 digit_n. So the sum of digit_n * a over a row is
 // (3 sum(x_n a) - sum(x_(n+1) a)) / 256, as in kernels_x86_trits.inc: two tdpbusd of bytes as they
-// are, into two sums per token tile (tmm0, 1 and tmm2, 3), instead of decoding every digit. x_n and
-// x_(n+1) take tmm4 and tmm5 in turn, so each step loads one new row tile; tmm6 and 7 hold the
-// activations. The int32 sums may wrap on the way (from rows of about 22k weights): their
+// are, into two sums per token tile (tmm0, 1 and tmm2, 3), instead of decoding every digit; tmm4
+// and 5 hold x_n and x_(n+1), tmm6 and 7 the activations. The int32 sums may wrap on the way (from rows of about 22k weights): their
 // combination, 256 times a sum of codes by activations, fits, so it comes out exact. Against decoding
 // the digits into codes (one tdpbusd a step, two row tiles as for 2 bits), measured on the Xeon: 0.65x
 // the time at 4-16 tokens (one thread, 2B4T's shapes) and 0.77x the GEMM's time in a 128-token prompt.
@@ -231,11 +230,11 @@ struct TritRows {
             }
     }
 
-    // Digit n of a block, x_n in tmm4 and x_(n+1) loaded into tmm5, or the other way round (GCC's
-    // tile intrinsics take literal tile numbers only).
+    // Digit n of a block: x_n (tmm4) and x_(n+1) (tmm5) against the digit's activations.
     template <int NB>
-    static TERNLM_INLINE void digit_from_4(const uint8_t* next_powers, const uint8_t* x, int64_t token_tile_bytes) {
-        _tile_loadd(5, next_powers, kStep);
+    static TERNLM_INLINE void digit(const uint8_t* powers, const uint8_t* x, int64_t token_tile_bytes) {
+        _tile_loadd(4, powers, kStep);
+        _tile_loadd(5, powers + kTileBytes, kStep);
         _tile_loadd(6, x, kStep);
         _tile_dpbusd(0, 4, 6);
         _tile_dpbusd(1, 5, 6);
@@ -243,18 +242,6 @@ struct TritRows {
             _tile_loadd(7, x + token_tile_bytes, kStep);
             _tile_dpbusd(2, 4, 7);
             _tile_dpbusd(3, 5, 7);
-        }
-    }
-    template <int NB>
-    static TERNLM_INLINE void digit_from_5(const uint8_t* next_powers, const uint8_t* x, int64_t token_tile_bytes) {
-        _tile_loadd(4, next_powers, kStep);
-        _tile_loadd(6, x, kStep);
-        _tile_dpbusd(0, 5, 6);
-        _tile_dpbusd(1, 4, 6);
-        if (NB > 1) {
-            _tile_loadd(7, x + token_tile_bytes, kStep);
-            _tile_dpbusd(2, 5, 7);
-            _tile_dpbusd(3, 4, 7);
         }
     }
 
@@ -274,12 +261,7 @@ struct TritRows {
             for (int64_t b = 0; b < count; ++b) {
                 const uint8_t* powers = slab + b * kPowers * kTileBytes;
                 const uint8_t* x = activations + (b0 + b) * kTritDigits * kTileBytes;
-                _tile_loadd(4, powers, kStep);
-                digit_from_4<NB>(powers + 1 * kTileBytes, x, token_tile_bytes);
-                digit_from_5<NB>(powers + 2 * kTileBytes, x + 1 * kTileBytes, token_tile_bytes);
-                digit_from_4<NB>(powers + 3 * kTileBytes, x + 2 * kTileBytes, token_tile_bytes);
-                digit_from_5<NB>(powers + 4 * kTileBytes, x + 3 * kTileBytes, token_tile_bytes);
-                digit_from_4<NB>(powers + 5 * kTileBytes, x + 4 * kTileBytes, token_tile_bytes);
+                for (int n = 0; n < kTritDigits; ++n) digit<NB>(powers + n * kTileBytes, x + n * kTileBytes, token_tile_bytes);
             }
         }
         alignas(64) int32_t sums[4][kTile * kTile];
