@@ -1,5 +1,6 @@
 // The AMX-INT8 ternary GEMM (kernels_amx.cpp) against the AVX-512 VNNI one on this CPU, one thread,
-// at 2B4T's shapes and several token counts, interleaved run by run, medians; and the peak of the
+// at 2B4T's shapes and several token counts, interleaved run by run, medians; the same for the int8
+// head (a quarter of 2B4T's rows); and the peak of the
 // instruction itself: tdpbusd on four sum tiles from tiles already loaded, nothing else. Every result
 // is first checked against the scalar reference. Build (each ISA's file with its flags, as CMake does):
 //
@@ -106,5 +107,36 @@ int main() {
             }
             std::printf("\n");
         }
+    }
+    // The int8 head (tdpbssd on its rows in place), a quarter of 2B4T's: 32,064 rows x 2560.
+    const int rows = 32064, cols = 2560;
+    std::vector<int8_t> head(int64_t{rows} * cols);
+    std::uniform_int_distribution<int> weight(-127, 127);
+    for (auto& q : head) q = static_cast<int8_t>(weight(rng));
+    const Int8RowsView m{head.data(), rows, cols};
+    for (int tokens : {4, 8, 64, 256}) {
+        std::vector<int8_t> x(tokens * cols);
+        for (auto& v : x) v = static_cast<int8_t>(activation(rng));
+        std::vector<int32_t> expected(int64_t{tokens} * rows), got(expected.size());
+        int8_gemm_ref(m, 0, rows, x.data(), tokens, expected.data(), rows);
+        std::vector<double> times[2];
+        const KernelSet* variants[2] = {&avx512, &amx};
+        for (int run = 0; run < 5; ++run)
+            for (int v = 0; v < 2; ++v) {
+                const auto start = std::chrono::steady_clock::now();
+                variants[v]->int8_gemm(m, 0, rows, x.data(), tokens, got.data(), rows);
+                times[v].push_back(seconds_since(start));
+                if (got != expected) {
+                    std::printf("%s's int8 head differs from the reference, %d tokens\n", variants[v]->name.c_str(), tokens);
+                    return 1;
+                }
+            }
+        std::printf("int8 head %d x %d, %3d tokens:", rows, cols, tokens);
+        for (int v = 0; v < 2; ++v) {
+            std::sort(times[v].begin(), times[v].end());
+            const double median = times[v][times[v].size() / 2];
+            std::printf("  %s %7.3f ms %4.0f G/s", variants[v]->name.c_str(), median * 1e3, double(rows) * cols * tokens / median / 1e9);
+        }
+        std::printf("\n");
     }
 }

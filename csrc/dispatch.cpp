@@ -96,8 +96,9 @@ static const std::vector<KernelSet>& all_kernels() {
         if (__builtin_cpu_supports("avxvnni")) k.push_back({"avxvnni", "1 token: 4 rows at a time; several: 1 row x 8 tokens; 256-bit vpdpbusd", quantize_row_avx2, ternary_gemm_avxvnni, trit_gemm_avxvnni, trits_to_two_bit_avx2, dense_gemm_avx2, int8_gemm_avx2, q4_gemm_avx2, f16_store_avx2, f16_attention_avx2, temper_avx2});
         if (has_avx512vnni()) k.push_back({"avx512", "1 token: 4 rows at a time, 256-bit vpdpbusd; several: 8 rows x 8 tokens, 512-bit vpdpbusd "
                                                 "(rows unpacked once from 32 tokens on)", quantize_row_avx2, ternary_gemm_avx512vnni, trit_gemm_avx512vnni, trits_to_two_bit_avx2, dense_gemm_avx2, int8_gemm_avx512vnni, q4_gemm_avx512vnni, f16_store_avx2, f16_attention_avx2, temper_avx512});
-        if (amx_refusal().empty()) k.push_back({"amx", "1 token: 4 rows at a time, 256-bit vpdpbusd; several: AMX tdpbusd, tiles of 16 rows x 16 tokens",
-                                                quantize_row_avx2, ternary_gemm_amx, trit_gemm_amx, trits_to_two_bit_avx2, dense_gemm_avx2, int8_gemm_avx512vnni, q4_gemm_avx512vnni, f16_store_avx2, f16_attention_avx2, temper_avx512, true});
+        if (amx_refusal().empty()) k.push_back({"amx", "1 token: 4 rows at a time, 256-bit vpdpbusd; 2-3 tokens: 8 rows x 8 tokens, 512-bit "
+                                                "vpdpbusd; 4 and more: AMX tdpbusd, tiles of 16 rows x 16 tokens",
+                                                quantize_row_avx2, ternary_gemm_amx, trit_gemm_amx, trits_to_two_bit_avx2, dense_gemm_avx2, int8_gemm_amx, q4_gemm_avx512vnni, f16_store_avx2, f16_attention_avx2, temper_avx512, true});
 #elif defined(__aarch64__)
         k.push_back({"neon", "1 row x 4 tokens; NEON multiply-adds", quantize_row_int8, ternary_gemm_neon, trit_gemm_neon, trits_to_two_bit_neon, dense_gemm_ref, int8_gemm_neon, q4_gemm_ref, f16_store_ref, f16_attention_ref, temper_ref});
         if (has_dotprod()) k.push_back({"dotprod", "1 row x 4 tokens; sdot", quantize_row_int8, ternary_gemm_dotprod, trit_gemm_dotprod, trits_to_two_bit_neon, dense_gemm_ref, int8_gemm_dotprod, q4_gemm_ref, f16_store_ref, f16_attention_ref, temper_ref});

@@ -20,9 +20,10 @@ struct KernelSet {
     F16StoreFn f16_store;
     F16AttentionFn f16_attention;
     TemperFn temper;
-    // trit_gemm takes every token count; otherwise prompts unpack 1.6-bit rows to the 2-bit layout
-    // (Model::linear) and take ternary_gemm.
-    bool trit_gemm_takes_prompts = false;
+    // The GEMMs take any number of tokens and tile rows and tokens themselves (AMX). Otherwise the
+    // model does: prompts unpack 1.6-bit rows to the 2-bit layout for ternary_gemm (multiply_rows),
+    // and many tokens meet the head a block of rows and 8 tokens at a time (over_head_blocks).
+    bool gemms_tile_themselves = false;
 };
 
 const KernelSet& active_kernels();

@@ -31,8 +31,11 @@ namespace {
 constexpr int kTile = 16;                       // rows of a weight tile; tokens of an activation tile
 constexpr int64_t kStep = 64;                   // columns one tdpbusd takes: a tile row's bytes
 constexpr int64_t kTileBytes = kTile * kStep;   // 1 KB
-// From this many tokens on, the tile unit takes the product (fewer take the AVX-512 kernel).
+// From this many tokens on, the tile unit takes the product (fewer take the AVX-512 kernels): measured
+// on the Xeon, one thread, at 4 tokens AMX ties with them on the ternary GEMM and is 0.92x on the
+// int8 head (both bound by memory there), at 8 tokens 1.5x and 1.3x (bench/amx_gemm.cpp).
 constexpr int64_t kAmxTokens = 4;
+constexpr int64_t kAmxHeadTokens = 8;
 // Tokens whose activations are laid out at once: 128 tokens of 2B4T's widest rows (6912) are 864 KB,
 // which stay in L2 while every row tile passes over them.
 constexpr int64_t kTokenChunk = 128;
@@ -119,85 +122,129 @@ TERNLM_INLINE void store_step(uint8_t* out, int64_t tile, int r, __m512i bytes) 
     _mm512_store_si512(out + tile * kTileBytes + r * kStep, bytes);
 }
 
-// Writes a tile of sums [16 rows][16 tokens]: acc[t * out_stride + r] = tile[r][t] - x_sums[t] for
-// the first `count` tokens (fewer than 16 in a last tile).
+// Writes a tile of sums [16 rows][16 tokens]: acc[t * out_stride + r] = tile[r][t] - x_sums[t] (or
+// tile[r][t] where x_sums is null) for the first `count` tokens (fewer than 16 in a last tile).
 void write_tile(const int32_t* tile, int64_t count, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
     __m512i r[kTile];
     for (int i = 0; i < kTile; ++i) r[i] = _mm512_load_si512(tile + i * kTile);
     transpose16x16(r);  // now r[t] holds token t's sums of the 16 rows
     for (int64_t t = 0; t < count; ++t)
-        _mm512_storeu_si512(acc + t * out_stride, _mm512_sub_epi32(r[t], _mm512_set1_epi32(x_sums[t])));
+        _mm512_storeu_si512(acc + t * out_stride, x_sums ? _mm512_sub_epi32(r[t], _mm512_set1_epi32(x_sums[t])) : r[t]);
 }
 
 // Tokens in a token tile starting at `first` of `tokens`.
 inline int64_t tile_count(int64_t tokens, int64_t first) { return tokens - first < kTile ? tokens - first : kTile; }
 
-// The 2-bit layout: two row tiles (tmm4, 5) against up to two token tiles (tmm6, 7), their sums in
-// tile 2a + b. A block is two steps: its bytes shifted by 6 and 4 (weights 0..63), or by 2 and 0
-// (64..127), and masked into codes. The row tiles are unpacked a slab of blocks at a time into a
-// buffer that stays in L1, and the sums stay in the tile registers from the first slab to the last.
+// Two row tiles (tmm4, 5) against up to two token tiles (tmm6, 7), their sums in tile 2a + b, held
+// in the tile registers from the first step to the last. Rows::slab gives the row tiles' A tiles a
+// slab of steps at a time: unpacked into a buffer that stays in L1 (TwoBitRows), or read in place
+// (Int8Rows). `x_sums` may be null: nothing to subtract.
+template <class Rows, int NA, int NB>
+void multiply_row_pair(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
+                       int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
+    typename Rows::Slab slab;
+    const int64_t steps = Rows::steps(row_bytes);
+    _tile_zero(0);
+    if (NB > 1) _tile_zero(1);
+    if (NA > 1) _tile_zero(2);
+    if (NA > 1 && NB > 1) _tile_zero(3);
+    for (int64_t s0 = 0; s0 < steps; s0 += Rows::kSlabSteps) {
+        const int64_t count = steps - s0 < Rows::kSlabSteps ? steps - s0 : Rows::kSlabSteps;
+        const uint8_t* a0 = Rows::slab(rows, row_bytes, 0, s0, count, slab);
+        const uint8_t* a1 = NA > 1 ? Rows::slab(rows, row_bytes, 1, s0, count, slab) : nullptr;
+        const int64_t stride = Rows::tile_stride(row_bytes), next = Rows::step_bytes;
+        const uint8_t* x = activations + s0 * kTileBytes;
+        for (int64_t s = 0; s < count; ++s) {
+            _tile_loadd(4, a0 + s * next, stride);
+            _tile_loadd(6, x + s * kTileBytes, kStep);
+            Rows::dot04_06();
+            if (NB > 1) {
+                _tile_loadd(7, x + token_tile_bytes + s * kTileBytes, kStep);
+                Rows::dot14_07();
+            }
+            if (NA > 1) {
+                _tile_loadd(5, a1 + s * next, stride);
+                Rows::dot25_36();
+                if (NB > 1) Rows::dot35_37();
+            }
+        }
+    }
+    alignas(64) int32_t sums[4][kTile * kTile];
+    _tile_stored(0, sums[0], kStep);
+    if (NB > 1) _tile_stored(1, sums[1], kStep);
+    if (NA > 1) _tile_stored(2, sums[2], kStep);
+    if (NA > 1 && NB > 1) _tile_stored(3, sums[3], kStep);
+    for (int a = 0; a < NA; ++a)
+        for (int b = 0; b < NB; ++b)
+            write_tile(sums[2 * a + b], tile_count(tokens, b * kTile), x_sums ? x_sums + b * kTile : nullptr,
+                       acc + b * kTile * out_stride + a * kTile, out_stride);
+}
+
+// The 2-bit layout: a block is two steps, its bytes shifted by 6 and 4 (weights 0..63), or by 2 and 0
+// (64..127), and masked into codes (unsigned: tdpbusd). The row tiles are unpacked a slab at a time.
 // (Unpacking each row tile once into an L2 panel that every group of token tiles then reads was
 // measured slower at 8-32 tokens and no faster at 64-512: Xeon, one thread, 2B4T's shapes.)
 struct TwoBitRows {
     static constexpr int kRowTiles = 2;
-    static constexpr int64_t kStepsPerBlock = 2, kSlabBlocks = 4;
+    static constexpr int64_t kSlabSteps = 8, step_bytes = kTileBytes;
+    struct Slab {
+        alignas(64) uint8_t codes[2][kSlabSteps * kTileBytes];
+    };
     static int64_t padded(int64_t cols) { return padded_cols(cols); }
     static int64_t row_bytes(int64_t padded) { return padded / 4; }
+    static int64_t steps(int64_t row_bytes) { return row_bytes * 4 / kStep; }
+    static int64_t tile_stride(int64_t) { return kStep; }
+    static void dot04_06() { _tile_dpbusd(0, 4, 6); }
+    static void dot14_07() { _tile_dpbusd(1, 4, 7); }
+    static void dot25_36() { _tile_dpbusd(2, 5, 6); }
+    static void dot35_37() { _tile_dpbusd(3, 5, 7); }
 
-    // The codes of blocks [first, first + count) of 16 rows: out[step][row][64 codes].
-    static void unpack(const uint8_t* rows, int64_t row_bytes, int64_t first, int64_t count, uint8_t* out) {
+    // The codes of steps [first, first + count) of row tile a: out[step][row][64 codes].
+    static const uint8_t* slab(const uint8_t* rows, int64_t row_bytes, int a, int64_t first, int64_t count, Slab& slab) {
         // shift counts of the 16-bit lanes: the low 256 bits' and the high 256 bits'
         const __m512i first_half = _mm512_inserti64x4(_mm512_set1_epi16(6), _mm256_set1_epi16(4), 1);
         const __m512i second_half = _mm512_inserti64x4(_mm512_set1_epi16(2), _mm256_set1_epi16(0), 1);
         const __m512i three = _mm512_set1_epi8(3);
+        uint8_t* out = slab.codes[a];
+        rows += a * kTile * row_bytes + first / 2 * kTernaryBlockBytes;
         for (int r = 0; r < kTile; ++r)
-            for (int64_t b = 0; b < count; ++b) {
-                const uint8_t* block = rows + r * row_bytes + (first + b) * kTernaryBlockBytes;
+            for (int64_t b = 0; b < count / 2; ++b) {
+                const uint8_t* block = rows + r * row_bytes + b * kTernaryBlockBytes;
                 _mm_prefetch(reinterpret_cast<const char*>(block + kUnpackAhead), _MM_HINT_T0);
                 const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
                 store_step(out, 2 * b, r, _mm512_and_si512(_mm512_srlv_epi16(bytes, first_half), three));
                 store_step(out, 2 * b + 1, r, _mm512_and_si512(_mm512_srlv_epi16(bytes, second_half), three));
             }
+        return out;
     }
-
     template <int NA, int NB>
     static void multiply(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
                          int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
-        constexpr int64_t kSlabSteps = kSlabBlocks * kStepsPerBlock;
-        alignas(64) uint8_t slab[2][kSlabSteps * kTileBytes];
-        const int64_t blocks = row_bytes / kTernaryBlockBytes;
-        _tile_zero(0);
-        if (NB > 1) _tile_zero(1);
-        if (NA > 1) _tile_zero(2);
-        if (NA > 1 && NB > 1) _tile_zero(3);
-        for (int64_t b0 = 0; b0 < blocks; b0 += kSlabBlocks) {
-            const int64_t count = blocks - b0 < kSlabBlocks ? blocks - b0 : kSlabBlocks;
-            for (int a = 0; a < NA; ++a) unpack(rows + a * kTile * row_bytes, row_bytes, b0, count, slab[a]);
-            const uint8_t* x = activations + b0 * kStepsPerBlock * kTileBytes;
-            for (int64_t s = 0; s < count * kStepsPerBlock; ++s) {
-                _tile_loadd(4, slab[0] + s * kTileBytes, kStep);
-                _tile_loadd(6, x + s * kTileBytes, kStep);
-                _tile_dpbusd(0, 4, 6);
-                if (NB > 1) {
-                    _tile_loadd(7, x + token_tile_bytes + s * kTileBytes, kStep);
-                    _tile_dpbusd(1, 4, 7);
-                }
-                if (NA > 1) {
-                    _tile_loadd(5, slab[1] + s * kTileBytes, kStep);
-                    _tile_dpbusd(2, 5, 6);
-                    if (NB > 1) _tile_dpbusd(3, 5, 7);
-                }
-            }
-        }
-        alignas(64) int32_t sums[4][kTile * kTile];
-        _tile_stored(0, sums[0], kStep);
-        if (NB > 1) _tile_stored(1, sums[1], kStep);
-        if (NA > 1) _tile_stored(2, sums[2], kStep);
-        if (NA > 1 && NB > 1) _tile_stored(3, sums[3], kStep);
-        for (int a = 0; a < NA; ++a)
-            for (int b = 0; b < NB; ++b)
-                write_tile(sums[2 * a + b], tile_count(tokens, b * kTile), x_sums + b * kTile,
-                           acc + b * kTile * out_stride + a * kTile, out_stride);
+        multiply_row_pair<TwoBitRows, NA, NB>(rows, row_bytes, activations, token_tile_bytes, tokens, x_sums, acc, out_stride);
+    }
+};
+
+// The int8 head: its rows are signed bytes already (tdpbssd), and each A tile is read where it is,
+// 16 rows `row_bytes` apart.
+struct Int8Rows {
+    static constexpr int kRowTiles = 2;
+    static constexpr int64_t kSlabSteps = 1 << 30, step_bytes = kStep;
+    struct Slab {};
+    static int64_t padded(int64_t cols) { return padded_cols(cols); }
+    static int64_t row_bytes(int64_t padded) { return padded; }
+    static int64_t steps(int64_t row_bytes) { return row_bytes / kStep; }
+    static int64_t tile_stride(int64_t row_bytes) { return row_bytes; }
+    static void dot04_06() { _tile_dpbssd(0, 4, 6); }
+    static void dot14_07() { _tile_dpbssd(1, 4, 7); }
+    static void dot25_36() { _tile_dpbssd(2, 5, 6); }
+    static void dot35_37() { _tile_dpbssd(3, 5, 7); }
+    static const uint8_t* slab(const uint8_t* rows, int64_t row_bytes, int a, int64_t first, int64_t, Slab&) {
+        return rows + a * kTile * row_bytes + first * kStep;
+    }
+    template <int NA, int NB>
+    static void multiply(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
+                         int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
+        multiply_row_pair<Int8Rows, NA, NB>(rows, row_bytes, activations, token_tile_bytes, tokens, x_sums, acc, out_stride);
     }
 };
 
@@ -294,7 +341,8 @@ void with_tiles(bool two_row_tiles, bool two_token_tiles, const Work& work) {
     work(One{}, One{});
 }
 
-// Whole 16-row tiles from row_begin over every token, a chunk of tokens at a time.
+// Whole 16-row tiles from row_begin over every token, a chunk of tokens at a time (xq_sums null:
+// nothing to subtract).
 template <class Rows>
 void amx_gemm(const uint8_t* data, int64_t cols, int64_t row_begin, int64_t row_end, const int8_t* xq,
               const int32_t* xq_sums, int64_t tokens, int32_t* acc, int64_t out_stride) {
@@ -314,7 +362,8 @@ void amx_gemm(const uint8_t* data, int64_t cols, int64_t row_begin, int64_t row_
                 with_tiles<Rows::kRowTiles>(r + 2 * kTile <= row_end, t0 + kTile < chunk, [&](auto na, auto nb) {
                     Rows::template multiply<na(), nb()>(data + r * row_bytes, row_bytes,
                                                         activations + t0 / kTile * token_tile_bytes, token_tile_bytes,
-                                                        chunk - t0, xq_sums + c0 + t0, acc + (c0 + t0) * out_stride + r,
+                                                        chunk - t0, xq_sums ? xq_sums + c0 + t0 : nullptr,
+                                                        acc + (c0 + t0) * out_stride + r,
                                                         out_stride);
                 });
     }
@@ -339,6 +388,17 @@ void trit_gemm_amx(const TritView& w, int64_t row_begin, int64_t row_end, const 
         return trit_gemm_avx512vnni(w, row_begin, row_end, xq, xq_sums, tokens, acc, out_stride);
     amx_gemm<TritRows>(w.data, w.cols, row_begin, whole_end, xq, xq_sums, tokens, acc, out_stride);
     if (whole_end < row_end) trit_gemm_avx512vnni(w, whole_end, row_end, xq, xq_sums, tokens, acc, out_stride);
+}
+
+// The int8 head for many tokens: a perplexity window, or a step of many sequences.
+void int8_gemm_amx(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
+                   int32_t* acc, int64_t out_stride) {
+    const int64_t whole_end = row_begin + (row_end - row_begin) / kTile * kTile;
+    if (tokens < kAmxHeadTokens || whole_end == row_begin)
+        return int8_gemm_avx512vnni(m, row_begin, row_end, xq, tokens, acc, out_stride);
+    amx_gemm<Int8Rows>(reinterpret_cast<const uint8_t*>(m.q), m.cols, row_begin, whole_end, xq, nullptr, tokens, acc,
+                       out_stride);
+    if (whole_end < row_end) int8_gemm_avx512vnni(m, whole_end, row_end, xq, tokens, acc, out_stride);
 }
 
 }  // namespace ternlm

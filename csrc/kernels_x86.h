@@ -32,6 +32,8 @@ void int8_gemm_avx2(const Int8RowsView& m, int64_t row_begin, int64_t row_end, c
                     int64_t tokens, int32_t* acc, int64_t out_stride);
 void int8_gemm_avx512vnni(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq,
                           int64_t tokens, int32_t* acc, int64_t out_stride);
+void int8_gemm_amx(const Int8RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
+                   int32_t* acc, int64_t out_stride);
 
 void q4_gemm_avx2(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,
                   float* out, int64_t out_stride);

@@ -517,7 +517,7 @@ static void multiply_rows(const TernaryMatrix& w, int64_t first, int64_t n, cons
     const KernelSet& kernels = active_kernels();
     const uint8_t* rows = w.bytes.data() + first * w.row_bytes();
     if (w.layout == TernaryLayout::TwoBit) return kernels.ternary_gemm({rows, n, w.cols}, 0, n, xq, sums, T, products, n);
-    if (T < kTritUnpackTokens || kernels.trit_gemm_takes_prompts)
+    if (T < kTritUnpackTokens || kernels.gemms_tile_themselves)
         return kernels.trit_gemm({rows, n, w.cols}, 0, n, xq, sums, T, products, n);
     const int64_t width = w.activation_cols();
     std::vector<uint8_t> tile(static_cast<size_t>(std::min(n, kTritTileRows) * width / 4));
@@ -720,14 +720,18 @@ void Model::head_logits(Scratch& b, int64_t rows, float* logits) {
                                                                : H * dtype_bytes(dense.dtype);
     std::vector<int32_t> sums(head_format_ == HeadFormat::Int8 ? static_cast<size_t>(rows * V) : 0);
     pool_->parallel_for(V, quantized ? 256 : 64, [&](int64_t begin, int64_t end) {
-        over_head_blocks(begin, end, rows, row_bytes, [&](int64_t r0, int64_t r1, int64_t t0, int64_t n) {
+        const auto multiply = [&](int64_t r0, int64_t r1, int64_t t0, int64_t n) {
             if (head_format_ == HeadFormat::Int8)
                 kernels.int8_gemm(int8, r0, r1, b.xq.data() + t0 * padded, n, sums.data() + t0 * V, V);
             else if (head_format_ == HeadFormat::Q4)
                 kernels.q4_gemm(q4, r0, r1, b.xq.data() + t0 * padded, n, logits + t0 * V, V);
             else
                 kernels.dense_gemm(dense, r0, r1, b.normed.data() + t0 * H, n, logits + t0 * V, V);
-        });
+        };
+        if (kernels.gemms_tile_themselves && head_format_ == HeadFormat::Int8)
+            multiply(begin, end, 0, rows);
+        else
+            over_head_blocks(begin, end, rows, row_bytes, multiply);
         for (int64_t t = 0; quantized && t < rows; ++t)
             for (int64_t r = begin; r < end; ++r) {
                 float& logit = logits[t * V + r];

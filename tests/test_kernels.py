@@ -25,6 +25,17 @@ def random_ternary(rng, rows, cols):
     return rng.integers(-1, 2, size=(rows, cols), dtype=np.int8)
 
 
+def test_amx_is_listed_or_its_absence_explained():
+    """Where the CPU has AMX-INT8 (and AVX-512 VNNI, which its kernels also use), either the `amx`
+    variant runs or `ternlm info`'s note says why not (the OS refused the tile state); elsewhere
+    neither."""
+    features, note = _core.cpu_features(), _core.unavailable_kernels_note()
+    if {"amx-int8", "avx512vnni", "avx512bw", "avx512vl"} <= set(features):
+        assert ("amx" in _core.available_kernels()) != bool(note), note
+    else:
+        assert "amx" not in _core.available_kernels() and note == ""
+
+
 @pytest.mark.parametrize("kernel", _core.available_kernels())
 @pytest.mark.parametrize("tokens,cols,rows", SHAPES)
 @pytest.mark.parametrize("bits", [2, 1.6])
@@ -217,7 +228,7 @@ def test_dense_gemm_matches_numpy(kernel, dtype, tokens, cols, rows):
 
 @pytest.mark.parametrize("kernel", _core.available_kernels())
 @pytest.mark.parametrize("tokens,cols,rows", [(1, 1, 1), (2, 33, 5), (3, 2560, 17), (6, 200, 40), (8, 2560, 9),
-                                              (9, 300, 7), (17, 129, 3)])
+                                              (9, 300, 7), (17, 129, 3), (8, 256, 16), (40, 2560, 48), (130, 640, 33)])
 def test_int8_head_product_is_exact(kernel, tokens, cols, rows):
     rng = np.random.default_rng(cols)
     q = rng.integers(-127, 128, size=(rows, cols), dtype=np.int8)
@@ -230,8 +241,8 @@ def test_int8_head_product_is_exact(kernel, tokens, cols, rows):
 @pytest.mark.parametrize("tokens", [1, 9])
 @pytest.mark.parametrize("weight,value", [(127, 127), (-127, 127), (127, -127), (-127, -127)])
 def test_int8_head_extremes_are_exact(kernel, tokens, weight, value):
-    """Every product at its largest, over 6912 columns."""
-    q = np.full((3, 6912), weight, dtype=np.int8)
+    """Every product at its largest, over 6912 columns, in whole row tiles and past them."""
+    q = np.full((35, 6912), weight, dtype=np.int8)
     xq = np.full((tokens, 6912), value, dtype=np.int8)
     assert np.all(_core.kernels.int8_gemm(q, xq, kernel) == weight * value * 6912)
 
