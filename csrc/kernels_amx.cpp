@@ -139,6 +139,13 @@ inline int64_t tile_count(int64_t tokens, int64_t first) { return tokens - first
 // in the tile registers from the first step to the last. Rows::slab gives the row tiles' A tiles a
 // slab of steps at a time: unpacked into a buffer that stays in L1 (TwoBitRows), or read in place
 // (Int8Rows). `x_sums` may be null: nothing to subtract.
+// sums += rows . activations with the instruction for Rows' bytes: tdpbssd for signed rows, tdpbusd for
+// unsigned codes. (GCC's tile intrinsics take literal tile numbers only, hence a macro.)
+#define TERNLM_TILE_DOT(sums, rows, activations)                            \
+    if constexpr (Rows::kSignedRows) _tile_dpbssd(sums, rows, activations); \
+    else                                                                      \
+        _tile_dpbusd(sums, rows, activations)
+
 template <class Rows, int NA, int NB>
 void multiply_row_pair(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
                        int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
@@ -157,15 +164,17 @@ void multiply_row_pair(const uint8_t* rows, int64_t row_bytes, const uint8_t* ac
         for (int64_t s = 0; s < count; ++s) {
             _tile_loadd(4, a0 + s * next, stride);
             _tile_loadd(6, x + s * kTileBytes, kStep);
-            Rows::dot04_06();
+            TERNLM_TILE_DOT(0, 4, 6);
             if (NB > 1) {
                 _tile_loadd(7, x + token_tile_bytes + s * kTileBytes, kStep);
-                Rows::dot14_07();
+                TERNLM_TILE_DOT(1, 4, 7);
             }
             if (NA > 1) {
                 _tile_loadd(5, a1 + s * next, stride);
-                Rows::dot25_36();
-                if (NB > 1) Rows::dot35_37();
+                TERNLM_TILE_DOT(2, 5, 6);
+                if (NB > 1) {
+                    TERNLM_TILE_DOT(3, 5, 7);
+                }
             }
         }
     }
@@ -179,13 +188,25 @@ void multiply_row_pair(const uint8_t* rows, int64_t row_bytes, const uint8_t* ac
             write_tile(sums[2 * a + b], tile_count(tokens, b * kTile), x_sums ? x_sums + b * kTile : nullptr,
                        acc + b * kTile * out_stride + a * kTile, out_stride);
 }
+#undef TERNLM_TILE_DOT
+
+// What TwoBitRows and Int8Rows share: two row tiles at a time, through multiply_row_pair.
+template <class Rows>
+struct RowPairs {
+    static constexpr int kRowTiles = 2;
+    template <int NA, int NB>
+    static void multiply(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
+                         int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
+        multiply_row_pair<Rows, NA, NB>(rows, row_bytes, activations, token_tile_bytes, tokens, x_sums, acc, out_stride);
+    }
+};
 
 // The 2-bit layout: a block is two steps, its bytes shifted by 6 and 4 (weights 0..63), or by 2 and 0
 // (64..127), and masked into codes (unsigned: tdpbusd). The row tiles are unpacked a slab at a time.
 // (Unpacking each row tile once into an L2 panel that every group of token tiles then reads was
 // measured slower at 8-32 tokens and no faster at 64-512: Xeon, one thread, 2B4T's shapes.)
-struct TwoBitRows {
-    static constexpr int kRowTiles = 2;
+struct TwoBitRows : RowPairs<TwoBitRows> {
+    static constexpr bool kSignedRows = false;
     static constexpr int64_t kSlabSteps = 8, step_bytes = kTileBytes;
     struct Slab {
         alignas(64) uint8_t codes[2][kSlabSteps * kTileBytes];
@@ -194,10 +215,6 @@ struct TwoBitRows {
     static int64_t row_bytes(int64_t padded) { return padded / 4; }
     static int64_t steps(int64_t row_bytes) { return row_bytes * 4 / kStep; }
     static int64_t tile_stride(int64_t) { return kStep; }
-    static void dot04_06() { _tile_dpbusd(0, 4, 6); }
-    static void dot14_07() { _tile_dpbusd(1, 4, 7); }
-    static void dot25_36() { _tile_dpbusd(2, 5, 6); }
-    static void dot35_37() { _tile_dpbusd(3, 5, 7); }
 
     // The codes of steps [first, first + count) of row tile a: out[step][row][64 codes].
     static const uint8_t* slab(const uint8_t* rows, int64_t row_bytes, int a, int64_t first, int64_t count, Slab& slab) {
@@ -217,34 +234,20 @@ struct TwoBitRows {
             }
         return out;
     }
-    template <int NA, int NB>
-    static void multiply(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
-                         int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
-        multiply_row_pair<TwoBitRows, NA, NB>(rows, row_bytes, activations, token_tile_bytes, tokens, x_sums, acc, out_stride);
-    }
 };
 
 // The int8 head: its rows are signed bytes already (tdpbssd), and each A tile is read where it is,
 // 16 rows `row_bytes` apart.
-struct Int8Rows {
-    static constexpr int kRowTiles = 2;
+struct Int8Rows : RowPairs<Int8Rows> {
+    static constexpr bool kSignedRows = true;
     static constexpr int64_t kSlabSteps = 1 << 30, step_bytes = kStep;
     struct Slab {};
     static int64_t padded(int64_t cols) { return padded_cols(cols); }
     static int64_t row_bytes(int64_t padded) { return padded; }
     static int64_t steps(int64_t row_bytes) { return row_bytes / kStep; }
     static int64_t tile_stride(int64_t row_bytes) { return row_bytes; }
-    static void dot04_06() { _tile_dpbssd(0, 4, 6); }
-    static void dot14_07() { _tile_dpbssd(1, 4, 7); }
-    static void dot25_36() { _tile_dpbssd(2, 5, 6); }
-    static void dot35_37() { _tile_dpbssd(3, 5, 7); }
     static const uint8_t* slab(const uint8_t* rows, int64_t row_bytes, int a, int64_t first, int64_t, Slab&) {
         return rows + a * kTile * row_bytes + first * kStep;
-    }
-    template <int NA, int NB>
-    static void multiply(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
-                         int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
-        multiply_row_pair<Int8Rows, NA, NB>(rows, row_bytes, activations, token_tile_bytes, tokens, x_sums, acc, out_stride);
     }
 };
 
@@ -253,8 +256,9 @@ struct Int8Rows {
 // the top trit of x_n, and 3 x_n = x_(n+1) + 256 digit_n. So the sum of digit_n * a over a row is
 // (3 sum(x_n a) - sum(x_(n+1) a)) / 256, as in kernels_x86_trits.inc: two tdpbusd of bytes as they
 // are, into two sums per token tile (tmm0, 1 and tmm2, 3), instead of decoding every digit; tmm4
-// and 5 hold x_n and x_(n+1), tmm6 and 7 the activations. The int32 sums may wrap on the way (from rows of about 22k weights): their
-// combination, 256 times a sum of codes by activations, fits, so it comes out exact. Against decoding
+// and 5 hold x_n and x_(n+1), tmm6 and 7 the activations. The int32 sums may wrap on the way (from
+// rows of about 22k weights): their combination, 256 times a sum of codes by activations, fits, so
+// it comes out exact. Against decoding
 // the digits into codes (one tdpbusd a step, two row tiles as for 2 bits), measured on the Xeon: 0.65x
 // the time at 4-16 tokens (one thread, 2B4T's shapes) and 0.77x the GEMM's time in a 128-token prompt.
 struct TritRows {
