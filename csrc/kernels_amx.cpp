@@ -1,11 +1,13 @@
-// AMX-INT8 (Intel Sapphire Rapids and later Xeons): the ternary GEMM for several tokens on the tile
-// unit, whose tdpbusd multiplies a 16 x 64 tile of unsigned bytes by a 64 x 16 tile of signed bytes
-// into 16 x 16 int32 sums (16,384 products in one instruction). One token (decode, memory-bound)
-// and the rows past the last whole 16 keep the AVX-512 VNNI kernels.
+// AMX-INT8 (Intel Sapphire Rapids and later Xeons): the ternary GEMM and the int8 head for several
+// tokens on the tile unit, whose tdpbusd multiplies a 16 x 64 tile of unsigned bytes by a 64 x 16
+// tile of signed bytes into 16 x 16 int32 sums (16,384 products in one instruction; tdpbssd takes
+// both signed). One token (decode, memory-bound) and the rows past the last whole 16 keep the
+// AVX-512 VNNI kernels.
 //
 //   weights (A): 16 rows x 64 bytes per tile, unpacked a few blocks at a time into a buffer in L1:
 //                the codes (w + 1, in 0..2) of the 2-bit layout, or the 1.6-bit layout's bytes
 //                times powers of 3 (TritRows says how those give the digits' sums undecoded);
+//                the int8 head's rows are read where they are;
 //   activations (B): tdpbusd wants tile row i to hold bytes 4i..4i+3 of each of the 16 tokens, so
 //                each 16 tokens x 64 bytes are transposed as 16 x 16 int32 into [step][i][token],
 //                once per call;
@@ -40,7 +42,8 @@ constexpr int64_t kAmxHeadTokens = 8;
 // which stay in L2 while every row tile passes over them.
 constexpr int64_t kTokenChunk = 128;
 
-// tmm0..3: sums of (row tile a, token tile b) in tile 2a + b; tmm4, 5: weights; tmm6, 7: activations.
+// Every tile is 16 rows of 64 bytes: tmm0..3 hold sums, tmm4, 5 weights, tmm6, 7 activations (which
+// sums where: multiply_row_pair and TritRows).
 struct alignas(64) TileConfig {
     uint8_t palette = 1;
     uint8_t start_row = 0;
@@ -135,10 +138,6 @@ void write_tile(const int32_t* tile, int64_t count, const int32_t* x_sums, int32
 // Tokens in a token tile starting at `first` of `tokens`.
 inline int64_t tile_count(int64_t tokens, int64_t first) { return tokens - first < kTile ? tokens - first : kTile; }
 
-// Two row tiles (tmm4, 5) against up to two token tiles (tmm6, 7), their sums in tile 2a + b, held
-// in the tile registers from the first step to the last. Rows::slab gives the row tiles' A tiles a
-// slab of steps at a time: unpacked into a buffer that stays in L1 (TwoBitRows), or read in place
-// (Int8Rows). `x_sums` may be null: nothing to subtract.
 // sums += rows . activations with the instruction for Rows' bytes: tdpbssd for signed rows, tdpbusd for
 // unsigned codes. (GCC's tile intrinsics take literal tile numbers only, hence a macro.)
 #define TERNLM_TILE_DOT(sums, rows, activations)                            \
@@ -146,6 +145,10 @@ inline int64_t tile_count(int64_t tokens, int64_t first) { return tokens - first
     else                                                                      \
         _tile_dpbusd(sums, rows, activations)
 
+// Two row tiles (tmm4, 5) against up to two token tiles (tmm6, 7), their sums in tile 2a + b, held
+// in the tile registers from the first step to the last. Rows::slab gives the row tiles' A tiles a
+// slab of steps at a time: unpacked into a buffer that stays in L1 (TwoBitRows), or read in place
+// (Int8Rows). `x_sums` may be null: nothing to subtract.
 template <class Rows, int NA, int NB>
 void multiply_row_pair(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
                        int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
@@ -258,9 +261,9 @@ struct Int8Rows : RowPairs<Int8Rows> {
 // are, into two sums per token tile (tmm0, 1 and tmm2, 3), instead of decoding every digit; tmm4
 // and 5 hold x_n and x_(n+1), tmm6 and 7 the activations. The int32 sums may wrap on the way (from
 // rows of about 22k weights): their combination, 256 times a sum of codes by activations, fits, so
-// it comes out exact. Against decoding
-// the digits into codes (one tdpbusd a step, two row tiles as for 2 bits), measured on the Xeon: 0.65x
-// the time at 4-16 tokens (one thread, 2B4T's shapes) and 0.77x the GEMM's time in a 128-token prompt.
+// it comes out exact. Against decoding the digits into codes (one tdpbusd a step, two row tiles as
+// for 2 bits), measured on the Xeon: 0.65x the time at 4-16 tokens (one thread, 2B4T's shapes) and
+// 0.77x the GEMM's time in a 128-token prompt.
 struct TritRows {
     static constexpr int kRowTiles = 1;
     static constexpr int64_t kSlabBlocks = 2, kPowers = kTritDigits + 1;

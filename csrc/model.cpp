@@ -506,8 +506,8 @@ struct Model::Scratch {
 
 // Tokens from which a 1.6-bit matrix is unpacked, a tile of rows at a time, to the 2-bit layout
 // and multiplied there: the unpacking is then shared by every token, while the 2-bit GEMM's tiles
-// do more products per instruction than decoding base-3 digits allows. (AMX's trit_gemm decodes the
-// digits straight into its tiles and takes every token count itself.)
+// do more products per instruction than decoding base-3 digits allows. (AMX's trit_gemm takes the
+// 1.6-bit bytes into its tiles as they are, whatever the token count: gemms_tile_themselves.)
 constexpr int64_t kTritUnpackTokens = 4;
 constexpr int64_t kTritTileRows = 64;  // 110 KB of 2-bit codes at 2B4T's widest rows: stays in L2
 
