@@ -105,7 +105,7 @@ def load_llama_cpp(gguf: str, repack: bool = True, **kwargs):
 
 def llama_cpp_worker(gguf: str, repack: bool, threads: int, prompt: int, generate: int, repetitions: int) -> None:
     """Runs in its own process: prints one JSON object per test."""
-    import resource
+    from ternlm.bench import peak_rss_mb
 
     llm = load_llama_cpp(gguf, repack, n_threads=threads, n_threads_batch=threads, n_ctx=max(prompt, generate) + 8,
                          n_batch=max(prompt, 1), verbose=False)
@@ -131,7 +131,7 @@ def llama_cpp_worker(gguf: str, repack: bool, threads: int, prompt: int, generat
         rates = [timer() for _ in range(repetitions)]
         print(json.dumps({"test": f"{name}{n}", "threads": threads, "t_s_median": statistics.median(rates),
                           "t_s_min": min(rates), "t_s_max": max(rates),
-                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+                          "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 def run_json_lines(command: list[str]) -> list[dict]:

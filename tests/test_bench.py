@@ -26,6 +26,16 @@ def test_bench_json_on_a_synthetic_model():
             assert r["pct_of_bound"] > 0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="getrusage's peak survives exec on Linux")
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A benchmark started by a large process (bench/llama_cpp_side_by_side.py holds the models it
+    converted) reports its own peak: Linux hands ru_maxrss down through fork and exec."""
+    held = np.ones(400_000_000, dtype=np.uint8)  # 400 MB resident in this process
+    code = "from ternlm.bench import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert 0 < float(child.stdout) < 300 < held.nbytes / 1e6
+
+
 def test_bench_markdown_and_bad_arguments():
     ok = subprocess.run([sys.executable, "-m", "ternlm.cli", "bench", "--synthetic", "tiny", "-p", "4", "-n", "2",
                          "-r", "1", "--head", "bf16"], capture_output=True, text=True, timeout=300)

@@ -52,6 +52,15 @@ class BenchResult:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory, MB. On Linux from /proc (VmHWM): getrusage's ru_maxrss
+    survives fork and exec, so a process started by a larger one would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6  # kB
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e6
 
