@@ -81,6 +81,9 @@ struct Scratch {
     ~Scratch() { std::free(data); }
 };
 
+// The activations laid out as B tiles (lay_out_activations), one buffer per thread for every layout.
+thread_local Scratch activation_scratch;
+
 // Rows of 16 int32 in r[0..15] become columns: r[i][j] -> r[j][i].
 TERNLM_INLINE void transpose16x16(__m512i r[16]) {
     __m512i t[16];
@@ -356,8 +359,7 @@ void amx_gemm(const uint8_t* data, int64_t cols, int64_t row_begin, int64_t row_
     const int64_t padded = Rows::padded(cols), row_bytes = Rows::row_bytes(padded);
     const int64_t token_tile_bytes = padded / kStep * kTileBytes;
     const int64_t token_tiles = ((tokens < kTokenChunk ? tokens : kTokenChunk) + kTile - 1) / kTile;
-    thread_local Scratch scratch;
-    uint8_t* activations = scratch.get(static_cast<size_t>(token_tiles * token_tile_bytes));
+    uint8_t* activations = activation_scratch.get(static_cast<size_t>(token_tiles * token_tile_bytes));
     configure_tiles();
     for (int64_t c0 = 0; c0 < tokens; c0 += kTokenChunk) {
         const int64_t chunk = tokens - c0 < kTokenChunk ? tokens - c0 : kTokenChunk;
