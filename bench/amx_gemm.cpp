@@ -8,6 +8,7 @@
 //     g++ $F -mavx2 -mfma -mf16c -c csrc/kernels_avx2.cpp -o $O/avx2.o
 //     g++ $F -mavx2 -mavxvnni -c csrc/kernels_avxvnni.cpp -o $O/avxvnni.o
 //     g++ $F -mavx2 -mavx512f -mavx512bw -mavx512vl -mavx512vnni -c csrc/kernels_avx512vnni.cpp -o $O/avx512.o
+//     g++ $F -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -c csrc/kernels_avx512_attention.cpp -o $O/attention.o
 //     g++ $F -mavx2 -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mamx-tile -mamx-int8 -c csrc/kernels_amx.cpp -o $O/amx.o
 //     g++ $F -mamx-tile -mamx-int8 bench/amx_gemm.cpp csrc/dispatch.cpp csrc/kernels_ref.cpp $O/*.o -o $O/run && $O/run
 #include <immintrin.h>

@@ -192,16 +192,20 @@ void bind_kernel_checks(nb::module_ m) {
 
     m.def(
         "f16_attention",
-        [](Array<const float, nb::ndim<2>> q, Array<const uint16_t, nb::ndim<2>> keys,
-           Array<const uint16_t, nb::ndim<2>> values, int64_t column, float scale, const std::string& kernel,
-           int log2_block) {
-            const int64_t heads = q.shape(0), head_dim = q.shape(1), count = keys.shape(0), width = keys.shape(1);
-            if (count == 0 || values.shape(0) != keys.shape(0) || values.shape(1) != keys.shape(1) || column < 0 ||
+        [](Array<const float> q, Array<const uint16_t, nb::ndim<2>> keys, Array<const uint16_t, nb::ndim<2>> values,
+           int64_t column, float scale, const std::string& kernel, int log2_block) {
+            if (q.ndim() != 2 && q.ndim() != 3) throw std::invalid_argument("q must be [heads, head_dim] or [queries, heads, head_dim]");
+            const bool one_query = q.ndim() == 2;
+            const int64_t queries = one_query ? 1 : q.shape(0), heads = q.shape(q.ndim() - 2), head_dim = q.shape(q.ndim() - 1);
+            const int64_t count = keys.shape(0), width = keys.shape(1);
+            if (queries == 0 || heads == 0 || head_dim == 0) throw std::invalid_argument("q is empty");
+            if (count < queries || values.shape(0) != keys.shape(0) || values.shape(1) != keys.shape(1) || column < 0 ||
                 column + head_dim > width)
-                throw std::invalid_argument("keys and values must be [count > 0, width] with the head inside width");
-            auto out = owned_array<float>({size_t(heads), size_t(head_dim)});
+                throw std::invalid_argument("keys and values must be [count >= queries, width] with the head inside width");
             const F16AttentionFn attention = kernels_named(kernel).f16_attention;
             if (log2_block < 0 || log2_block > 30) throw std::invalid_argument("log2_block must be in [0, 30]");
+            auto out = one_query ? owned_array<float>({size_t(heads), size_t(head_dim)})
+                                 : owned_array<float>({size_t(queries), size_t(heads), size_t(head_dim)});
             nb::gil_scoped_release release;
             // Blocks of 2^log2_block positions cut from the contiguous arrays, visited through a table.
             std::vector<const uint16_t*> key_blocks, value_blocks;
@@ -209,15 +213,17 @@ void bind_kernel_checks(nb::module_ m) {
                 key_blocks.push_back(keys.data() + j * width + column);
                 value_blocks.push_back(values.data() + j * width + column);
             }
-            std::vector<float> scratch(static_cast<size_t>(heads * count));
-            attention(q.data(), heads, head_dim, {key_blocks.data(), log2_block, width}, {value_blocks.data(), log2_block, width},
-                      count, scale, scratch.data(), out.data());
+            const QueryRun run{q.data(), out.data(), queries, heads * head_dim, heads, head_dim, count - queries + 1};
+            std::vector<float> scratch(static_cast<size_t>(attention_scratch_floats(run)));
+            attention(run, {key_blocks.data(), log2_block, width}, {value_blocks.data(), log2_block, width}, scale,
+                      scratch.data());
             return out;
         },
         "q"_a, "keys"_a, "values"_a, "column"_a, "scale"_a, "kernel"_a = "", "log2_block"_a = 30,
-        "softmax(scale * q k^T) v for the query heads q [heads, head_dim] sharing the KV head at columns "
-        "[column, column + head_dim) of f16 keys and values [count, width], read in blocks of 2^log2_block "
-        "positions (tests).");
+        "softmax(scale * q k^T) v for the query heads sharing the KV head at columns [column, column + head_dim) "
+        "of f16 keys and values [count, width], read in blocks of 2^log2_block positions (tests). q is one "
+        "query's heads [heads, head_dim], or the last `queries` positions' [queries, heads, head_dim], query i "
+        "attending to the first count - queries + 1 + i positions.");
 
     m.def(
         "temper",

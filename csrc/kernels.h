@@ -136,20 +136,46 @@ struct PagedRows {
     }
 };
 
-// Attention of the `heads` query heads that share one KV head (grouped-query attention) over
-// `count` cached positions: out[h] = sum_j softmax_j(scale * q[h] . k[j]) * v[j]. q and out are
-// [heads, head_dim]; scratch holds heads * count floats. Positions are taken in order whatever
-// the blocks, so the result depends on the keys and values only, not on where they are stored.
-// Float sums: variants agree with the reference to rounding, not bit for bit.
-using F16AttentionFn = void (*)(const float* q, int64_t heads, int64_t head_dim, const PagedRows<uint16_t>& keys,
-                                const PagedRows<uint16_t>& values, int64_t count, float scale, float* scratch,
-                                float* out);
+// Attention of consecutive positions of one sequence against its cache, for the query heads that
+// share one KV head (grouped-query attention): query i, `heads` rows of head_dim floats at
+// q + i * stride, attends to the first first_count + i cached positions, and
+// out[i][h] = sum_j softmax_j(scale * q[i][h] . k[j]) * v[j] goes to out + i * stride. Positions are
+// taken in order whatever the blocks, so the result depends on the keys and values only, not on
+// where they are stored; and each query's result is the same whichever other queries share the
+// call, so a prompt computed in pieces gives the logits of one pass. Float sums: variants agree
+// with the reference to rounding, not bit for bit.
+struct QueryRun {
+    const float* q;
+    float* out;
+    int64_t queries, stride, heads, head_dim, first_count;
+    int64_t last_count() const { return first_count + queries - 1; }
+};
 
-void f16_attention_ref(const float* q, int64_t heads, int64_t head_dim, const PagedRows<uint16_t>& keys,
-                       const PagedRows<uint16_t>& values, int64_t count, float scale, float* scratch, float* out);
+// Keys (and values) that a kernel may convert to f32 at a time, for every query of the run.
+constexpr int64_t kAttentionKeyBlock = 32;
+
+// The floats of scratch an attention kernel may use for a run: each row's (query head's) scores, sums
+// and query, and a block of keys or values in f32.
+inline int64_t attention_scratch_floats(const QueryRun& run) {
+    const int64_t padded_dim = (run.head_dim + 15) / 16 * 16;
+    return run.queries * run.heads * (run.last_count() + 2 * padded_dim) + kAttentionKeyBlock * padded_dim;
+}
+
+using F16AttentionFn = void (*)(const QueryRun& run, const PagedRows<uint16_t>& keys, const PagedRows<uint16_t>& values,
+                                float scale, float* scratch);
+
+void f16_attention_ref(const QueryRun& run, const PagedRows<uint16_t>& keys, const PagedRows<uint16_t>& values,
+                       float scale, float* scratch);
 // The same over an f32 cache (`--kv-cache f32`, the exact-but-slow option): scalar only.
-void f32_attention_ref(const float* q, int64_t heads, int64_t head_dim, const PagedRows<float>& keys,
-                       const PagedRows<float>& values, int64_t count, float scale, float* scratch, float* out);
+void f32_attention_ref(const QueryRun& run, const PagedRows<float>& keys, const PagedRows<float>& values, float scale,
+                       float* scratch);
+
+// Calls attend(q, out, count) for each query of a run, one at a time (the variants that have no
+// multi-query kernel).
+template <class Attend>
+void each_query(const QueryRun& run, const Attend& attend) {
+    for (int64_t i = 0; i < run.queries; ++i) attend(run.q + i * run.stride, run.out + i * run.stride, run.first_count + i);
+}
 
 // The sampler's tempering (sampler.cpp): distance[i] = (max - logits[i]) * inverse_temperature and
 // weight[i] = e^-distance[i] (0 past 87). Elementwise, nothing fused: variants are bit-identical.

@@ -68,20 +68,6 @@ void trits_to_two_bit_avx2(const uint8_t* trits, int64_t chunks, uint8_t* two_bi
 namespace ternlm {
 namespace {
 
-// Calls work(std::integral_constant<int, N>{}, first) over [0, count) in pieces of N = 4 (the last
-// one shorter): kernels keep one accumulator per token (or head) of a piece, so N is a constant.
-template <typename Work>
-inline void in_fours(int64_t count, const Work& work) {
-    for (int64_t first = 0; first < count; first += 4) {
-        switch (std::min<int64_t>(count - first, 4)) {
-            case 1: work(std::integral_constant<int, 1>{}, first); break;
-            case 2: work(std::integral_constant<int, 2>{}, first); break;
-            case 3: work(std::integral_constant<int, 3>{}, first); break;
-            default: work(std::integral_constant<int, 4>{}, first); break;
-        }
-    }
-}
-
 // Eight matrix elements as float32, whatever their storage (F16C for f16, a shift for bf16).
 template <DType D>
 inline __m256 load8(const void* data, int64_t index) {
@@ -91,18 +77,7 @@ inline __m256 load8(const void* data, int64_t index) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-inline float horizontal_sum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-inline float horizontal_max(__m256 v) {
-    __m128 half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
-    return std::max(_mm_cvtss_f32(half), _mm_cvtss_f32(_mm_movehdup_ps(half)));
-}
+#include "kernels_x86_softmax.inc"
 
 // NR consecutive rows against NT tokens, an accumulator for each pair: at 4 x 2, eight independent
 // FMA chains, each weight vector converted once for both tokens and each activation vector loaded
@@ -221,41 +196,6 @@ void f16_store_avx2(const float* x, int64_t n, uint16_t* out) {
 
 namespace {
 
-// exp(x) to about one ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, then 2^n
-// through the exponent bits). Below -88 the result is 0, where the exact value is subnormal.
-inline __m256 exp_avx2(__m256 x) {
-    x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-88.0f), x));  // NaN stays NaN
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
-    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
-}
-
-// s[j] = exp(s[j] - max_j s); returns the sum.
-float exp_minus_max(float* s, int64_t n) {
-    const int64_t vec = n / 8 * 8;
-    __m256 top = _mm256_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < vec; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + j));
-    float max_score = horizontal_max(top);
-    for (int64_t j = vec; j < n; ++j) max_score = std::max(max_score, s[j]);
-    const __m256 shift = _mm256_set1_ps(max_score);
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t j = 0; j < vec; j += 8) {
-        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
-        _mm256_storeu_ps(s + j, e);
-        sum = _mm256_add_ps(sum, e);
-    }
-    float total = horizontal_sum(sum);
-    for (int64_t j = vec; j < n; ++j) total += (s[j] = std::exp(s[j] - max_score));
-    return total;
-}
-
 // Scores of H heads against K consecutive keys: H * K independent FMA chains, each key converted
 // from f16 once for all heads of the group.
 template <int H, int K>
@@ -330,11 +270,13 @@ void attention_group(const float* q, int64_t head_dim, const PagedRows<uint16_t>
 
 }  // namespace
 
-void f16_attention_avx2(const float* q, int64_t heads, int64_t head_dim, const PagedRows<uint16_t>& keys,
-                        const PagedRows<uint16_t>& values, int64_t count, float scale, float* scratch, float* out) {
-    in_fours(heads, [&](auto group, int64_t h) {
-        attention_group<decltype(group)::value>(q + h * head_dim, head_dim, keys, values, count, scale,
-                                                scratch + h * count, out + h * head_dim);
+void f16_attention_avx2(const QueryRun& run, const PagedRows<uint16_t>& keys, const PagedRows<uint16_t>& values,
+                        float scale, float* scratch) {
+    each_query(run, [&](const float* q, float* out, int64_t count) {
+        in_fours(run.heads, [&](auto group, int64_t h) {
+            attention_group<decltype(group)::value>(q + h * run.head_dim, run.head_dim, keys, values, count, scale,
+                                                    scratch + h * count, out + h * run.head_dim);
+        });
     });
 }
 

@@ -212,14 +212,18 @@ void attention_ref(const float* q, int64_t heads, int64_t head_dim, const PagedR
 
 }  // namespace
 
-void f16_attention_ref(const float* q, int64_t heads, int64_t head_dim, const PagedRows<uint16_t>& keys,
-                       const PagedRows<uint16_t>& values, int64_t count, float scale, float* scratch, float* out) {
-    attention_ref(q, heads, head_dim, keys, values, count, scale, scratch, out);
+void f16_attention_ref(const QueryRun& run, const PagedRows<uint16_t>& keys, const PagedRows<uint16_t>& values,
+                       float scale, float* scratch) {
+    each_query(run, [&](const float* q, float* out, int64_t count) {
+        attention_ref(q, run.heads, run.head_dim, keys, values, count, scale, scratch, out);
+    });
 }
 
-void f32_attention_ref(const float* q, int64_t heads, int64_t head_dim, const PagedRows<float>& keys,
-                       const PagedRows<float>& values, int64_t count, float scale, float* scratch, float* out) {
-    attention_ref(q, heads, head_dim, keys, values, count, scale, scratch, out);
+void f32_attention_ref(const QueryRun& run, const PagedRows<float>& keys, const PagedRows<float>& values, float scale,
+                       float* scratch) {
+    each_query(run, [&](const float* q, float* out, int64_t count) {
+        attention_ref(q, run.heads, run.head_dim, keys, values, count, scale, scratch, out);
+    });
 }
 
 void q4_gemm_ref(const Q4RowsView& m, int64_t row_begin, int64_t row_end, const int8_t* xq, int64_t tokens,

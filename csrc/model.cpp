@@ -564,35 +564,53 @@ void Model::attention(const std::vector<RowPlace>& rows, int64_t layer, const fl
     const int64_t q_width = shape_.heads * hd, kv_width = shape_.kv_heads * hd;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const F16AttentionFn f16_attention = active_kernels().f16_attention;
-    int64_t longest = 0;
-    for (const RowPlace& row : rows) longest = std::max(longest, row.pos + 1);
+    // Rows of one sequence are consecutive positions: they go to the kernel together, up to
+    // kQueriesPerRun at a time, so that a multi-query kernel (AVX-512) converts each key once for all
+    // of them.
+    constexpr int64_t kQueriesPerRun = 32;
+    struct Run {
+        int64_t first_row, queries;
+    };
+    std::vector<Run> runs;
     const int64_t N = static_cast<int64_t>(rows.size());
-    // A job is the query heads of one row that share a KV head, so each cached key and value is
-    // read once for all of them; a step with too few such jobs to share out splits them by head.
-    const int64_t heads_per_job = N * shape_.kv_heads >= 4 * pool_->size() ? group : 1;
-    const int64_t jobs_per_row = shape_.heads / heads_per_job;
-    pool_->parallel_for(N * jobs_per_row, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scratch(static_cast<size_t>(heads_per_job * longest));
+    for (int64_t n = 0; n < N;) {
+        int64_t end = n + 1;
+        while (end < N && end - n < kQueriesPerRun && rows[end].cache == rows[n].cache && rows[end].pos == rows[end - 1].pos + 1)
+            ++end;
+        runs.push_back({n, end - n});
+        n = end;
+    }
+    const int64_t R = static_cast<int64_t>(runs.size());
+    // A job is a run's query heads that share a KV head, so each cached key and value is read (and
+    // converted from f16) once for all of them; only a step with fewer such jobs than threads splits
+    // them by head. (Measured on the Xeon, 2B4T, decode at 2048 positions, 2 threads: its 5 jobs
+    // 21.0 t/s against 17.1 for 20 jobs of one head; the AVX2 kernels 17.3 against 14.4.)
+    const int64_t heads_per_job = R * shape_.kv_heads >= pool_->size() ? group : 1;
+    const int64_t jobs_per_run = shape_.heads / heads_per_job;
+    pool_->parallel_for(R * jobs_per_run, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch;
         std::vector<const uint16_t*> f16_keys, f16_values;
         std::vector<const float*> f32_keys, f32_values;
         for (int64_t job = begin; job < end; ++job) {
-            // Later rows of a prompt attend to more positions: they go first, so that the threads
+            // Later runs of a prompt attend to more positions: they go first, so that the threads
             // that claim the last, short jobs finish together.
-            const int64_t n = N - 1 - job / jobs_per_row, h = job % jobs_per_row * heads_per_job;
-            const KVCache& cache = *rows[static_cast<size_t>(n)].cache;
-            const int64_t kv_offset = (h / group) * hd, count = rows[static_cast<size_t>(n)].pos + 1;
-            const float* qh = q + n * q_width + h * hd;
-            float* oh = out + n * q_width + h * hd;
-            if (cache.f16()) {
-                cache.block_rows(layer, kv_offset, false, f16_keys);
-                cache.block_rows(layer, kv_offset, true, f16_values);
-                f16_attention(qh, heads_per_job, hd, {f16_keys.data(), kKVLog2Block, kv_width},
-                              {f16_values.data(), kKVLog2Block, kv_width}, count, scale, scratch.data(), oh);
+            const Run& r = runs[static_cast<size_t>(R - 1 - job / jobs_per_run)];
+            const int64_t h = job % jobs_per_run * heads_per_job;
+            const RowPlace& first = rows[static_cast<size_t>(r.first_row)];
+            const QueryRun run{q + r.first_row * q_width + h * hd, out + r.first_row * q_width + h * hd, r.queries,
+                               q_width, heads_per_job, hd, first.pos + 1};
+            const int64_t kv_offset = (h / group) * hd;
+            scratch.resize(std::max(scratch.size(), static_cast<size_t>(attention_scratch_floats(run))));
+            if (first.cache->f16()) {
+                first.cache->block_rows(layer, kv_offset, false, f16_keys);
+                first.cache->block_rows(layer, kv_offset, true, f16_values);
+                f16_attention(run, {f16_keys.data(), kKVLog2Block, kv_width}, {f16_values.data(), kKVLog2Block, kv_width},
+                              scale, scratch.data());
             } else {
-                cache.block_rows(layer, kv_offset, false, f32_keys);
-                cache.block_rows(layer, kv_offset, true, f32_values);
-                f32_attention_ref(qh, heads_per_job, hd, {f32_keys.data(), kKVLog2Block, kv_width},
-                                  {f32_values.data(), kKVLog2Block, kv_width}, count, scale, scratch.data(), oh);
+                first.cache->block_rows(layer, kv_offset, false, f32_keys);
+                first.cache->block_rows(layer, kv_offset, true, f32_values);
+                f32_attention_ref(run, {f32_keys.data(), kKVLog2Block, kv_width}, {f32_values.data(), kKVLog2Block, kv_width},
+                                  scale, scratch.data());
             }
         }
     });

@@ -20,6 +20,7 @@ COMMON = ["tests/kernel_check.cpp", "kernels_ref.cpp", "dispatch.cpp", "ggml_blo
           "threads.cpp"]
 X86_VARIANTS = {"kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"], "kernels_avxvnni.cpp": ["-mavx2", "-mavxvnni"],
                 "kernels_avx512vnni.cpp": ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+                "kernels_avx512_attention.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl"],
                 "kernels_amx.cpp": ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile",
                                     "-mamx-int8"]}
 ARM_VARIANTS = {"kernels_arm.cpp": [], "kernels_arm_dotprod.cpp": ["-march=armv8.2-a+dotprod"]}

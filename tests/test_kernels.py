@@ -362,8 +362,40 @@ def test_f16_attention_matches_numpy(kernel, heads, head_dim, count, width, colu
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("queries,heads,head_dim,count", [(5, 4, 128, 37), (33, 4, 128, 70), (7, 3, 24, 7), (20, 1, 8, 40),
+                                                          (9, 5, 20, 17)])
+def test_f16_attention_of_consecutive_positions(kernel, queries, heads, head_dim, count):
+    """The last `queries` positions at once, each attending to the positions up to its own, against
+    float64 NumPy; and each query's result is bit for bit the one it gets alone, whatever queries
+    share its call (tiles of rows that mix positions and heads: 4 x 4, 3 heads into 16 rows, ...),
+    so a prompt computed in pieces gives the logits of one pass."""
+    rng = np.random.default_rng(queries * 100 + heads)
+    width = 2 * head_dim + 3
+    q = (rng.standard_normal((queries, heads, head_dim)) * 3).astype(np.float32)
+    keys = (rng.standard_normal((count, width)) * 3).astype(np.float16)
+    values = rng.standard_normal((count, width)).astype(np.float16)
+    column, scale = head_dim, 1 / np.sqrt(head_dim)
+    got = _core.kernels.f16_attention(q, keys.view(np.uint16), values.view(np.uint16), column, scale, kernel)
+
+    k = keys[:, column:column + head_dim].astype(np.float64)
+    v = values[:, column:column + head_dim].astype(np.float64)
+    for i in range(queries):
+        n = count - queries + 1 + i
+        scores = q[i].astype(np.float64) @ k[:n].T * scale
+        weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+        np.testing.assert_allclose(got[i], weights / weights.sum(axis=1, keepdims=True) @ v[:n], rtol=1e-4, atol=1e-5)
+        alone = _core.kernels.f16_attention(q[i], keys[:n].view(np.uint16), values[:n].view(np.uint16), column, scale,
+                                            kernel)
+        assert np.array_equal(got[i], alone)
+    assert np.array_equal(got[2:], _core.kernels.f16_attention(q[2:], keys.view(np.uint16), values.view(np.uint16),
+                                                               column, scale, kernel))
+
+
 def test_f16_attention_rejects_bad_shapes():
     q = np.zeros((2, 8), dtype=np.float32)
     keys = np.zeros((3, 8), dtype=np.uint16)
     with pytest.raises(ValueError, match="head inside width"):
         _core.kernels.f16_attention(q, keys, keys, 4, 1.0)
+    with pytest.raises(ValueError, match="count >= queries"):
+        _core.kernels.f16_attention(np.zeros((4, 2, 8), dtype=np.float32), keys, keys, 0, 1.0)
