@@ -14,7 +14,8 @@
 //   sums (C): 16 rows x 16 tokens, transposed back on the way out, minus each token's sum (the
 //                codes are w + 1, as in every kernel).
 // Up to two row tiles and two token tiles go together (four C tiles), so each A and B tile loaded
-// feeds two tdpbusd.
+// feeds two tdpbusd; each slab of unpacked weights meets every pair of token tiles of a chunk of
+// tokens before the next slab is unpacked (SlabTurn).
 #include "kernels_x86.h"
 
 #include <immintrin.h>
@@ -147,25 +148,48 @@ inline int64_t tile_count(int64_t tokens, int64_t first) { return tokens - first
     else                                                                      \
         _tile_dpbusd(sums, rows, activations)
 
+// A kernel's sum tiles are 2a + b for a < A, b < B (of tmm0..3) while it multiplies a slab of steps:
+// zeroed on the first slab, or loaded from `sums` (`load`), or still in the tile registers from the
+// slab before; stored to `sums` after it if `store`. Several groups of tokens then take turns over
+// each slab of weights, unpacked once, with their sums waiting in memory (L1) in between.
+struct SlabTurn {
+    bool first, load, store;
+};
+
+template <int A, int B>
+TERNLM_INLINE void begin_sums(SlabTurn turn, int32_t (*sums)[kTile * kTile]) {
+    if (turn.first) {
+        _tile_zero(0);
+        if (B > 1) _tile_zero(1);
+        if (A > 1) _tile_zero(2);
+        if (A > 1 && B > 1) _tile_zero(3);
+    } else if (turn.load) {
+        _tile_loadd(0, sums[0], kStep);
+        if (B > 1) _tile_loadd(1, sums[1], kStep);
+        if (A > 1) _tile_loadd(2, sums[2], kStep);
+        if (A > 1 && B > 1) _tile_loadd(3, sums[3], kStep);
+    }
+}
+
+template <int A, int B>
+TERNLM_INLINE void end_sums(SlabTurn turn, int32_t (*sums)[kTile * kTile]) {
+    if (!turn.store) return;
+    _tile_stored(0, sums[0], kStep);
+    if (B > 1) _tile_stored(1, sums[1], kStep);
+    if (A > 1) _tile_stored(2, sums[2], kStep);
+    if (A > 1 && B > 1) _tile_stored(3, sums[3], kStep);
+}
+
+// The turns of `pairs` groups of tokens over a slab: only several groups need their sums in memory.
+inline SlabTurn slab_turn(int64_t pairs, bool first_slab, bool last_slab) { return {first_slab, pairs > 1, pairs > 1 || last_slab}; }
+
 // A slab of steps of one or two row tiles (tmm4, 5) against one or two token tiles (tmm6, 7), into
-// the sum tiles 2a + b: zeroed on the first slab, or loaded from `sums` (`load`), or still in the
-// tile registers from the slab before; stored to `sums` after if `store`.
+// the sum tiles 2a + b.
 template <class Rows, int NA, int NB>
 TERNLM_INLINE void multiply_slab(const uint8_t* a0, const uint8_t* a1, int64_t stride, const uint8_t* x,
-                                 int64_t token_tile_bytes, int64_t count, bool first, bool load, bool store,
-                                 int32_t (*sums)[kTile * kTile]) {
+                                 int64_t token_tile_bytes, int64_t count, SlabTurn turn, int32_t (*sums)[kTile * kTile]) {
     const int64_t next = Rows::step_bytes;
-    if (first) {
-        _tile_zero(0);
-        if (NB > 1) _tile_zero(1);
-        if (NA > 1) _tile_zero(2);
-        if (NA > 1 && NB > 1) _tile_zero(3);
-    } else if (load) {
-        _tile_loadd(0, sums[0], kStep);
-        if (NB > 1) _tile_loadd(1, sums[1], kStep);
-        if (NA > 1) _tile_loadd(2, sums[2], kStep);
-        if (NA > 1 && NB > 1) _tile_loadd(3, sums[3], kStep);
-    }
+    begin_sums<NA, NB>(turn, sums);
     for (int64_t s = 0; s < count; ++s) {
         _tile_loadd(4, a0 + s * next, stride);
         _tile_loadd(6, x + s * kTileBytes, kStep);
@@ -182,11 +206,7 @@ TERNLM_INLINE void multiply_slab(const uint8_t* a0, const uint8_t* a1, int64_t s
             }
         }
     }
-    if (!store) return;
-    _tile_stored(0, sums[0], kStep);
-    if (NB > 1) _tile_stored(1, sums[1], kStep);
-    if (NA > 1) _tile_stored(2, sums[2], kStep);
-    if (NA > 1 && NB > 1) _tile_stored(3, sums[3], kStep);
+    end_sums<NA, NB>(turn, sums);
 }
 
 // One or two row tiles against every token of a chunk (up to kTokenChunk), two token tiles at a
@@ -208,13 +228,13 @@ void multiply_row_pair(const uint8_t* rows, int64_t row_bytes, const uint8_t* ac
         const int64_t count = steps - s0 < Rows::kSlabSteps ? steps - s0 : Rows::kSlabSteps;
         const uint8_t* a0 = Rows::slab(rows, row_bytes, 0, s0, count, slab);
         const uint8_t* a1 = NA > 1 ? Rows::slab(rows, row_bytes, 1, s0, count, slab) : nullptr;
-        const bool first = s0 == 0, load = pairs > 1, store = pairs > 1 || s0 + count == steps;
+        const SlabTurn turn = slab_turn(pairs, s0 == 0, s0 + count == steps);
         for (int64_t p = 0; p < pairs; ++p) {
             const uint8_t* x = activations + 2 * p * token_tile_bytes + s0 * kTileBytes;
             if (2 * p * kTile + kTile < tokens)
-                multiply_slab<Rows, NA, 2>(a0, a1, stride, x, token_tile_bytes, count, first, load, store, sums[p]);
+                multiply_slab<Rows, NA, 2>(a0, a1, stride, x, token_tile_bytes, count, turn, sums[p]);
             else
-                multiply_slab<Rows, NA, 1>(a0, a1, stride, x, token_tile_bytes, count, first, load, store, sums[p]);
+                multiply_slab<Rows, NA, 1>(a0, a1, stride, x, token_tile_bytes, count, turn, sums[p]);
         }
     }
     for (int64_t p = 0; p < pairs; ++p)
@@ -243,7 +263,8 @@ struct RowPairs {
 // The 2-bit layout: a block is two steps, its bytes shifted by 6 and 4 (weights 0..63), or by 2 and 0
 // (64..127), and masked into codes (unsigned: tdpbusd). The row tiles are unpacked a slab at a time.
 // (Unpacking each row tile once into an L2 panel that every group of token tiles then reads was
-// measured slower at 8-32 tokens and no faster at 64-512: Xeon, one thread, 2B4T's shapes.)
+// measured slower at 8-32 tokens and no faster at 64-512: Xeon, one thread, 2B4T's shapes. A slab
+// that stays in L1 while the token pairs take turns is faster: multiply_row_pair.)
 struct TwoBitRows : RowPairs<TwoBitRows> {
     static constexpr bool kSignedRows = false;
     static constexpr int64_t kSlabSteps = 8, step_bytes = kTileBytes;
@@ -299,7 +320,8 @@ struct Int8Rows : RowPairs<Int8Rows> {
 // rows of about 22k weights): their combination, 256 times a sum of codes by activations, fits, so
 // it comes out exact. Against decoding the digits into codes (one tdpbusd a step, two row tiles as
 // for 2 bits), measured on the Xeon: 0.65x the time at 4-16 tokens (one thread, 2B4T's shapes) and
-// 0.77x the GEMM's time in a 128-token prompt.
+// 0.77x the GEMM's time in a 128-token prompt. The token pairs take turns over each slab as for 2
+// bits: 6912 x 2560 at one thread 1.14x at 128 tokens, 1.2x at 512 (slabs of 1 or 4 blocks: slower).
 struct TritRows {
     static constexpr int kRowTiles = 1;
     static constexpr int64_t kSlabBlocks = 2, kPowers = kTritDigits + 1;
@@ -335,51 +357,51 @@ struct TritRows {
         }
     }
 
-    // One row tile (its two sums per token tile take the tiles) against NB token tiles.
+    // A slab of `count` blocks (`powers`: their x_0 .. x_5) against NB token tiles (x: their
+    // activations from the slab's first block): the sums of token tile b are tiles 2b (x_n) and
+    // 2b + 1 (x_(n+1)).
     template <int NB>
-    static void multiply(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
-                         int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
-        alignas(64) uint8_t slab[kSlabBlocks * kPowers * kTileBytes];
-        const int64_t blocks = row_bytes / kTritBlockBytes;
-        _tile_zero(0);
-        _tile_zero(1);
-        if (NB > 1) _tile_zero(2);
-        if (NB > 1) _tile_zero(3);
-        for (int64_t b0 = 0; b0 < blocks; b0 += kSlabBlocks) {
-            const int64_t count = blocks - b0 < kSlabBlocks ? blocks - b0 : kSlabBlocks;
-            unpack(rows, row_bytes, b0, count, slab);
-            for (int64_t b = 0; b < count; ++b) {
-                const uint8_t* powers = slab + b * kPowers * kTileBytes;
-                const uint8_t* x = activations + (b0 + b) * kTritDigits * kTileBytes;
-                for (int n = 0; n < kTritDigits; ++n) digit<NB>(powers + n * kTileBytes, x + n * kTileBytes, token_tile_bytes);
-            }
-        }
-        alignas(64) int32_t sums[4][kTile * kTile];
-        _tile_stored(0, sums[0], kStep);
-        _tile_stored(1, sums[1], kStep);
-        if (NB > 1) _tile_stored(2, sums[2], kStep);
-        if (NB > 1) _tile_stored(3, sums[3], kStep);
-        for (int b = 0; b < NB; ++b) {
-            int32_t* digit_sums = sums[2 * b];
-            for (int i = 0; i < kTile * kTile; i += 16) {
-                const __m512i powers = _mm512_load_si512(digit_sums + i), carried = _mm512_load_si512(sums[2 * b + 1] + i);
-                const __m512i times256 = _mm512_sub_epi32(_mm512_add_epi32(powers, _mm512_add_epi32(powers, powers)), carried);
-                _mm512_store_si512(digit_sums + i, _mm512_srai_epi32(times256, 8));
-            }
-            write_tile(digit_sums, tile_count(tokens, b * kTile), x_sums + b * kTile, acc + b * kTile * out_stride, out_stride);
-        }
+    static TERNLM_INLINE void multiply_slab(const uint8_t* powers, const uint8_t* x, int64_t token_tile_bytes, int64_t count,
+                                            SlabTurn turn, int32_t (*sums)[kTile * kTile]) {
+        begin_sums<NB, 2>(turn, sums);
+        for (int64_t b = 0; b < count; ++b)
+            for (int n = 0; n < kTritDigits; ++n)
+                digit<NB>(powers + (b * kPowers + n) * kTileBytes, x + (b * kTritDigits + n) * kTileBytes, token_tile_bytes);
+        end_sums<NB, 2>(turn, sums);
     }
 
+    // One row tile (its two sums per token tile take the tiles) against every token of a chunk, two
+    // token tiles at a time, each slab unpacked once for all of them (as multiply_row_pair does).
     static void multiply_chunk(bool, const uint8_t* rows, int64_t row_bytes, const uint8_t* activations,
                                int64_t token_tile_bytes, int64_t tokens, const int32_t* x_sums, int32_t* acc,
                                int64_t out_stride) {
-        for (int64_t t0 = 0; t0 < tokens; t0 += 2 * kTile) {
-            const uint8_t* x = activations + t0 / kTile * token_tile_bytes;
-            if (t0 + kTile < tokens)
-                multiply<2>(rows, row_bytes, x, token_tile_bytes, tokens - t0, x_sums + t0, acc + t0 * out_stride, out_stride);
-            else
-                multiply<1>(rows, row_bytes, x, token_tile_bytes, tokens - t0, x_sums + t0, acc + t0 * out_stride, out_stride);
+        alignas(64) uint8_t slab[kSlabBlocks * kPowers * kTileBytes];
+        constexpr int64_t kMaxPairs = kTokenChunk / (2 * kTile);
+        alignas(64) int32_t sums[kMaxPairs][4][kTile * kTile];
+        const int64_t blocks = row_bytes / kTritBlockBytes, pairs = (tokens + 2 * kTile - 1) / (2 * kTile);
+        for (int64_t b0 = 0; b0 < blocks; b0 += kSlabBlocks) {
+            const int64_t count = blocks - b0 < kSlabBlocks ? blocks - b0 : kSlabBlocks;
+            unpack(rows, row_bytes, b0, count, slab);
+            const SlabTurn turn = slab_turn(pairs, b0 == 0, b0 + count == blocks);
+            for (int64_t p = 0; p < pairs; ++p) {
+                const uint8_t* x = activations + 2 * p * token_tile_bytes + b0 * kTritDigits * kTileBytes;
+                if (2 * p * kTile + kTile < tokens)
+                    multiply_slab<2>(slab, x, token_tile_bytes, count, turn, sums[p]);
+                else
+                    multiply_slab<1>(slab, x, token_tile_bytes, count, turn, sums[p]);
+            }
         }
+        for (int64_t p = 0; p < pairs; ++p)
+            for (int b = 0; b < 2 && (2 * p + b) * kTile < tokens; ++b) {
+                int32_t* digit_sums = sums[p][2 * b];
+                for (int i = 0; i < kTile * kTile; i += 16) {
+                    const __m512i powers = _mm512_load_si512(digit_sums + i), carried = _mm512_load_si512(sums[p][2 * b + 1] + i);
+                    const __m512i times256 = _mm512_sub_epi32(_mm512_add_epi32(powers, _mm512_add_epi32(powers, powers)), carried);
+                    _mm512_store_si512(digit_sums + i, _mm512_srai_epi32(times256, 8));
+                }
+                const int64_t t = (2 * p + b) * kTile;
+                write_tile(digit_sums, tile_count(tokens, t), x_sums + t, acc + t * out_stride, out_stride);
+            }
     }
 };
 
