@@ -22,6 +22,7 @@
 
 #include <cstdlib>
 #include <new>
+#include <type_traits>
 
 // GCC bug 105593, as in kernels_avx512vnni.cpp: its AVX-512 intrinsics' "undefined" operands warn at every use.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -183,6 +184,24 @@ TERNLM_INLINE void end_sums(SlabTurn turn, int32_t (*sums)[kTile * kTile]) {
 // The turns of `pairs` groups of tokens over a slab: only several groups need their sums in memory.
 inline SlabTurn slab_turn(int64_t pairs, bool first_slab, bool last_slab) { return {first_slab, pairs > 1, pairs > 1 || last_slab}; }
 
+// The sum tiles of each pair of token tiles of a chunk, while the pairs take turns over the slabs.
+constexpr int64_t kMaxPairs = kTokenChunk / (2 * kTile);
+using PairSums = int32_t[kMaxPairs][4][kTile * kTile];
+
+inline int64_t token_pairs(int64_t tokens) { return (tokens + 2 * kTile - 1) / (2 * kTile); }
+
+// Calls take(p, std::integral_constant<int, NB>{}) for each pair p of token tiles of `tokens`, NB
+// the tiles it has (1 for a last lone tile).
+template <class Take>
+void each_token_pair(int64_t tokens, const Take& take) {
+    for (int64_t p = 0; p < token_pairs(tokens); ++p) {
+        if ((2 * p + 1) * kTile < tokens)
+            take(p, std::integral_constant<int, 2>{});
+        else
+            take(p, std::integral_constant<int, 1>{});
+    }
+}
+
 // A slab of steps of one or two row tiles (tmm4, 5) against one or two token tiles (tmm6, 7), into
 // the sum tiles 2a + b.
 template <class Rows, int NA, int NB>
@@ -220,30 +239,26 @@ template <class Rows, int NA>
 void multiply_row_pair(const uint8_t* rows, int64_t row_bytes, const uint8_t* activations, int64_t token_tile_bytes,
                        int64_t tokens, const int32_t* x_sums, int32_t* acc, int64_t out_stride) {
     typename Rows::Slab slab;
-    constexpr int64_t kMaxPairs = kTokenChunk / (2 * kTile);
-    alignas(64) int32_t sums[kMaxPairs][4][kTile * kTile];
-    const int64_t steps = Rows::steps(row_bytes), pairs = (tokens + 2 * kTile - 1) / (2 * kTile);
-    const int64_t stride = Rows::tile_stride(row_bytes);
+    alignas(64) PairSums sums;
+    const int64_t steps = Rows::steps(row_bytes), stride = Rows::tile_stride(row_bytes);
     for (int64_t s0 = 0; s0 < steps; s0 += Rows::kSlabSteps) {
         const int64_t count = steps - s0 < Rows::kSlabSteps ? steps - s0 : Rows::kSlabSteps;
         const uint8_t* a0 = Rows::slab(rows, row_bytes, 0, s0, count, slab);
         const uint8_t* a1 = NA > 1 ? Rows::slab(rows, row_bytes, 1, s0, count, slab) : nullptr;
-        const SlabTurn turn = slab_turn(pairs, s0 == 0, s0 + count == steps);
-        for (int64_t p = 0; p < pairs; ++p) {
-            const uint8_t* x = activations + 2 * p * token_tile_bytes + s0 * kTileBytes;
-            if (2 * p * kTile + kTile < tokens)
-                multiply_slab<Rows, NA, 2>(a0, a1, stride, x, token_tile_bytes, count, turn, sums[p]);
-            else
-                multiply_slab<Rows, NA, 1>(a0, a1, stride, x, token_tile_bytes, count, turn, sums[p]);
-        }
+        const SlabTurn turn = slab_turn(token_pairs(tokens), s0 == 0, s0 + count == steps);
+        each_token_pair(tokens, [&](int64_t p, auto nb) {
+            multiply_slab<Rows, NA, nb()>(a0, a1, stride, activations + 2 * p * token_tile_bytes + s0 * kTileBytes,
+                                          token_tile_bytes, count, turn, sums[p]);
+        });
     }
-    for (int64_t p = 0; p < pairs; ++p)
+    each_token_pair(tokens, [&](int64_t p, auto nb) {
         for (int a = 0; a < NA; ++a)
-            for (int b = 0; b < 2 && (2 * p + b) * kTile < tokens; ++b) {
+            for (int b = 0; b < nb(); ++b) {
                 const int64_t t = (2 * p + b) * kTile;
                 write_tile(sums[p][2 * a + b], tile_count(tokens, t), x_sums ? x_sums + t : nullptr, acc + t * out_stride + a * kTile,
                            out_stride);
             }
+    });
 }
 #undef TERNLM_TILE_DOT
 
@@ -376,23 +391,19 @@ struct TritRows {
                                int64_t token_tile_bytes, int64_t tokens, const int32_t* x_sums, int32_t* acc,
                                int64_t out_stride) {
         alignas(64) uint8_t slab[kSlabBlocks * kPowers * kTileBytes];
-        constexpr int64_t kMaxPairs = kTokenChunk / (2 * kTile);
-        alignas(64) int32_t sums[kMaxPairs][4][kTile * kTile];
-        const int64_t blocks = row_bytes / kTritBlockBytes, pairs = (tokens + 2 * kTile - 1) / (2 * kTile);
+        alignas(64) PairSums sums;
+        const int64_t blocks = row_bytes / kTritBlockBytes;
         for (int64_t b0 = 0; b0 < blocks; b0 += kSlabBlocks) {
             const int64_t count = blocks - b0 < kSlabBlocks ? blocks - b0 : kSlabBlocks;
             unpack(rows, row_bytes, b0, count, slab);
-            const SlabTurn turn = slab_turn(pairs, b0 == 0, b0 + count == blocks);
-            for (int64_t p = 0; p < pairs; ++p) {
-                const uint8_t* x = activations + 2 * p * token_tile_bytes + b0 * kTritDigits * kTileBytes;
-                if (2 * p * kTile + kTile < tokens)
-                    multiply_slab<2>(slab, x, token_tile_bytes, count, turn, sums[p]);
-                else
-                    multiply_slab<1>(slab, x, token_tile_bytes, count, turn, sums[p]);
-            }
+            const SlabTurn turn = slab_turn(token_pairs(tokens), b0 == 0, b0 + count == blocks);
+            each_token_pair(tokens, [&](int64_t p, auto nb) {
+                multiply_slab<nb()>(slab, activations + 2 * p * token_tile_bytes + b0 * kTritDigits * kTileBytes, token_tile_bytes,
+                                    count, turn, sums[p]);
+            });
         }
-        for (int64_t p = 0; p < pairs; ++p)
-            for (int b = 0; b < 2 && (2 * p + b) * kTile < tokens; ++b) {
+        each_token_pair(tokens, [&](int64_t p, auto nb) {
+            for (int b = 0; b < nb(); ++b) {
                 int32_t* digit_sums = sums[p][2 * b];
                 for (int i = 0; i < kTile * kTile; i += 16) {
                     const __m512i powers = _mm512_load_si512(digit_sums + i), carried = _mm512_load_si512(sums[p][2 * b + 1] + i);
@@ -402,6 +413,7 @@ struct TritRows {
                 const int64_t t = (2 * p + b) * kTile;
                 write_tile(digit_sums, tile_count(tokens, t), x_sums + t, acc + t * out_stride, out_stride);
             }
+        });
     }
 };
 

@@ -35,7 +35,7 @@ constexpr int64_t kRowsAhead = 8;
 
 // Rows [first, first + count) of `available` in f32, chunk by chunk of 16 of d: out[d / 16][j][16]
 // (zero past head_dim), so that the keys a chunk of d meets lie at fixed offsets.
-constexpr int64_t kChunkStride = kAttentionKeyBlock * 16;  // floats from one chunk of d to the next
+constexpr int64_t kChunkStride = kAttentionKeyBlock * kLanes;  // floats from one chunk of d to the next
 
 void convert_rows(const PagedRows<uint16_t>& rows, int64_t first, int64_t count, int64_t available, int64_t head_dim,
                   float* out) {
